@@ -1,0 +1,139 @@
+"""Start and stop the proxy: rules, catalog, keys, planners and the listener."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import asyncpg
+
+from proxy.catalog import Catalog, load_catalog
+from proxy.crypto.keyring import Keyring, parse_keyring_spec
+from proxy.crypto.keystore import KeyCache, KeyStore
+from proxy.errors import KeyStoreError, PgsealError
+from proxy.planner import ColumnPlanner, KeyView, algorithm_of
+from proxy.rules import RuleSet, load_rules
+from proxy.server import Relay, Upstream
+from proxy.wire.frames import DEFAULT_MAX_MESSAGE
+from proxy.wire.session import Planner
+
+log = logging.getLogger(__name__)
+
+# How often cached data keys are refreshed from the key store, so that keys
+# stay loaded past the cache's age limit and new versions are seen.
+KEY_REFRESH_SECONDS = 20.0
+
+
+@dataclass(frozen=True, slots=True)
+class ProxySettings:
+    listen_host: str
+    listen_port: int
+    upstream: Upstream
+    rules_dir: Path
+    keyrings: tuple[str, ...]
+    max_message: int = DEFAULT_MAX_MESSAGE
+
+
+class Proxy:
+    """One proxy process: loads rules and keys, then serves clients."""
+
+    def __init__(self, settings: ProxySettings) -> None:
+        self.settings = settings
+        self._cache = KeyCache()
+        self._pool: asyncpg.Pool[asyncpg.Record] | None = None
+        self._keystore: KeyStore | None = None
+        self._catalogs: dict[str, Catalog] = {}
+        self._server: asyncio.Server | None = None
+        self._refresher: asyncio.Task[None] | None = None
+        self.relay: Relay | None = None
+        self.port = settings.listen_port
+
+    @property
+    def keystore(self) -> KeyStore:
+        if self._keystore is None:
+            raise KeyStoreError("the proxy has not started yet")
+        return self._keystore
+
+    async def start(self) -> None:
+        settings = self.settings
+        keyrings: list[Keyring] = [parse_keyring_spec(s) for s in settings.keyrings]
+        rules = load_rules(settings.rules_dir)
+        self._pool = await asyncpg.create_pool(
+            **settings.upstream.connect_args(), min_size=1, max_size=4
+        )
+        self._keystore = KeyStore(self._pool, keyrings, self._cache)
+        await self._keystore.setup()
+        self._catalogs = await self._load_catalogs(rules)
+        await self._load_keys()
+        self.relay = Relay(settings.upstream, self._planners(), settings.max_message)
+        self._server = await asyncio.start_server(
+            self.relay.handle, settings.listen_host, settings.listen_port
+        )
+        self.port = self._server.sockets[0].getsockname()[1]
+        self._refresher = asyncio.create_task(self._refresh_keys())
+        log.info(
+            "pgseal listening on %s:%d, upstream %s:%d, %d ruled tables",
+            settings.listen_host,
+            self.port,
+            settings.upstream.host,
+            settings.upstream.port,
+            sum(len(c.tables) for c in self._catalogs.values()),
+        )
+
+    async def _load_catalogs(self, rules: RuleSet) -> dict[str, Catalog]:
+        upstream = self.settings.upstream
+        catalogs = {}
+        for database in sorted(rules.databases(upstream.database)):
+            conn = await asyncpg.connect(**upstream.connect_args(database))
+            try:
+                table_rules = rules.for_database(database, upstream.database)
+                catalogs[database] = await load_catalog(conn, table_rules)
+            finally:
+                await conn.close()
+        return catalogs
+
+    async def _load_keys(self) -> None:
+        keystore = self.keystore
+        names = []
+        for catalog in self._catalogs.values():
+            for table in catalog.tables:
+                for column in table.encrypted.values():
+                    await keystore.active_key(column.identity, algorithm_of(column))
+                    names.append(column.identity)
+        await keystore.load_keys(names)
+
+    def _planners(self) -> dict[str, Planner]:
+        view = KeyView(self._cache, self.keystore.store_id)
+        return {
+            database: ColumnPlanner(catalog, view)
+            for database, catalog in self._catalogs.items()
+        }
+
+    async def _refresh_keys(self) -> None:
+        while True:
+            await asyncio.sleep(KEY_REFRESH_SECONDS)
+            try:
+                await self._load_keys()
+            except (PgsealError, OSError, asyncpg.PostgresError) as exc:
+                log.warning("data key refresh failed, cached keys stay in use: %s", exc)
+
+    async def serve_forever(self) -> None:
+        assert self._server is not None
+        await self._server.serve_forever()
+
+    async def stop(self) -> None:
+        if self._refresher is not None:
+            self._refresher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._refresher
+        if self._server is not None:
+            self._server.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._server.wait_closed(), 5)
+        if self._pool is not None:
+            await self._pool.close()
+        self._cache.clear()
+        log.info("pgseal stopped")

@@ -1,0 +1,164 @@
+"""The part of the server catalog that rules need: relation OIDs and columns.
+
+RowDescription names a result column by table OID and attribute number, and
+an INSERT without a column list fills columns in attribute order, so both
+are read from `pg_class` and `pg_attribute` for every ruled table.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from proxy.errors import RuleError
+from proxy.rules import ColumnRule, TableRule
+
+TEXT_OID = 25
+VARCHAR_OID = 1043
+BYTEA_OID = 17
+
+
+class Storage(enum.Enum):
+    """How the table stores a sealed value: armoured text or raw bytes."""
+
+    TEXT = "text"
+    BYTEA = "bytea"
+
+
+@dataclass(frozen=True, slots=True)
+class EncryptedColumn:
+    rule: ColumnRule
+    attnum: int
+    storage: Storage
+
+    @property
+    def name(self) -> str:
+        return self.rule.column
+
+    @property
+    def identity(self) -> str:
+        return self.rule.identity
+
+
+@dataclass(frozen=True, slots=True)
+class RuledTable:
+    oid: int
+    schema: str
+    name: str
+    columns: tuple[str, ...]
+    encrypted: dict[str, EncryptedColumn] = field(hash=False)
+
+    @property
+    def qualified_name(self) -> str:
+        return f"{self.schema}.{self.name}"
+
+
+@dataclass(frozen=True, slots=True)
+class Catalog:
+    """The ruled tables of one database, by name and by OID."""
+
+    tables: tuple[RuledTable, ...] = ()
+    _by_name: dict[tuple[str, str], RuledTable] = field(
+        default_factory=dict, repr=False
+    )
+    _by_oid: dict[int, RuledTable] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def build(cls, tables: Iterable[RuledTable]) -> Catalog:
+        tables = tuple(tables)
+        by_name = {(t.schema, t.name): t for t in tables}
+        by_oid = {t.oid: t for t in tables}
+        return cls(tables, by_name, by_oid)
+
+    @property
+    def table_names(self) -> frozenset[str]:
+        """Lower-case table names, for the check that skips the parser."""
+        return frozenset(t.name.lower() for t in self.tables)
+
+    def lookup(self, schema: str | None, name: str) -> RuledTable | None:
+        """Find a ruled table by its possibly unqualified name.
+
+        NOTE: an unqualified name matches a ruled table of that name in any
+        schema, whatever the session's search_path. This errs on the side of
+        sealing, never of storing plaintext.
+        """
+        if schema is not None:
+            return self._by_name.get((schema, name))
+        for table in self.tables:
+            if table.name == name:
+                return table
+        return None
+
+    def column_at(self, table_oid: int, attnum: int) -> EncryptedColumn | None:
+        table = self._by_oid.get(table_oid)
+        if table is None:
+            return None
+        for column in table.encrypted.values():
+            if column.attnum == attnum:
+                return column
+        return None
+
+
+_COLUMNS_QUERY = """
+SELECT c.oid, n.nspname, c.relname, a.attnum, a.attname, a.atttypid,
+       a.atttypmod, a.atthasdef, a.attgenerated <> '' AS generated
+FROM pg_catalog.pg_class c
+JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+JOIN pg_catalog.pg_attribute a ON a.attrelid = c.oid
+WHERE a.attnum > 0 AND NOT a.attisdropped
+  AND (n.nspname, c.relname) IN (
+      SELECT s, t FROM unnest($1::text[], $2::text[]) AS r(s, t))
+ORDER BY c.oid, a.attnum
+"""
+
+
+async def load_catalog(conn: Any, rules: Sequence[TableRule]) -> Catalog:
+    """Read the ruled tables from the server and check the rules against them.
+
+    `conn` is an asyncpg connection to the database the rules apply to.
+    """
+    schemas = [rule.schema for rule in rules]
+    names = [rule.table for rule in rules]
+    rows = await conn.fetch(_COLUMNS_QUERY, schemas, names)
+    found: dict[tuple[str, str], list[Any]] = {}
+    for row in rows:
+        found.setdefault((row["nspname"], row["relname"]), []).append(row)
+    return Catalog.build(_ruled_table(rule, found) for rule in rules)
+
+
+def _ruled_table(rule: TableRule, found: dict[tuple[str, str], list[Any]]) -> RuledTable:
+    rows = found.get((rule.schema, rule.table))
+    if not rows:
+        raise RuleError(f"{rule.source}: table {rule.qualified_name} does not exist")
+    by_name = {row["attname"]: row for row in rows}
+    encrypted = {}
+    for column in rule.columns:
+        row = by_name.get(column.column)
+        if row is None:
+            raise RuleError(
+                f"{column.source}: unknown column '{column.column}' in "
+                f"{rule.qualified_name}"
+            )
+        storage = _storage(column, row["atttypid"], row["atttypmod"])
+        if row["atthasdef"] or row["generated"]:
+            raise RuleError(
+                f"{column.source}: column {column.identity} has a default or is "
+                "generated, so the server would store a value in plaintext; "
+                "drop the default (ALTER TABLE ... ALTER COLUMN ... DROP DEFAULT)"
+            )
+        encrypted[column.column] = EncryptedColumn(column, row["attnum"], storage)
+    columns = tuple(row["attname"] for row in rows)
+    return RuledTable(rows[0]["oid"], rule.schema, rule.table, columns, encrypted)
+
+
+def _storage(column: ColumnRule, type_oid: int, type_modifier: int) -> Storage:
+    if type_oid == BYTEA_OID:
+        return Storage.BYTEA
+    if type_oid == TEXT_OID or (type_oid == VARCHAR_OID and type_modifier < 0):
+        return Storage.TEXT
+    raise RuleError(
+        f"{column.source}: column {column.identity} cannot hold sealed values; "
+        "store encrypted columns as text, varchar without a length, or bytea"
+    )

@@ -1,0 +1,473 @@
+"""The data-key store: wrapped data keys in PostgreSQL, schema ``pgseal``.
+
+Every proxy replica that connects to the same database shares these keys, and
+a backup of the database carries them, wrapped. The tables are described in
+docs/key-store.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+
+import asyncpg
+from cachetools import TTLCache
+
+from proxy.crypto.keyring import Keyring
+from proxy.crypto.values import STORE_ID_SIZE, Algorithm, DataKey
+from proxy.errors import ConfigError, KeyringError, KeyStoreError
+
+__all__ = ["KeyCache", "KeyStore"]
+
+logger = logging.getLogger(__name__)
+
+KeyRef = tuple[int, int]
+"""A data key's (key_id, version)."""
+
+# Advisory lock ids. setup() takes the one-bigint form. Key creation takes the
+# two-int4 form (class id, hashtext(key_name)). PostgreSQL keeps the two forms
+# apart, so they never block each other.
+_SETUP_LOCK_ID = 0x7067_7365_616C_0001
+_KEY_NAME_LOCK_CLASS = 0x7067_7301
+
+_SCHEMA_SQL = """
+CREATE SCHEMA IF NOT EXISTS pgseal;
+
+CREATE TABLE IF NOT EXISTS pgseal.key_store (
+    singleton boolean PRIMARY KEY DEFAULT true CHECK (singleton),
+    store_id uuid NOT NULL,
+    created_at timestamptz NOT NULL DEFAULT now()
+);
+
+CREATE TABLE IF NOT EXISTS pgseal.key_names (
+    key_id serial PRIMARY KEY,
+    key_name text NOT NULL UNIQUE,
+    algorithm smallint NOT NULL
+);
+
+CREATE TABLE IF NOT EXISTS pgseal.data_keys (
+    key_id integer NOT NULL REFERENCES pgseal.key_names,
+    version integer NOT NULL CHECK (version >= 1),
+    state text NOT NULL DEFAULT 'active' CHECK (state IN ('active', 'retired')),
+    created_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (key_id, version)
+);
+
+CREATE TABLE IF NOT EXISTS pgseal.wrapped_keys (
+    key_id integer NOT NULL,
+    version integer NOT NULL,
+    keyring text NOT NULL,
+    wrapped bytea NOT NULL,
+    PRIMARY KEY (key_id, version, keyring),
+    FOREIGN KEY (key_id, version) REFERENCES pgseal.data_keys
+);
+"""
+
+_FIND_ACTIVE_SQL = """
+SELECT d.key_id, d.version, n.algorithm
+FROM pgseal.key_names n JOIN pgseal.data_keys d USING (key_id)
+WHERE n.key_name = $1 AND d.state = 'active'
+ORDER BY d.version DESC
+LIMIT 1
+"""
+
+_FIND_WRAPPED_SQL = """
+SELECT n.key_name, n.algorithm, w.keyring, w.wrapped
+FROM pgseal.wrapped_keys w JOIN pgseal.key_names n USING (key_id)
+WHERE w.key_id = $1 AND w.version = $2
+"""
+
+_LIST_VERSIONS_SQL = """
+SELECT d.key_id, d.version, d.state, n.key_name
+FROM pgseal.key_names n JOIN pgseal.data_keys d USING (key_id)
+WHERE n.key_name = ANY($1::text[])
+ORDER BY n.key_name, d.version
+"""
+
+
+class KeyCache:
+    """Unwrapped data keys by (key_id, version), and each key name's active key.
+
+    Both maps expire entries by age. The active map expires sooner, so that a
+    new version made by another replica is picked up within active_ttl.
+    """
+
+    # NOTE: the defaults are starting points, not measured. The design also
+    # asks for a limit on values sealed per key, which is not enforced yet.
+    def __init__(
+        self, maxsize: int = 1000, ttl: float = 600.0, active_ttl: float = 60.0
+    ) -> None:
+        _check_positive("maxsize", maxsize)
+        _check_positive("ttl", ttl)
+        _check_positive("active_ttl", active_ttl)
+        self._keys: TTLCache[KeyRef, DataKey] = TTLCache(maxsize, ttl)
+        self._active: TTLCache[str, KeyRef] = TTLCache(maxsize, active_ttl)
+
+    def get(self, key_id: int, version: int) -> DataKey | None:
+        """Return the cached data key, or None if absent or expired."""
+        return self._keys.get((key_id, version))
+
+    def put(self, key: DataKey) -> None:
+        self._keys[(key.key_id, key.version)] = key
+
+    def active_ref(self, key_name: str) -> KeyRef | None:
+        """Return the cached (key_id, version) of the name's active key."""
+        return self._active.get(key_name)
+
+    def set_active(self, key_name: str, ref: KeyRef) -> None:
+        self._active[key_name] = ref
+
+    def clear(self) -> None:
+        self._keys.clear()
+        self._active.clear()
+
+
+class KeyStore:
+    """Creates, wraps, stores and unwraps data keys, with a cache in front.
+
+    Call setup() once before anything else. Keyring calls may block, so they
+    run in worker threads.
+    """
+
+    def __init__(
+        self,
+        pool: asyncpg.Pool[asyncpg.Record],
+        keyrings: Sequence[Keyring],
+        cache: KeyCache | None = None,
+    ) -> None:
+        self._pool = pool
+        self._keyrings = tuple(keyrings)
+        self._check_keyrings()
+        self._cache = cache if cache is not None else KeyCache()
+        self._store_id: bytes | None = None
+        self._unwrap_locks: dict[KeyRef, asyncio.Lock] = {}
+        self.unwrap_calls = 0
+        """Number of keyring unwrap() calls made, failed ones included."""
+
+    @property
+    def store_id(self) -> bytes:
+        """The 16-byte id of this key store, bound into every sealed value."""
+        if self._store_id is None:
+            raise KeyStoreError("key store is not set up yet; call setup() first")
+        return self._store_id
+
+    async def setup(self) -> None:
+        """Create the pgseal schema and tables if missing, and read the store id.
+
+        Safe to run from several processes at once, because it holds an
+        advisory lock for the whole transaction.
+        """
+        with _database_errors("setting up the key store"):
+            async with self._pool.acquire() as conn, conn.transaction():
+                await conn.execute("SELECT pg_advisory_xact_lock($1)", _SETUP_LOCK_ID)
+                await conn.execute(_SCHEMA_SQL)
+                await conn.execute(
+                    "INSERT INTO pgseal.key_store (store_id) VALUES ($1) "
+                    "ON CONFLICT DO NOTHING",
+                    uuid.uuid4(),
+                )
+                stored = await conn.fetchval("SELECT store_id FROM pgseal.key_store")
+
+        store_id = uuid.UUID(str(stored)).bytes
+        assert len(store_id) == STORE_ID_SIZE
+        self._store_id = store_id
+        logger.info("key store %s is ready", store_id.hex())
+
+    async def active_key(self, key_name: str, algorithm: Algorithm) -> DataKey:
+        """Return the newest active data key of key_name.
+
+        Creates the key name and its first version if it has no active
+        version. Raises KeyStoreError if key_name already uses another
+        algorithm.
+        """
+        _check_key_name(key_name)
+        if not isinstance(algorithm, Algorithm):
+            raise TypeError("algorithm must be an Algorithm")
+
+        ref = self._cache.active_ref(key_name)
+        if ref is None:
+            ref = await self._find_active(key_name, algorithm)
+        if ref is None:
+            return await self._create_key(key_name, algorithm)
+
+        key = await self.get_key(*ref)
+        _check_algorithm(key_name, key.algorithm, algorithm)
+        self._cache.set_active(key_name, ref)
+        return key
+
+    async def get_key(self, key_id: int, version: int) -> DataKey:
+        """Return a data key, unwrapping it only on a cache miss.
+
+        Tries the keyrings in the configured order and uses the first that
+        unwraps. Raises KeyStoreError if the key does not exist and
+        KeyringError if no keyring can unwrap it.
+        """
+        _check_int("key_id", key_id)
+        _check_int("version", version)
+        ref = (key_id, version)
+        cached = self._cache.get(key_id, version)
+        if cached is not None:
+            return cached
+
+        # One unwrap per data key, even when many tasks miss the cache at once.
+        lock = self._unwrap_locks.setdefault(ref, asyncio.Lock())
+        try:
+            async with lock:
+                cached = self._cache.get(key_id, version)
+                if cached is not None:
+                    return cached
+                key = await self._unwrap(key_id, version)
+                self._cache.put(key)
+                return key
+        finally:
+            if not lock.locked():
+                self._unwrap_locks.pop(ref, None)
+
+    async def load_keys(self, key_names: Iterable[str]) -> list[DataKey]:
+        """Unwrap and cache every version of the named keys.
+
+        Names without keys are skipped: active_key() creates them on first use.
+        """
+        names = list(key_names)
+        for name in names:
+            _check_key_name(name)
+        with _database_errors("listing data keys"):
+            async with self._pool.acquire() as conn:
+                rows = await conn.fetch(_LIST_VERSIONS_SQL, names)
+
+        keys: list[DataKey] = []
+        for row in rows:
+            key = await self.get_key(row["key_id"], row["version"])
+            keys.append(key)
+            # Rows come in version order, so the last active one wins.
+            if row["state"] == "active":
+                self._cache.set_active(row["key_name"], (key.key_id, key.version))
+        logger.info("loaded %d data keys for %d key names", len(keys), len(names))
+        return keys
+
+    def wrap_context(self, key_name: str, version: int) -> str:
+        """Return the context that binds a wrapped data key to its place."""
+        return f"{self.store_id.hex()}/{key_name}/{version}"
+
+    def _check_keyrings(self) -> None:
+        if not self._keyrings:
+            raise ConfigError("the key store needs at least one keyring")
+        names = [keyring.name for keyring in self._keyrings]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"keyrings must be distinct, got {names}")
+
+    async def _find_active(self, key_name: str, algorithm: Algorithm) -> KeyRef | None:
+        with _database_errors(f"looking up key name {key_name!r}"):
+            async with self._pool.acquire() as conn:
+                row = await conn.fetchrow(_FIND_ACTIVE_SQL, key_name)
+        if row is None:
+            return None
+        _check_algorithm(key_name, _parse_algorithm(row["algorithm"]), algorithm)
+        return row["key_id"], row["version"]
+
+    async def _create_key(self, key_name: str, algorithm: Algorithm) -> DataKey:
+        result = await self._create_key_locked(key_name, algorithm)
+
+        # Cache only after the commit, so the cache never holds an unstored key.
+        if isinstance(result, DataKey):
+            key = result
+            self._cache.put(key)
+        else:
+            key = await self.get_key(*result)
+        self._cache.set_active(key_name, (key.key_id, key.version))
+        return key
+
+    async def _create_key_locked(
+        self, key_name: str, algorithm: Algorithm
+    ) -> DataKey | KeyRef:
+        """Create the next version of key_name, unless another process just did.
+
+        Returns the new key, or the ref of the active key that another process
+        committed while this one waited. The advisory lock serializes creation
+        of one name across processes, and the check inside it sees what the
+        previous holder committed.
+        """
+        with _database_errors(f"creating a data key for {key_name!r}"):
+            async with self._pool.acquire() as conn, conn.transaction():
+                await conn.execute(
+                    "SELECT pg_advisory_xact_lock($1, hashtext($2))",
+                    _KEY_NAME_LOCK_CLASS,
+                    key_name,
+                )
+                row = await conn.fetchrow(_FIND_ACTIVE_SQL, key_name)
+                if row is None:
+                    return await self._insert_next_version(conn, key_name, algorithm)
+
+        _check_algorithm(key_name, _parse_algorithm(row["algorithm"]), algorithm)
+        return row["key_id"], row["version"]
+
+    async def _insert_next_version(
+        self,
+        conn: asyncpg.pool.PoolConnectionProxy[asyncpg.Record],
+        key_name: str,
+        algorithm: Algorithm,
+    ) -> DataKey:
+        key_id = await self._ensure_key_name(conn, key_name, algorithm)
+        version = await conn.fetchval(
+            "SELECT coalesce(max(version), 0) + 1 FROM pgseal.data_keys "
+            "WHERE key_id = $1",
+            key_id,
+        )
+        key = DataKey.generate(key_id, version, algorithm)
+        wrapped = await self._wrap_all(key, key_name)
+
+        await conn.execute(
+            "INSERT INTO pgseal.data_keys (key_id, version) VALUES ($1, $2)",
+            key_id,
+            version,
+        )
+        await conn.executemany(
+            "INSERT INTO pgseal.wrapped_keys (key_id, version, keyring, wrapped) "
+            "VALUES ($1, $2, $3, $4)",
+            [(key_id, version, name, blob) for name, blob in wrapped],
+        )
+        logger.info(
+            "created data key %r version %d (key id %d), wrapped by %s",
+            key_name,
+            version,
+            key_id,
+            ", ".join(name for name, _ in wrapped),
+        )
+        return key
+
+    async def _ensure_key_name(
+        self,
+        conn: asyncpg.pool.PoolConnectionProxy[asyncpg.Record],
+        key_name: str,
+        algorithm: Algorithm,
+    ) -> int:
+        row = await conn.fetchrow(
+            "SELECT key_id, algorithm FROM pgseal.key_names WHERE key_name = $1",
+            key_name,
+        )
+        if row is not None:
+            _check_algorithm(key_name, _parse_algorithm(row["algorithm"]), algorithm)
+            key_id: int = row["key_id"]
+            return key_id
+        new_id: int = await conn.fetchval(
+            "INSERT INTO pgseal.key_names (key_name, algorithm) VALUES ($1, $2) "
+            "RETURNING key_id",
+            key_name,
+            int(algorithm),
+        )
+        return new_id
+
+    async def _wrap_all(self, key: DataKey, key_name: str) -> list[tuple[str, bytes]]:
+        """Wrap key with every keyring. Any failure means nothing is stored."""
+        context = self.wrap_context(key_name, key.version)
+        wrapped: list[tuple[str, bytes]] = []
+        for keyring in self._keyrings:
+            try:
+                blob = await asyncio.to_thread(keyring.wrap, key.material, context)
+            except KeyringError as exc:
+                raise KeyringError(
+                    f"keyring {keyring.name} failed to wrap the new data key "
+                    f"{key_name!r} version {key.version}, so it was not stored: {exc}"
+                ) from exc
+            wrapped.append((keyring.name, blob))
+        return wrapped
+
+    async def _unwrap(self, key_id: int, version: int) -> DataKey:
+        with _database_errors(f"reading data key {key_id} version {version}"):
+            async with self._pool.acquire() as conn:
+                rows = await conn.fetch(_FIND_WRAPPED_SQL, key_id, version)
+        if not rows:
+            raise KeyStoreError(
+                f"data key {key_id} version {version} not found in the key store"
+            )
+
+        key_name: str = rows[0]["key_name"]
+        algorithm = _parse_algorithm(rows[0]["algorithm"])
+        wrapped_by: dict[str, bytes] = {row["keyring"]: row["wrapped"] for row in rows}
+        context = self.wrap_context(key_name, version)
+        failed: list[str] = []
+        for keyring in self._keyrings:
+            blob = wrapped_by.get(keyring.name)
+            if blob is None or not keyring.can_unwrap:
+                continue
+            self.unwrap_calls += 1
+            try:
+                material = await asyncio.to_thread(keyring.unwrap, blob, context)
+            except KeyringError as exc:
+                logger.warning(
+                    "keyring %s failed to unwrap data key %d version %d: %s",
+                    keyring.name,
+                    key_id,
+                    version,
+                    exc,
+                )
+                failed.append(keyring.name)
+                continue
+            logger.debug("unwrapped data key %d version %d", key_id, version)
+            return _make_key(key_id, version, algorithm, material)
+
+        raise KeyringError(
+            f"no configured keyring can unwrap data key {key_id} version {version} "
+            f"({key_name!r}): it is wrapped for {sorted(wrapped_by)}, the "
+            f"configured keyrings are {[k.name for k in self._keyrings]}, and "
+            f"these failed: {failed or 'none'}"
+        )
+
+
+@contextmanager
+def _database_errors(action: str) -> Iterator[None]:
+    """Convert database and connection failures into KeyStoreError."""
+    try:
+        yield
+    except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
+        raise KeyStoreError(f"key store: {action} failed: {exc}") from exc
+
+
+def _make_key(
+    key_id: int, version: int, algorithm: Algorithm, material: bytes
+) -> DataKey:
+    try:
+        return DataKey(key_id, version, algorithm, material)
+    except ValueError as exc:
+        raise KeyStoreError(
+            f"data key {key_id} version {version} is invalid after unwrapping: {exc}"
+        ) from None
+
+
+def _parse_algorithm(value: int) -> Algorithm:
+    try:
+        return Algorithm(value)
+    except ValueError:
+        raise KeyStoreError(
+            f"key store holds unknown algorithm {value}; upgrade pgseal"
+        ) from None
+
+
+def _check_algorithm(key_name: str, stored: Algorithm, requested: Algorithm) -> None:
+    if stored is not requested:
+        raise KeyStoreError(
+            f"key name {key_name!r} uses {stored.name}, not {requested.name}; "
+            "use another key name for the other algorithm"
+        )
+
+
+def _check_key_name(key_name: str) -> None:
+    if not isinstance(key_name, str):
+        raise TypeError("key_name must be a str")
+    if not key_name:
+        raise ValueError("key_name must not be empty")
+
+
+def _check_int(name: str, value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int")
+
+
+def _check_positive(name: str, value: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number")
+    if value <= 0:
+        raise ValueError(f"{name} must be positive, got {value}")

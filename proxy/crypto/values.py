@@ -1,0 +1,302 @@
+"""The stored form of a sealed value: data keys, sealing, opening and armour.
+
+A sealed value is self-describing: its header names the format version, the
+algorithm and the data key (id and version) that sealed it. The binary form is
+what a bytea column stores; the armoured form is what a text column stores.
+The byte layout is described in docs/value-format.md.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import enum
+import re
+import secrets
+import struct
+from dataclasses import dataclass, field
+
+import nacl.bindings
+import nacl.exceptions
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESSIV
+
+from proxy.errors import DecryptionError
+
+__all__ = [
+    "ARMOUR_PREFIX",
+    "FORMAT_VERSION",
+    "MAGIC",
+    "Algorithm",
+    "DataKey",
+    "armour",
+    "dearmour",
+    "is_armoured",
+    "is_sealed_binary",
+    "open_sealed",
+    "read_key_ref",
+    "seal",
+]
+
+MAGIC = b"\xffPS"
+FORMAT_VERSION = 1
+ARMOUR_PREFIX = b"pgs:"
+STORE_ID_SIZE = 16
+NONCE_SIZE = nacl.bindings.crypto_aead_xchacha20poly1305_ietf_NPUBBYTES
+TAG_SIZE = 16
+UINT32_MAX = 2**32 - 1
+
+# Format version, algorithm, key id, key version: all big-endian.
+_HEADER = struct.Struct(">BBII")
+_CONTEXT_LENGTH = struct.Struct(">I")
+_AD_LABEL = b"pgseal/value/1"
+_BASE64URL = re.compile(rb"[A-Za-z0-9_-]*")
+
+
+class Algorithm(enum.IntEnum):
+    """The AEAD that seals a value, stored as one byte in its header."""
+
+    XCHACHA20_POLY1305 = 1
+    """Randomized: a fresh 24-byte nonce per value."""
+
+    AES_256_SIV = 2
+    """Deterministic: equal plaintexts give equal ciphertexts under one key."""
+
+    @property
+    def key_size(self) -> int:
+        """Size in bytes of a data key for this algorithm."""
+        return _KEY_SIZES[self]
+
+    @property
+    def nonce_size(self) -> int:
+        """Size in bytes of the nonce stored in a value, 0 if none."""
+        return NONCE_SIZE if self is Algorithm.XCHACHA20_POLY1305 else 0
+
+
+_KEY_SIZES = {
+    Algorithm.XCHACHA20_POLY1305: 32,
+    Algorithm.AES_256_SIV: 64,
+}
+
+
+@dataclass(frozen=True)
+class DataKey:
+    """A plaintext data key with its id, version and algorithm."""
+
+    key_id: int
+    version: int
+    algorithm: Algorithm
+    material: bytes = field(repr=False)
+
+    def __post_init__(self) -> None:
+        _check_uint32("key_id", self.key_id)
+        _check_uint32("version", self.version)
+        if self.version < 1:
+            raise ValueError(f"version must be at least 1, got {self.version}")
+        if not isinstance(self.algorithm, Algorithm):
+            raise TypeError("algorithm must be an Algorithm")
+        if not isinstance(self.material, bytes):
+            raise TypeError("data key material must be bytes")
+        if len(self.material) != self.algorithm.key_size:
+            raise ValueError(
+                f"data key for {self.algorithm.name} must be "
+                f"{self.algorithm.key_size} bytes, got {len(self.material)}"
+            )
+
+    @classmethod
+    def generate(cls, key_id: int, version: int, algorithm: Algorithm) -> DataKey:
+        """Create a data key with fresh random material from the OS."""
+        if not isinstance(algorithm, Algorithm):
+            raise TypeError("algorithm must be an Algorithm")
+        material = secrets.token_bytes(algorithm.key_size)
+        return cls(key_id, version, algorithm, material)
+
+
+@dataclass(frozen=True)
+class _Header:
+    algorithm: Algorithm
+    key_id: int
+    version: int
+
+    def pack(self) -> bytes:
+        return _HEADER.pack(FORMAT_VERSION, self.algorithm, self.key_id, self.version)
+
+
+def seal(key: DataKey, plaintext: bytes, *, store_id: bytes, context: str) -> bytes:
+    """Encrypt plaintext under key and return the binary form.
+
+    store_id (16 bytes) and context (the column identity, for example
+    "public.users.email") go into the associated data, so the value opens
+    only with the same key store and context.
+    """
+    _check_data_key(key)
+    if not isinstance(plaintext, bytes):
+        raise TypeError("plaintext must be bytes")
+    header = _Header(key.algorithm, key.key_id, key.version).pack()
+    associated_data = _associated_data(store_id, context, header)
+
+    if key.algorithm is Algorithm.XCHACHA20_POLY1305:
+        nonce = secrets.token_bytes(NONCE_SIZE)
+        ciphertext = nacl.bindings.crypto_aead_xchacha20poly1305_ietf_encrypt(
+            plaintext, associated_data, nonce, key.material
+        )
+        return MAGIC + header + nonce + ciphertext
+
+    # AES-SIV output is the 16-byte synthetic IV (its tag), then the ciphertext.
+    ciphertext = AESSIV(key.material).encrypt(plaintext, [associated_data])
+    return MAGIC + header + ciphertext
+
+
+def read_key_ref(blob: bytes) -> tuple[int, int]:
+    """Return (key_id, version) from the header of a binary-form value.
+
+    Raises DecryptionError if the blob is not a well-formed sealed value.
+    """
+    header = _parse_header(blob)
+    return header.key_id, header.version
+
+
+def open_sealed(blob: bytes, key: DataKey, *, store_id: bytes, context: str) -> bytes:
+    """Decrypt a binary-form value and return its plaintext.
+
+    Raises DecryptionError, with no detail, if the blob is malformed, names
+    another key or algorithm, or fails authentication for store_id and context.
+    """
+    _check_data_key(key)
+    header = _parse_header(blob)
+    expected = _Header(key.algorithm, key.key_id, key.version)
+    if header != expected:
+        raise DecryptionError()
+    header_bytes = blob[len(MAGIC) : len(MAGIC) + _HEADER.size]
+    associated_data = _associated_data(store_id, context, header_bytes)
+    body = blob[len(MAGIC) + _HEADER.size :]
+
+    if key.algorithm is Algorithm.XCHACHA20_POLY1305:
+        return _open_xchacha(body, key.material, associated_data)
+    return _open_siv(body, key.material, associated_data)
+
+
+def armour(blob: bytes) -> bytes:
+    """Convert a binary-form value to the ASCII form stored in text columns."""
+    if not isinstance(blob, bytes):
+        raise TypeError("blob must be bytes")
+    if not blob.startswith(MAGIC):
+        raise ValueError("blob must start with the pgseal magic bytes")
+    body = base64.urlsafe_b64encode(blob[len(MAGIC) :]).rstrip(b"=")
+    return ARMOUR_PREFIX + body
+
+
+def dearmour(text: bytes) -> bytes:
+    """Convert an armoured value back to the binary form.
+
+    Only the canonical encoding that armour() produces is accepted. Anything
+    else raises DecryptionError. The header and ciphertext are checked later,
+    by read_key_ref() and open_sealed().
+    """
+    if not isinstance(text, bytes):
+        raise TypeError("text must be bytes")
+    if not text.startswith(ARMOUR_PREFIX):
+        raise DecryptionError()
+    body = text[len(ARMOUR_PREFIX) :]
+    if not _BASE64URL.fullmatch(body) or len(body) % 4 == 1:
+        raise DecryptionError()
+    try:
+        raw = base64.urlsafe_b64decode(body + b"=" * (-len(body) % 4))
+    except binascii.Error:
+        raise DecryptionError() from None
+
+    # Unused low bits in the last character let several strings decode to the
+    # same bytes. Rejecting all but one keeps the stored text canonical.
+    if base64.urlsafe_b64encode(raw).rstrip(b"=") != body:
+        raise DecryptionError()
+    return MAGIC + raw
+
+
+def is_sealed_binary(blob: bytes) -> bool:
+    """Check for the magic prefix only, for diagnostics.
+
+    Never decide to decrypt on this: a plain column can hold a copied value.
+    """
+    return blob.startswith(MAGIC)
+
+
+def is_armoured(text: bytes) -> bool:
+    """Check for the armour prefix only, for diagnostics.
+
+    Never decide to decrypt on this: a plain column can hold a copied value.
+    """
+    return text.startswith(ARMOUR_PREFIX)
+
+
+def _parse_header(blob: bytes) -> _Header:
+    if not isinstance(blob, bytes):
+        raise TypeError("blob must be bytes")
+    start = len(MAGIC)
+    if not blob.startswith(MAGIC) or len(blob) < start + _HEADER.size:
+        raise DecryptionError()
+    format_version, algorithm_id, key_id, version = _HEADER.unpack_from(blob, start)
+    if format_version != FORMAT_VERSION or version < 1:
+        raise DecryptionError()
+    try:
+        algorithm = Algorithm(algorithm_id)
+    except ValueError:
+        raise DecryptionError() from None
+    if len(blob) < start + _HEADER.size + algorithm.nonce_size + TAG_SIZE:
+        raise DecryptionError()
+    return _Header(algorithm, key_id, version)
+
+
+def _associated_data(store_id: bytes, context: str, header: bytes) -> bytes:
+    """Build the associated data: label, store id, context, then the header.
+
+    The label and store id have fixed sizes and the context carries its
+    length, so no two different inputs give the same bytes.
+    """
+    if not isinstance(store_id, bytes):
+        raise TypeError("store_id must be bytes")
+    if len(store_id) != STORE_ID_SIZE:
+        raise ValueError(f"store_id must be {STORE_ID_SIZE} bytes")
+    encoded = _encode_context(context)
+    return _AD_LABEL + store_id + _CONTEXT_LENGTH.pack(len(encoded)) + encoded + header
+
+
+def _encode_context(context: str) -> bytes:
+    if not isinstance(context, str):
+        raise TypeError("context must be a str")
+    if not context:
+        raise ValueError("context must not be empty")
+    try:
+        return context.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("context must be encodable as UTF-8") from None
+
+
+def _open_xchacha(body: bytes, material: bytes, associated_data: bytes) -> bytes:
+    nonce = body[:NONCE_SIZE]
+    ciphertext = body[NONCE_SIZE:]
+    try:
+        return nacl.bindings.crypto_aead_xchacha20poly1305_ietf_decrypt(
+            ciphertext, associated_data, nonce, material
+        )
+    except nacl.exceptions.CryptoError:
+        raise DecryptionError() from None
+
+
+def _open_siv(body: bytes, material: bytes, associated_data: bytes) -> bytes:
+    try:
+        return AESSIV(material).decrypt(body, [associated_data])
+    except InvalidTag:
+        raise DecryptionError() from None
+
+
+def _check_data_key(key: DataKey) -> None:
+    if not isinstance(key, DataKey):
+        raise TypeError("key must be a DataKey")
+
+
+def _check_uint32(name: str, value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int")
+    if not 0 <= value <= UINT32_MAX:
+        raise ValueError(f"{name} must be between 0 and {UINT32_MAX}, got {value}")
+

@@ -1,0 +1,56 @@
+"""The exception hierarchy of pgseal: one root, a class per failing layer."""
+
+from __future__ import annotations
+
+
+class PgsealError(Exception):
+    """Root of every error pgseal raises on purpose."""
+
+
+class ConfigError(PgsealError):
+    """Invalid command-line options, keyring specs or settings."""
+
+
+class RuleError(ConfigError):
+    """A rule file that cannot be loaded or does not match the database."""
+
+
+class ClusterError(PgsealError):
+    """A throwaway PostgreSQL cluster that failed to initialise, start or stop."""
+
+
+class KeyringError(PgsealError):
+    """A key-encryption key that is missing, unreadable or unusable."""
+
+
+class KeyStoreError(PgsealError):
+    """The data-key store in PostgreSQL could not be read or written."""
+
+
+class DecryptionError(PgsealError):
+    """A sealed value could not be opened.
+
+    Raised for every failing check alike (format, key, associated data, tag),
+    so that the error tells an attacker nothing about which check failed.
+    """
+
+    def __init__(self) -> None:
+        super().__init__("sealed value could not be opened")
+
+
+class ProtocolError(PgsealError):
+    """A peer sent bytes that break the PostgreSQL v3 protocol."""
+
+
+class StatementRejected(PgsealError):
+    """A statement that cannot run on encrypted columns, sent back as an error.
+
+    The proxy rejects instead of passing such a statement through, because
+    the server would otherwise store plaintext or compute on ciphertext.
+    """
+
+    def __init__(self, sqlstate: str, message: str, hint: str = "") -> None:
+        super().__init__(message)
+        self.sqlstate = sqlstate
+        self.message = message
+        self.hint = hint

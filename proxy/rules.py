@@ -1,0 +1,207 @@
+"""Rule files: which columns of which tables are encrypted, and how.
+
+Every `*.yaml` file in the rules folder is read. A file looks like this::
+
+    tables:
+      - name: public.oauth_tokens
+        database: app            # optional, defaults to the upstream database
+        columns:
+          - name: access_token
+            encryption: randomized
+
+Validation is strict: an unknown key, a wrong type or a missing field is an
+error that names the file and the line, because a typo in a rule would
+otherwise leave a column in plaintext without anyone noticing.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
+
+from proxy.errors import RuleError
+
+
+class Encryption(enum.Enum):
+    RANDOMIZED = "randomized"
+    DETERMINISTIC = "deterministic"
+
+
+@dataclass(frozen=True, slots=True)
+class Source:
+    """Where a rule was written, for error messages."""
+
+    path: Path
+    line: int
+
+    def __str__(self) -> str:
+        return f"rule file {self.path} line {self.line}"
+
+
+@dataclass(frozen=True, slots=True)
+class ColumnRule:
+    schema: str
+    table: str
+    column: str
+    encryption: Encryption
+    source: Source
+
+    @property
+    def identity(self) -> str:
+        """The name bound into every value's associated data."""
+        return f"{self.schema}.{self.table}.{self.column}"
+
+
+@dataclass(frozen=True, slots=True)
+class TableRule:
+    schema: str
+    table: str
+    database: str | None
+    columns: tuple[ColumnRule, ...]
+    source: Source
+
+    @property
+    def qualified_name(self) -> str:
+        return f"{self.schema}.{self.table}"
+
+
+@dataclass(frozen=True, slots=True)
+class RuleSet:
+    tables: tuple[TableRule, ...]
+
+    def for_database(self, database: str, default: str) -> tuple[TableRule, ...]:
+        """Return the table rules that apply to `database`.
+
+        A rule without a `database` key applies to the `default` database,
+        the one named in the proxy's upstream connection string.
+        """
+        return tuple(
+            rule for rule in self.tables if (rule.database or default) == database
+        )
+
+    def databases(self, default: str) -> set[str]:
+        return {rule.database or default for rule in self.tables}
+
+
+_TABLE_KEYS = {"name", "database", "columns"}
+_COLUMN_KEYS = {"name", "encryption"}
+
+
+def load_rules(folder: Path) -> RuleSet:
+    """Read and validate every `*.yaml` file in `folder`."""
+    if not folder.is_dir():
+        raise RuleError(f"rules folder {folder} does not exist or is not a folder")
+    tables: list[TableRule] = []
+    for path in sorted(folder.glob("*.yaml")):
+        tables.extend(load_rule_file(path))
+    _check_duplicates(tables)
+    return RuleSet(tuple(tables))
+
+
+def load_rule_file(path: Path) -> list[TableRule]:
+    try:
+        root = yaml.compose(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise RuleError(f"rule file {path}: invalid YAML: {exc}") from exc
+    except OSError as exc:
+        raise RuleError(f"rule file {path}: cannot be read: {exc}") from exc
+    if root is None:
+        return []
+    mapping = _mapping(path, root, "the document", {"tables"})
+    if "tables" not in mapping:
+        raise RuleError(f"{_source(path, root)}: missing key 'tables'")
+    items = _sequence(path, mapping["tables"], "tables")
+    return [_table(path, item) for item in items]
+
+
+def _table(path: Path, node: Node) -> TableRule:
+    mapping = _mapping(path, node, "a table", _TABLE_KEYS)
+    name = _required_scalar(path, node, mapping, "name")
+    schema, _, table = name.rpartition(".")
+    schema = schema or "public"
+    database = None
+    if "database" in mapping:
+        database = _scalar(path, mapping["database"], "database")
+    if "columns" not in mapping:
+        raise RuleError(f"{_source(path, node)}: table {name} has no 'columns'")
+    column_nodes = _sequence(path, mapping["columns"], "columns")
+    if not column_nodes:
+        raise RuleError(f"{_source(path, node)}: table {name} lists no columns")
+    columns = tuple(_column(path, item, schema, table) for item in column_nodes)
+    return TableRule(schema, table, database, columns, _source(path, node))
+
+
+def _column(path: Path, node: Node, schema: str, table: str) -> ColumnRule:
+    mapping = _mapping(path, node, "a column", _COLUMN_KEYS)
+    name = _required_scalar(path, node, mapping, "name")
+    encryption = Encryption.RANDOMIZED
+    if "encryption" in mapping:
+        value = _scalar(path, mapping["encryption"], "encryption")
+        try:
+            encryption = Encryption(value)
+        except ValueError:
+            allowed = ", ".join(e.value for e in Encryption)
+            raise RuleError(
+                f"{_source(path, mapping['encryption'])}: invalid encryption "
+                f"{value!r} for column {name}; expected one of: {allowed}"
+            ) from None
+    return ColumnRule(schema, table, name, encryption, _source(path, node))
+
+
+def _check_duplicates(tables: list[TableRule]) -> None:
+    seen: dict[tuple[str | None, str, str], Source] = {}
+    for rule in tables:
+        for column in rule.columns:
+            key = (rule.database, column.schema, column.table + "." + column.column)
+            if key in seen:
+                raise RuleError(
+                    f"{column.source}: column {column.identity} is already "
+                    f"ruled in {seen[key]}"
+                )
+            seen[key] = column.source
+
+
+def _source(path: Path, node: Node) -> Source:
+    return Source(path, node.start_mark.line + 1)
+
+
+def _mapping(
+    path: Path, node: Node, what: str, allowed: set[str]
+) -> dict[str, Node]:
+    if not isinstance(node, MappingNode):
+        raise RuleError(f"{_source(path, node)}: {what} must be a mapping")
+    result: dict[str, Node] = {}
+    for key_node, value_node in node.value:
+        key = key_node.value if isinstance(key_node, ScalarNode) else None
+        if key not in allowed:
+            expected = ", ".join(sorted(allowed))
+            raise RuleError(
+                f"{_source(path, key_node)}: unknown key {key!r} in {what}; "
+                f"expected one of: {expected}"
+            )
+        result[key] = value_node
+    return result
+
+
+def _sequence(path: Path, node: Node, key: str) -> list[Node]:
+    if not isinstance(node, SequenceNode):
+        raise RuleError(f"{_source(path, node)}: '{key}' must be a list")
+    return list(node.value)
+
+
+def _scalar(path: Path, node: Node, key: str) -> str:
+    if not isinstance(node, ScalarNode) or not node.value:
+        raise RuleError(f"{_source(path, node)}: '{key}' must be a non-empty string")
+    return str(node.value)
+
+
+def _required_scalar(
+    path: Path, parent: Node, mapping: dict[str, Node], key: str
+) -> str:
+    if key not in mapping:
+        raise RuleError(f"{_source(path, parent)}: missing key '{key}'")
+    return _scalar(path, mapping[key], key)

@@ -1,0 +1,371 @@
+"""Statement analysis: which values reach which encrypted column.
+
+A statement is parsed with pglast (libpg_query, the server's own grammar) and
+walked as the parse tree's JSON form. The result says which parameters and
+which literals must be sealed, and for which column. A statement that would
+let the server store plaintext in an encrypted column, or compute on
+ciphertext, raises StatementRejected instead.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import cachetools
+from pglast import parser
+
+from proxy.catalog import Catalog, EncryptedColumn, RuledTable
+from proxy.errors import StatementRejected
+from proxy.rules import Encryption
+from proxy.sql.literals import LiteralSlot, find_literal_span
+
+Node = dict[str, Any]
+
+FEATURE_NOT_SUPPORTED = "0A000"
+
+_PASS_THROUGH_HINT = (
+    "Encrypted columns can only be stored, returned and tested for NULL; "
+    "compute on them in the application."
+)
+_TEXT_CASTS = {"text", "varchar", "bytea", "bpchar"}
+
+
+@dataclass(frozen=True, slots=True)
+class StatementPlan:
+    """What to seal in one statement text before it reaches the server."""
+
+    params: dict[int, EncryptedColumn] = field(default_factory=dict)
+    literals: tuple[LiteralSlot, ...] = ()
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.params and not self.literals
+
+
+EMPTY_PLAN = StatementPlan()
+
+
+class Analyzer:
+    """Analyse statements against the ruled tables of one database.
+
+    Results are cached by statement text; rejections are cached too, so a
+    client that retries a rejected statement does not cost a parse each time.
+    """
+
+    def __init__(self, catalog: Catalog, cache_size: int = 4096) -> None:
+        self.catalog = catalog
+        self._names = catalog.table_names
+        self._cache: cachetools.LRUCache[str, StatementPlan | StatementRejected]
+        self._cache = cachetools.LRUCache(maxsize=cache_size)
+
+    def plan(self, sql: str) -> StatementPlan:
+        """Return the seal plan of `sql`, or raise StatementRejected."""
+        cached = self._cache.get(sql)
+        if cached is None:
+            cached = self._analyse(sql)
+            self._cache[sql] = cached
+        if isinstance(cached, StatementRejected):
+            raise cached
+        return cached
+
+    def _analyse(self, sql: str) -> StatementPlan | StatementRejected:
+        lowered = sql.lower()
+        if not any(name in lowered for name in self._names):
+            return EMPTY_PLAN
+        try:
+            tree = json.loads(parser.parse_sql_json(sql))
+        except parser.ParseError:
+            # The server reports the syntax error itself, with its own position.
+            return EMPTY_PLAN
+        try:
+            walker = _Walker(self.catalog, sql)
+            for raw in tree.get("stmts", []):
+                walker.statement(raw["stmt"])
+            return walker.result()
+        except StatementRejected as exc:
+            return exc
+
+
+def reject(column: EncryptedColumn, reason: str, hint: str = "") -> StatementRejected:
+    return StatementRejected(
+        FEATURE_NOT_SUPPORTED,
+        f"column {column.identity} is encrypted: {reason}",
+        hint or _PASS_THROUGH_HINT,
+    )
+
+
+class _Walker:
+    """Walk one statement text's parse trees and collect its seal plan."""
+
+    def __init__(self, catalog: Catalog, sql: str) -> None:
+        self._catalog = catalog
+        self._sql = sql
+        self._params: dict[int, EncryptedColumn] = {}
+        self._literals: list[LiteralSlot] = []
+        self._scope: dict[str, RuledTable] = {}
+
+    def result(self) -> StatementPlan:
+        if not self._params and not self._literals:
+            return EMPTY_PLAN
+        return StatementPlan(dict(self._params), tuple(self._literals))
+
+    def statement(self, stmt: Node) -> None:
+        self._scope = dict(self._ruled_relations(stmt))
+        if not self._scope:
+            return
+        handled: set[int] = set()
+        kind, body = _only(stmt)
+        if kind == "InsertStmt":
+            self._insert(body, handled)
+        elif kind == "UpdateStmt":
+            self._update(body, handled)
+        elif kind in ("CopyStmt", "PrepareStmt", "DoStmt"):
+            self._unsupported(kind)
+        self._check_references(stmt, handled)
+
+    # Writes
+
+    def _insert(self, body: Node, handled: set[int]) -> None:
+        table = self._table_of(body["relation"])
+        if table is None:
+            return
+        if "cols" in body:
+            columns = [_only(col)[1]["name"] for col in body["cols"]]
+        else:
+            columns = list(table.columns)
+        select = body.get("selectStmt", {}).get("SelectStmt", {})
+        targets = [table.encrypted.get(name) for name in columns]
+        if any(targets) and "valuesLists" not in select:
+            column = next(t for t in targets if t is not None)
+            raise reject(
+                column,
+                "INSERT ... SELECT would let the server compute the stored value",
+                "Insert the values with VALUES so that the proxy can seal them.",
+            )
+        for row in select.get("valuesLists", []):
+            for value, column in zip(_only(row)[1]["items"], targets):
+                if column is not None:
+                    self._value(value, column, table, handled)
+        conflict = body.get("onConflictClause", {})
+        self._assignments(conflict.get("targetList", []), table, handled)
+
+    def _update(self, body: Node, handled: set[int]) -> None:
+        table = self._table_of(body["relation"])
+        if table is not None:
+            self._assignments(body.get("targetList", []), table, handled)
+
+    def _assignments(
+        self, targets: list[Node], table: RuledTable, handled: set[int]
+    ) -> None:
+        for item in targets:
+            target = _only(item)[1]
+            column = table.encrypted.get(target.get("name", ""))
+            if column is not None:
+                self._value(target["val"], column, table, handled)
+
+    def _value(
+        self, node: Node, column: EncryptedColumn, table: RuledTable, handled: set[int]
+    ) -> None:
+        """Accept a value bound for an encrypted column, or reject it."""
+        kind, body = _only(node)
+        if kind == "TypeCast" and _cast_name(body) in _TEXT_CASTS:
+            kind, body = _only(body["arg"])
+        if kind == "ParamRef":
+            self._param(body["number"], column)
+        elif kind == "A_Const":
+            if not body.get("isnull"):
+                self._literals.append(find_literal_span(self._sql, body, column))
+        elif kind == "SetToDefault":
+            return
+        elif kind == "ColumnRef" and self._is_same_column(body, column, table):
+            handled.add(id(body))
+        else:
+            raise reject(
+                column,
+                "its value would be computed by the server and stored in plaintext",
+                "Send the value as a parameter or a literal so that the proxy "
+                "can seal it.",
+            )
+
+    def _param(self, number: int, column: EncryptedColumn) -> None:
+        known = self._params.get(number)
+        if known is not None and known.identity != column.identity:
+            raise reject(column, f"parameter ${number} is also bound for {known.identity}")
+        self._params[number] = column
+
+    def _is_same_column(
+        self, ref: Node, column: EncryptedColumn, table: RuledTable
+    ) -> bool:
+        names = _field_names(ref)
+        if names and names[-1] == column.name and len(names) == 2:
+            return names[0] == "excluded" or self._scope.get(names[0]) is table
+        return names == [column.name]
+
+    # Reads and everything else
+
+    def _check_references(self, stmt: Node, handled: set[int]) -> None:
+        for ref, parents in _column_refs(stmt, []):
+            if id(ref) in handled:
+                continue
+            column = self._resolve(ref)
+            if column is not None:
+                self._check_context(ref, column, parents)
+
+    def _check_context(
+        self, ref: Node, column: EncryptedColumn, parents: list[tuple[str, Node]]
+    ) -> None:
+        parent_kind, parent = parents[-1] if parents else ("", {})
+        if parent_kind == "ResTarget" and _in_result_list(parents):
+            return
+        if parent_kind == "NullTest":
+            return
+        if parent_kind == "FuncCall" and _func_name(parent) == "count":
+            return
+        if parent_kind == "A_Expr":
+            self._comparison(parent, ref, column)
+            return
+        raise reject(column, _describe_context(parent_kind, parent))
+
+    def _comparison(self, expr: Node, ref: Node, column: EncryptedColumn) -> None:
+        kind = expr.get("kind")
+        operator = _operator(expr)
+        if kind in ("AEXPR_LIKE", "AEXPR_ILIKE", "AEXPR_SIMILAR"):
+            raise reject(column, "LIKE and pattern matching cannot run on ciphertext")
+        if operator not in ("=", "<>") or kind not in ("AEXPR_OP", "AEXPR_IN"):
+            raise reject(column, f"operator {operator} cannot run on ciphertext")
+        if column.rule.encryption is Encryption.RANDOMIZED:
+            raise reject(
+                column,
+                "equality on a randomized column never matches",
+                "Set 'encryption: deterministic' on the column to search it "
+                "by equality.",
+            )
+        # TODO: equality search on deterministic columns.
+        raise reject(column, "equality search is not supported yet")
+
+    def _resolve(self, ref: Node) -> EncryptedColumn | None:
+        names = _field_names(ref)
+        if not names:
+            return None
+        if len(names) == 1:
+            for table in self._scope.values():
+                if names[0] in table.encrypted:
+                    return table.encrypted[names[0]]
+            return None
+        table = self._scope.get(names[-2])
+        return table.encrypted.get(names[-1]) if table else None
+
+    def _ruled_relations(self, stmt: Node) -> Iterator[tuple[str, RuledTable]]:
+        for node in _relations(stmt):
+            table = self._table_of({"RangeVar": node})
+            if table is not None:
+                alias = node.get("alias", {}).get("aliasname")
+                yield alias or node["relname"], table
+
+    def _table_of(self, relation: Node) -> RuledTable | None:
+        body = relation.get("RangeVar", relation)
+        return self._catalog.lookup(body.get("schemaname"), body["relname"])
+
+    def _unsupported(self, kind: str) -> None:
+        table = next(iter(self._scope.values()))
+        column = next(iter(table.encrypted.values()))
+        what = {
+            "CopyStmt": "COPY",
+            "PrepareStmt": "SQL-level PREPARE",
+            "DoStmt": "a DO block",
+        }[kind]
+        # TODO: seal COPY data and SQL-level PREPARE/EXECUTE parameters.
+        raise reject(
+            column,
+            f"{what} on table {table.qualified_name} is not supported yet",
+            "Use INSERT, UPDATE and SELECT with parameters for this table.",
+        )
+
+
+def _only(node: Node) -> tuple[str, Node]:
+    """Unwrap a JSON parse node {"Kind": {...}} into its kind and body."""
+    ((kind, body),) = node.items()
+    return kind, body
+
+
+def _field_names(ref: Node) -> list[str]:
+    names = []
+    for item in ref.get("fields", []):
+        if "String" not in item:
+            return []
+        names.append(item["String"]["sval"])
+    return names
+
+
+def _column_refs(
+    node: Any, parents: list[tuple[str, Node]]
+) -> Iterator[tuple[Node, list[tuple[str, Node]]]]:
+    """Yield every ColumnRef body with the chain of its parent nodes."""
+    if isinstance(node, list):
+        for item in node:
+            yield from _column_refs(item, parents)
+    elif isinstance(node, dict):
+        for key, value in node.items():
+            if key == "ColumnRef":
+                yield value, parents
+            elif key in ("returningClause", "returningList"):
+                yield from _column_refs(value, parents + [("ReturningClause", {})])
+            elif key[:1].isupper() and isinstance(value, dict):
+                yield from _column_refs(value, parents + [(key, value)])
+            else:
+                yield from _column_refs(value, parents)
+
+
+def _relations(node: Any) -> Iterator[Node]:
+    """Yield every RangeVar body; a statement's own target is not wrapped."""
+    if isinstance(node, list):
+        for item in node:
+            yield from _relations(item)
+    elif isinstance(node, dict):
+        for key, value in node.items():
+            if key == "RangeVar" or (key == "relation" and "relname" in value):
+                yield value
+            yield from _relations(value)
+
+
+def _in_result_list(parents: list[tuple[str, Node]]) -> bool:
+    """Tell whether the ResTarget at the end of `parents` is an output column."""
+    if len(parents) < 2:
+        return False
+    owner_kind, owner = parents[-2]
+    target = parents[-1][1]
+    if owner_kind == "SelectStmt":
+        return any(item.get("ResTarget") is target for item in owner.get("targetList", []))
+    if owner_kind == "ReturningClause":
+        return True
+    return False
+
+
+def _operator(expr: Node) -> str:
+    names = [item["String"]["sval"] for item in expr.get("name", []) if "String" in item]
+    return names[-1] if names else "?"
+
+
+def _func_name(call: Node) -> str:
+    names = [item["String"]["sval"] for item in call.get("funcname", []) if "String" in item]
+    return names[-1] if names else "?"
+
+
+def _cast_name(cast: Node) -> str:
+    names = cast.get("typeName", {}).get("names", [])
+    return str(names[-1]["String"]["sval"]) if names else ""
+
+
+def _describe_context(kind: str, node: Node) -> str:
+    if kind == "SortBy":
+        return "ORDER BY cannot sort ciphertext"
+    if kind == "FuncCall":
+        return f"function {_func_name(node)}() cannot run on ciphertext"
+    if kind == "TypeCast":
+        return "a cast cannot run on ciphertext"
+    if kind == "SelectStmt":
+        return "GROUP BY, DISTINCT and other clauses cannot run on ciphertext"
+    return "this expression cannot run on ciphertext"

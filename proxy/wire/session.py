@@ -1,0 +1,454 @@
+"""The sans-IO session: one client connection's protocol state, without sockets.
+
+The session takes whole messages from either side and returns what to send
+to each side. It follows the server's prepared statements and portals as the
+server itself does: a Parse or Bind takes effect when sent, and is undone when
+the server reports an error, because the server then skips every message up
+to the next Sync. Each DataRow is unsealed by the plan of the portal or simple
+query it answers, never by whichever RowDescription was seen last.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
+
+from proxy.errors import DecryptionError, KeyringError, PgsealError, StatementRejected
+from proxy.sql.analyze import EMPTY_PLAN, StatementPlan
+from proxy.wire import messages as m
+from proxy.wire.frames import Frame
+
+log = logging.getLogger(__name__)
+
+RowPlan = tuple[tuple[int, object, int], ...]
+
+# Sent in place of a rejected statement: it fails to parse on every server
+# version, so the server itself reports the error and skips to Sync exactly
+# as it would for any failed statement. The proxy then swaps the server's
+# ErrorResponse for its own.
+_REJECTED_QUERY = "PGSEAL REJECTED STATEMENT"
+_REJECTED_STATEMENT = "\x01pgseal rejected statement"
+
+
+class Planner(Protocol):
+    """What the session needs from the rules, the catalog and the keys."""
+
+    def statement(self, sql: str) -> StatementPlan: ...
+
+    def seal_literals(self, sql: str, plan: StatementPlan) -> str: ...
+
+    def seal_param(self, column: object, value: bytes, fmt: int) -> bytes: ...
+
+    def row_plan(self, fields: tuple[m.Field, ...]) -> RowPlan | None: ...
+
+    def open_value(self, column: object, value: bytes, fmt: int) -> bytes: ...
+
+
+@dataclass(slots=True)
+class Statement:
+    plan: StatementPlan
+    fields: tuple[m.Field, ...] | None = None
+
+
+@dataclass(slots=True)
+class Portal:
+    statement: Statement | None
+    result_formats: tuple[int, ...] = ()
+    row_plan: RowPlan | None = None
+    described: bool = False
+
+
+@dataclass(slots=True)
+class Pending:
+    """A client message that still awaits the server's answer."""
+
+    kind: str
+    name: str = ""
+    undo: Callable[[], None] | None = None
+    portal: Portal | None = None
+    hidden: bool = False
+    rejection: StatementRejected | None = None
+
+
+@dataclass(slots=True)
+class Output:
+    to_server: list[bytes] = field(default_factory=list)
+    to_client: list[bytes] = field(default_factory=list)
+    close: bool = False
+
+
+class Session:
+    """Protocol state of one client connection to one database."""
+
+    def __init__(self, planner: Planner | None, conn_id: str = "-") -> None:
+        self._planner = planner
+        self._conn_id = conn_id
+        self._statements: dict[str, Statement] = {}
+        self._portals: dict[str, Portal] = {}
+        self._pending: deque[Pending] = deque()
+        self._skipping = False
+        self._query_plan: RowPlan | None = None
+        self.transaction_status = "I"
+        self._client_handlers = {
+            ord("P"): self._parse,
+            ord("B"): self._bind,
+            ord("D"): self._describe,
+            ord("E"): self._execute,
+            ord("C"): self._close,
+            ord("S"): self._sync,
+            ord("Q"): self._query,
+            ord("F"): self._function_call,
+        }
+        self._server_handlers = {
+            ord("1"): self._answered,
+            ord("2"): self._answered,
+            ord("3"): self._answered,
+            ord("T"): self._row_description,
+            ord("n"): self._no_data,
+            ord("D"): self._data_row,
+            ord("C"): self._command_complete,
+            ord("I"): self._command_complete,
+            ord("s"): self._command_complete,
+            ord("E"): self._error,
+            ord("Z"): self._ready,
+        }
+
+    # Client to server
+
+    def from_client(self, frames: list[Frame]) -> Output:
+        out = Output()
+        if self._planner is None:
+            out.to_server.extend(frame.raw for frame in frames)
+            return out
+        for frame in frames:
+            handler = self._client_handlers.get(frame.type)
+            if handler is None or (self._skipping and frame.type != ord("S")):
+                out.to_server.append(frame.raw)
+            else:
+                handler(frame, out)
+        return out
+
+    def _parse(self, frame: Frame, out: Output) -> None:
+        msg = m.Parse.decode(frame.payload)
+        assert self._planner is not None
+        pending = Pending("parse", msg.statement)
+        try:
+            plan = self._planner.statement(msg.query)
+            query = msg.query
+            if plan.literals:
+                query = self._planner.seal_literals(msg.query, plan)
+        except StatementRejected as exc:
+            self._reject(pending, exc, out, m.Parse(msg.statement, _REJECTED_QUERY, ()))
+            return
+        pending.undo = self._define_statement(msg.statement, Statement(plan))
+        self._pending.append(pending)
+        if query is msg.query:
+            out.to_server.append(frame.raw)
+        else:
+            out.to_server.append(m.Parse(msg.statement, query, msg.param_types).encode())
+
+    def _define_statement(self, name: str, statement: Statement) -> Callable[[], None]:
+        previous = self._statements.get(name)
+        self._statements[name] = statement
+
+        def undo() -> None:
+            # A failed Parse of the unnamed statement still drops the old one.
+            if previous is None or name == "":
+                self._statements.pop(name, None)
+            else:
+                self._statements[name] = previous
+
+        return undo
+
+    def _bind(self, frame: Frame, out: Output) -> None:
+        payload = frame.payload
+        portal_name, statement_name = _bind_names(payload)
+        statement = self._statements.get(statement_name)
+        pending = Pending("bind", portal_name)
+        portal = Portal(statement)
+        raw = frame.raw
+        if statement is not None and (statement.plan.params or statement.fields):
+            msg = m.Bind.decode(payload)
+            portal.result_formats = msg.result_formats
+            if statement.fields is not None:
+                portal.row_plan = self._row_plan(statement.fields, msg.result_formats)
+                portal.described = True
+            if statement.plan.params:
+                try:
+                    raw = self._seal_params(msg, statement.plan)
+                except StatementRejected as exc:
+                    bad = m.Bind(portal_name, _REJECTED_STATEMENT, (), (), ())
+                    self._reject(pending, exc, out, bad)
+                    return
+        pending.undo = self._define_portal(portal_name, portal)
+        self._pending.append(pending)
+        out.to_server.append(raw)
+
+    def _seal_params(self, msg: m.Bind, plan: StatementPlan) -> bytes:
+        assert self._planner is not None
+        params = list(msg.params)
+        for number, column in plan.params.items():
+            index = number - 1
+            if index >= len(params) or params[index] is None:
+                continue
+            value = params[index]
+            assert value is not None
+            try:
+                params[index] = self._planner.seal_param(
+                    column, value, msg.param_format(index)
+                )
+            except (KeyringError, ValueError) as exc:
+                raise StatementRejected(
+                    "22023", f"parameter ${number} could not be sealed: {exc}"
+                ) from exc
+        sealed = m.Bind(
+            msg.portal, msg.statement, msg.param_formats, tuple(params), msg.result_formats
+        )
+        return sealed.encode()
+
+    def _define_portal(self, name: str, portal: Portal) -> Callable[[], None]:
+        previous = self._portals.get(name)
+        self._portals[name] = portal
+
+        def undo() -> None:
+            if previous is None:
+                self._portals.pop(name, None)
+            else:
+                self._portals[name] = previous
+
+        return undo
+
+    def _describe(self, frame: Frame, out: Output) -> None:
+        kind, name = m.decode_target(frame.payload)
+        self._pending.append(Pending("describe-" + kind, name))
+        out.to_server.append(frame.raw)
+
+    def _execute(self, frame: Frame, out: Output) -> None:
+        name, _ = m.decode_execute(frame.payload)
+        portal = self._portals.get(name)
+        if portal is None or not portal.described:
+            # The proxy cannot unseal rows it has no description for, so it
+            # asks the server for one and keeps the answer to itself.
+            if portal is None:
+                portal = Portal(None)
+                self._define_portal(name, portal)
+            self._pending.append(Pending("describe-P", name, portal=portal, hidden=True))
+            out.to_server.append(m.encode_describe("P", name))
+        self._pending.append(Pending("execute", name, portal=portal))
+        out.to_server.append(frame.raw)
+
+    def _close(self, frame: Frame, out: Output) -> None:
+        kind, name = m.decode_target(frame.payload)
+        table: dict[str, Statement] | dict[str, Portal]
+        table = self._statements if kind == "S" else self._portals
+        previous = table.pop(name, None)
+        undo = None
+        if previous is not None:
+            undo = lambda: table.__setitem__(name, previous)  # type: ignore[assignment]  # noqa: E731
+        self._pending.append(Pending("close", name, undo=undo))
+        out.to_server.append(frame.raw)
+
+    def _sync(self, frame: Frame, out: Output) -> None:
+        self._skipping = False
+        self._pending.append(Pending("sync"))
+        out.to_server.append(frame.raw)
+
+    def _query(self, frame: Frame, out: Output) -> None:
+        assert self._planner is not None
+        sql = m.decode_query(frame.payload)
+        pending = Pending("query")
+        try:
+            plan = self._planner.statement(sql)
+        except StatementRejected as exc:
+            self._reject(pending, exc, out, None)
+            return
+        self._pending.append(pending)
+        if plan.literals:
+            out.to_server.append(m.encode_query(self._planner.seal_literals(sql, plan)))
+        else:
+            out.to_server.append(frame.raw)
+
+    def _function_call(self, frame: Frame, out: Output) -> None:
+        self._pending.append(Pending("query"))
+        out.to_server.append(frame.raw)
+
+    def _reject(
+        self,
+        pending: Pending,
+        exc: StatementRejected,
+        out: Output,
+        replacement: m.Parse | m.Bind | None,
+    ) -> None:
+        log.info("[%s] rejected statement: %s", self._conn_id, exc.message)
+        pending.rejection = exc
+        self._pending.append(pending)
+        if replacement is None:
+            out.to_server.append(m.encode_query(_REJECTED_QUERY))
+        else:
+            out.to_server.append(replacement.encode())
+
+    # Server to client
+
+    def from_server(self, frames: list[Frame]) -> Output:
+        out = Output()
+        if self._planner is None:
+            out.to_client.extend(frame.raw for frame in frames)
+            return out
+        for frame in frames:
+            handler = self._server_handlers.get(frame.type)
+            if handler is None:
+                out.to_client.append(frame.raw)
+            else:
+                handler(frame, out)
+            if out.close:
+                break
+        return out
+
+    def _front(self) -> Pending | None:
+        return self._pending[0] if self._pending else None
+
+    def _answered(self, frame: Frame, out: Output) -> None:
+        if self._pending:
+            self._pending.popleft()
+        out.to_client.append(frame.raw)
+
+    def _row_description(self, frame: Frame, out: Output) -> None:
+        front = self._front()
+        fields = m.decode_row_description(frame.payload)
+        if front is None or front.kind == "query":
+            self._query_plan = self._row_plan(fields, ())
+            out.to_client.append(frame.raw)
+            return
+        self._described(front, fields)
+        self._pending.popleft()
+        if not front.hidden:
+            out.to_client.append(frame.raw)
+
+    def _no_data(self, frame: Frame, out: Output) -> None:
+        front = self._front()
+        if front is not None and front.kind.startswith("describe"):
+            self._described(front, ())
+            self._pending.popleft()
+            if front.hidden:
+                return
+        out.to_client.append(frame.raw)
+
+    def _described(self, front: Pending, fields: tuple[m.Field, ...]) -> None:
+        if front.kind == "describe-S":
+            statement = self._statements.get(front.name)
+            if statement is not None:
+                statement.fields = fields
+            return
+        portal = front.portal or self._portals.get(front.name)
+        if portal is not None:
+            # A portal's RowDescription already carries its result formats.
+            portal.row_plan = self._row_plan(fields, tuple(f.format for f in fields))
+            portal.described = True
+
+    def _row_plan(
+        self, fields: tuple[m.Field, ...], formats: tuple[int, ...]
+    ) -> RowPlan | None:
+        assert self._planner is not None
+        plan = self._planner.row_plan(fields)
+        if plan is None or not formats:
+            return plan
+        return tuple(
+            (index, column, m.format_code(formats, index)) for index, column, _ in plan
+        )
+
+    def _data_row(self, frame: Frame, out: Output) -> None:
+        front = self._front()
+        if front is None or front.kind == "query":
+            plan = self._query_plan
+        else:
+            plan = front.portal.row_plan if front.portal else None
+        if plan is None:
+            out.to_client.append(frame.raw)
+            return
+        try:
+            out.to_client.append(self._open_row(frame, plan))
+        except (DecryptionError, KeyringError, PgsealError) as exc:
+            self._fail_row(exc, out)
+
+    def _open_row(self, frame: Frame, plan: RowPlan) -> bytes:
+        assert self._planner is not None
+        values = m.decode_data_row(frame.payload)
+        for index, column, fmt in plan:
+            value = values[index]
+            if value is not None:
+                values[index] = self._planner.open_value(column, value, fmt)
+        return m.encode_data_row(values)
+
+    def _fail_row(self, exc: PgsealError, out: Output) -> None:
+        # TODO: honour a per-column on_decrypt_error setting instead of
+        # ending the connection.
+        log.warning("[%s] closing connection: a result value failed to open (%s)",
+                    self._conn_id, type(exc).__name__)
+        out.to_client.append(
+            m.encode_error(
+                "XX001",
+                "an encrypted value in the result could not be opened",
+                "Check that the proxy has the keyring that sealed this value.",
+                severity="FATAL",
+            )
+        )
+        out.close = True
+
+    def _command_complete(self, frame: Frame, out: Output) -> None:
+        front = self._front()
+        if front is None or front.kind == "query":
+            self._query_plan = None
+        elif front.kind == "execute":
+            self._pending.popleft()
+        out.to_client.append(frame.raw)
+
+    def _error(self, frame: Frame, out: Output) -> None:
+        front = self._front()
+        if front is not None and front.rejection is not None:
+            exc = front.rejection
+            out.to_client.append(m.encode_error(exc.sqlstate, exc.message, exc.hint))
+        else:
+            out.to_client.append(frame.raw)
+        if front is None or front.kind == "query":
+            self._query_plan = None
+            return
+        self._skip_to_sync()
+
+    def _skip_to_sync(self) -> None:
+        """Undo every pending message the server skips after an error."""
+        while self._pending and self._pending[0].kind != "sync":
+            pending = self._pending.popleft()
+            if pending.undo is not None:
+                pending.undo()
+        if not self._pending:
+            self._skipping = True
+
+    def _ready(self, frame: Frame, out: Output) -> None:
+        if self._pending and self._pending[0].kind in ("sync", "query"):
+            self._pending.popleft()
+        self._query_plan = None
+        self.transaction_status = chr(frame.raw[5])
+        if self.transaction_status == "I":
+            # Portals live until the end of their transaction.
+            self._portals.clear()
+        out.to_client.append(frame.raw)
+
+
+def _bind_names(payload: memoryview) -> tuple[str, str]:
+    data = bytes(payload[:512]) if len(payload) > 512 else bytes(payload)
+    first = data.find(b"\0")
+    second = data.find(b"\0", first + 1)
+    if first < 0 or second < 0:
+        full = bytes(payload)
+        first = full.find(b"\0")
+        second = full.find(b"\0", first + 1)
+        data = full
+    return (
+        data[:first].decode("utf-8", "surrogateescape"),
+        data[first + 1 : second].decode("utf-8", "surrogateescape"),
+    )
+
+
+__all__ = ["EMPTY_PLAN", "Output", "Planner", "Session"]
