@@ -21,8 +21,10 @@ log = logging.getLogger("pgseal")
 def main(argv: list[str] | None = None) -> int:
     parser = _build_parser()
     args = parser.parse_args(argv)
+    # The demo prints its own story, so it logs only warnings unless asked.
+    level = args.log_level or ("warning" if args.run is _demo else "info")
     logging.basicConfig(
-        level=getattr(logging, args.log_level.upper()),
+        level=getattr(logging, level.upper()),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:
@@ -39,7 +41,9 @@ def _build_parser() -> argparse.ArgumentParser:
         prog="pgseal", description="Transparent column-encryption proxy for PostgreSQL."
     )
     parser.add_argument(
-        "--log-level", default="info", choices=["debug", "info", "warning", "error"]
+        "--log-level",
+        choices=["debug", "info", "warning", "error"],
+        help="log level (default: info, or warning for demo)",
     )
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
 

@@ -49,7 +49,7 @@ class Keyring(Protocol):
 
     @property
     def can_unwrap(self) -> bool:
-        """False for a write-only keyring, which holds no private key."""
+        """False for a write-only keyring, which has no private key."""
         ...
 
     def wrap(self, data_key: bytes, context: str) -> bytes:
@@ -104,8 +104,8 @@ class SodiumKeyring:
         for file_name in (PRIVATE_KEY_FILE, PUBLIC_KEY_FILE):
             if (keydir / file_name).exists():
                 raise KeyringError(
-                    f"key file {keydir / file_name} already exists; a sodium key "
-                    "pair is never overwritten, so remove the old one first or "
+                    f"key file {keydir / file_name} already exists, and pgseal "
+                    "never overwrites a key pair: remove the old pair first or "
                     "choose another directory"
                 )
 
@@ -135,8 +135,8 @@ class SodiumKeyring:
         public_path = keydir / PUBLIC_KEY_FILE
         if not public_path.is_file():
             raise KeyringError(
-                f"sodium public key {public_path} not found; create a key pair "
-                f"with: pgseal keys init --keyring sodium:{keydir}"
+                f"sodium public key {public_path} not found, so create a key "
+                f"pair with: pgseal keys init --keyring sodium:{keydir}"
             )
         public_key = PublicKey(_read_key_file(public_path))
 
@@ -201,7 +201,7 @@ def parse_keyring_spec(spec: str) -> Keyring:
     if scheme == "sodium" and separator and location:
         return SodiumKeyring.load(Path(location))
     raise ConfigError(
-        f"invalid keyring spec {spec!r}; the accepted form is sodium:KEYDIR, "
+        f"invalid keyring spec {spec!r}: expected sodium:KEYDIR, "
         "for example sodium:/etc/pgseal/keys"
     )
 
@@ -233,7 +233,7 @@ def _write_new_file(path: Path, key: bytes, mode: int) -> None:
         fd = os.open(path, flags, mode)
     except FileExistsError:
         raise KeyringError(
-            f"key file {path} already exists; a sodium key pair is never overwritten"
+            f"key file {path} already exists, and pgseal never overwrites a key pair"
         ) from None
     except OSError as exc:
         raise KeyringError(f"cannot create key file {path}: {exc}") from exc

@@ -28,8 +28,8 @@ KeyRef = tuple[int, int]
 """A data key's (key_id, version)."""
 
 # Advisory lock ids. setup() takes the one-bigint form. Key creation takes the
-# two-int4 form (class id, hashtext(key_name)). PostgreSQL keeps the two forms
-# apart, so they never block each other.
+# two-int4 form (class id, hashtext(key_name)). The PostgreSQL manual (advisory
+# lock functions) states that these two key spaces do not overlap.
 _SETUP_LOCK_ID = 0x7067_7365_616C_0001
 _KEY_NAME_LOCK_CLASS = 0x7067_7301
 
@@ -95,8 +95,8 @@ class KeyCache:
     new version made by another replica is picked up within active_ttl.
     """
 
-    # NOTE: the defaults are starting points, not measured. The design also
-    # asks for a limit on values sealed per key, which is not enforced yet.
+    # NOTE: the defaults are starting points, not measured. There is no limit
+    # yet on the number of values sealed per cached key.
     def __init__(
         self, maxsize: int = 1000, ttl: float = 600.0, active_ttl: float = 60.0
     ) -> None:
@@ -151,7 +151,7 @@ class KeyStore:
     def store_id(self) -> bytes:
         """The 16-byte id of this key store, bound into every sealed value."""
         if self._store_id is None:
-            raise KeyStoreError("key store is not set up yet; call setup() first")
+            raise KeyStoreError("key store is not set up: call setup() first")
         return self._store_id
 
     async def setup(self) -> None:
@@ -187,6 +187,8 @@ class KeyStore:
         if not isinstance(algorithm, Algorithm):
             raise TypeError("algorithm must be an Algorithm")
 
+        # NOTE: a store whose keyrings are all write-only cannot unwrap an
+        # existing key, so it can seal only under keys that it created itself.
         ref = self._cache.active_ref(key_name)
         if ref is None:
             ref = await self._find_active(key_name, algorithm)
@@ -271,7 +273,7 @@ class KeyStore:
     async def _create_key(self, key_name: str, algorithm: Algorithm) -> DataKey:
         result = await self._create_key_locked(key_name, algorithm)
 
-        # Cache only after the commit, so the cache never holds an unstored key.
+        # Cache only after the commit, so the cache contains only stored keys.
         if isinstance(result, DataKey):
             key = result
             self._cache.put(key)
@@ -287,7 +289,7 @@ class KeyStore:
 
         Returns the new key, or the ref of the active key that another process
         committed while this one waited. The advisory lock serializes creation
-        of one name across processes, and the check inside it sees what the
+        of one name across processes, and the check inside it reads what the
         previous holder committed.
         """
         with _database_errors(f"creating a data key for {key_name!r}"):
@@ -442,15 +444,16 @@ def _parse_algorithm(value: int) -> Algorithm:
         return Algorithm(value)
     except ValueError:
         raise KeyStoreError(
-            f"key store holds unknown algorithm {value}; upgrade pgseal"
+            f"key store contains invalid algorithm id {value}, which this "
+            "version of pgseal does not support"
         ) from None
 
 
 def _check_algorithm(key_name: str, stored: Algorithm, requested: Algorithm) -> None:
     if stored is not requested:
         raise KeyStoreError(
-            f"key name {key_name!r} uses {stored.name}, not {requested.name}; "
-            "use another key name for the other algorithm"
+            f"key name {key_name!r} uses {stored.name}, not {requested.name}, "
+            "so use another key name for the other algorithm"
         )
 
 

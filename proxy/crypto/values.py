@@ -2,7 +2,7 @@
 
 A sealed value is self-describing: its header names the format version, the
 algorithm and the data key (id and version) that sealed it. The binary form is
-what a bytea column stores; the armoured form is what a text column stores.
+what a bytea column stores, and the armoured form is what a text column stores.
 The byte layout is described in docs/value-format.md.
 """
 

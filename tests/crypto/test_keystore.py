@@ -224,7 +224,7 @@ async def test_multiple_keyrings_wrap_all(
     created = await store.active_key("public.users.email", XCHACHA)
     assert await count_rows(pool, "wrapped_keys") == 2
 
-    # Only the backup keyring holds a private key: it alone must unwrap.
+    # Only the backup keyring has a private key, so it alone must unwrap.
     write_only = SodiumKeyring(keyring.keydir, keyring.public_key)
     other = fresh_store(pool, [write_only, backup])
     await other.setup()
