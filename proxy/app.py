@@ -50,6 +50,7 @@ class Proxy:
         self._refresher: asyncio.Task[None] | None = None
         self.relay: Relay | None = None
         self.port = settings.listen_port
+        self.keyrings: tuple[Keyring, ...] = ()
 
     @property
     def keystore(self) -> KeyStore:
@@ -59,12 +60,12 @@ class Proxy:
 
     async def start(self) -> None:
         settings = self.settings
-        keyrings: list[Keyring] = [parse_keyring_spec(s) for s in settings.keyrings]
+        self.keyrings = tuple(parse_keyring_spec(s) for s in settings.keyrings)
         rules = load_rules(settings.rules_dir)
         self._pool = await asyncpg.create_pool(
             **settings.upstream.connect_args(), min_size=1, max_size=4
         )
-        self._keystore = KeyStore(self._pool, keyrings, self._cache)
+        self._keystore = KeyStore(self._pool, self.keyrings, self._cache)
         await self._keystore.setup()
         self._catalogs = await self._load_catalogs(rules)
         await self._load_keys()
@@ -136,4 +137,18 @@ class Proxy:
         if self._pool is not None:
             await self._pool.close()
         self._cache.clear()
+        self._log_keyring_calls()
         log.info("pgseal stopped")
+
+    def _log_keyring_calls(self) -> None:
+        if self._keystore is not None:
+            log.info("keyring unwrap calls: %d", self._keystore.unwrap_calls)
+        for keyring in self.keyrings:
+            if isinstance(keyring, AwsKmsKeyring):
+                log.info(
+                    "keyring %s: %d KMS calls (%s)",
+                    keyring.name,
+                    keyring.calls,
+                    ", ".join(f"{op} {n}" for op, n in sorted(keyring.operations.items()))
+                    or "none",
+                )

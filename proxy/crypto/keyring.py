@@ -1,5 +1,7 @@
 """Keyrings: key-encryption keys that wrap and unwrap data keys.
 
+The AWS KMS keyring lives in proxy.crypto.kms.
+
 The sodium keyring keeps an X25519 key pair in a directory:
 
 - ``public.key``: the 32-byte public key as 64 lowercase hexadecimal
@@ -192,18 +194,32 @@ class SodiumKeyring:
 
 
 def parse_keyring_spec(spec: str) -> Keyring:
-    """Load the keyring that a spec names. The accepted form is sodium:KEYDIR.
+    """Load the keyring that a spec names.
 
-    Raises ConfigError for a malformed spec and KeyringError if the keys
-    cannot be loaded.
+    The accepted forms are sodium:KEYDIR and aws-kms:KEY, where KEY is a KMS
+    key id, key ARN, alias (alias/NAME) or alias ARN. Raises ConfigError for
+    a malformed spec and KeyringError if the keys cannot be loaded.
     """
     scheme, separator, location = spec.partition(":")
     if scheme == "sodium" and separator and location:
         return SodiumKeyring.load(Path(location))
+    if scheme == "aws-kms" and separator and location:
+        return _load_aws_kms(spec, location)
     raise ConfigError(
-        f"invalid keyring spec {spec!r}: expected sodium:KEYDIR, "
-        "for example sodium:/etc/pgseal/keys"
+        f"invalid keyring spec {spec!r}: expected sodium:KEYDIR or aws-kms:KEY, "
+        "for example sodium:/etc/pgseal/keys or aws-kms:alias/pgseal"
     )
+
+
+def _load_aws_kms(spec: str, key_id: str) -> Keyring:
+    # Imported here because boto3 takes more than half a second to import,
+    # which a proxy with only sodium keyrings need not pay.
+    from proxy.crypto.kms import AwsKmsKeyring
+
+    try:
+        return AwsKmsKeyring(key_id)
+    except ValueError as exc:
+        raise ConfigError(f"invalid keyring spec {spec!r}: {exc}") from None
 
 
 def _context_digest(context: str) -> bytes:

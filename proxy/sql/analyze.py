@@ -106,6 +106,7 @@ class _Walker:
         self._params: dict[int, EncryptedColumn] = {}
         self._literals: list[LiteralSlot] = []
         self._scope: dict[str, RuledTable] = {}
+        self._handled: set[int] = set()
 
     def result(self) -> StatementPlan:
         if not self._params and not self._literals:
@@ -116,7 +117,7 @@ class _Walker:
         self._scope = dict(self._ruled_relations(stmt))
         if not self._scope:
             return
-        handled: set[int] = set()
+        handled = self._handled = set()
         kind, body = _only(stmt)
         if kind == "InsertStmt":
             self._insert(body, handled)
@@ -125,6 +126,8 @@ class _Walker:
         elif kind in ("CopyStmt", "PrepareStmt", "DoStmt"):
             self._unsupported(kind)
         self._check_references(stmt, handled)
+        for select in _selects(stmt):
+            self._check_positions(select)
 
     # Writes
 
@@ -219,6 +222,12 @@ class _Walker:
     ) -> None:
         parent_kind, parent = parents[-1] if parents else ("", {})
         if parent_kind == "ResTarget" and _in_result_list(parents):
+            if _is_distinct(parents) and _randomized(column):
+                raise reject(column, "DISTINCT on a randomized column compares ciphertext")
+            return
+        if parent_kind == "SelectStmt" and not _randomized(column):
+            # GROUP BY and DISTINCT ON group equal ciphertexts, which are
+            # equal plaintexts under deterministic encryption.
             return
         if parent_kind == "NullTest":
             return
@@ -243,8 +252,49 @@ class _Walker:
                 "Set 'encryption: deterministic' on the column to search it "
                 "by equality.",
             )
-        # TODO: equality search on deterministic columns.
-        raise reject(column, "equality search is not supported yet")
+        other = expr["rexpr"] if expr.get("lexpr", {}).get("ColumnRef") is ref else expr["lexpr"]
+        items = other["List"]["items"] if "List" in other else [other]
+        for item in items:
+            self._search_value(item, column)
+
+    def _search_value(self, node: Node, column: EncryptedColumn) -> None:
+        """Accept a value compared with a deterministic column, or reject it."""
+        kind, body = _only(node)
+        if kind == "TypeCast" and _cast_name(body) in _TEXT_CASTS:
+            kind, body = _only(body["arg"])
+        if kind == "ParamRef":
+            self._param(body["number"], column)
+        elif kind == "A_Const" and not body.get("isnull"):
+            self._literals.append(find_literal_span(self._sql, body, column))
+        elif kind == "ColumnRef" and self._same_key(body, column):
+            self._handled.add(id(body))
+        else:
+            raise reject(
+                column,
+                "it can only be compared with a parameter, a literal or the "
+                "same column of another row",
+            )
+
+    def _same_key(self, ref: Node, column: EncryptedColumn) -> bool:
+        other = self._resolve(ref)
+        return other is not None and other.identity == column.identity
+
+    def _check_positions(self, select: Node) -> None:
+        """Reject ORDER BY or GROUP BY that names an encrypted output column.
+
+        `ORDER BY 2` and `ORDER BY alias` sort by an output column without
+        a ColumnRef to the table, so the reference check cannot see them.
+        """
+        targets = [_only(item)[1] for item in select.get("targetList", [])]
+        clauses = [("ORDER BY", _only(s)[1].get("node", {})) for s in select.get("sortClause", [])]
+        clauses += [("GROUP BY", node) for node in select.get("groupClause", [])]
+        for clause, node in clauses:
+            target = _output_column(node, targets)
+            column = self._resolve(target) if target is not None else None
+            if column is None:
+                continue
+            if clause == "ORDER BY" or _randomized(column):
+                raise reject(column, f"{clause} on it would compare ciphertext")
 
     def _resolve(self, ref: Node) -> EncryptedColumn | None:
         names = _field_names(ref)
@@ -342,6 +392,41 @@ def _in_result_list(parents: list[tuple[str, Node]]) -> bool:
     if owner_kind == "ReturningClause":
         return True
     return False
+
+
+def _selects(node: Any) -> Iterator[Node]:
+    if isinstance(node, list):
+        for item in node:
+            yield from _selects(item)
+    elif isinstance(node, dict):
+        for key, value in node.items():
+            if key == "SelectStmt":
+                yield value
+            yield from _selects(value)
+
+
+def _output_column(node: Node, targets: list[Node]) -> Node | None:
+    """Return the ColumnRef of the output column that `node` names by position or alias."""
+    if "A_Const" in node and "ival" in node["A_Const"]:
+        position = node["A_Const"]["ival"].get("ival", 0)
+        if 1 <= position <= len(targets):
+            return targets[position - 1].get("val", {}).get("ColumnRef")
+        return None
+    names = _field_names(node.get("ColumnRef", {}))
+    if len(names) == 1:
+        for target in targets:
+            if target.get("name") == names[0]:
+                return target.get("val", {}).get("ColumnRef")
+    return None
+
+
+def _randomized(column: EncryptedColumn) -> bool:
+    return column.rule.encryption is Encryption.RANDOMIZED
+
+
+def _is_distinct(parents: list[tuple[str, Node]]) -> bool:
+    owner_kind, owner = parents[-2]
+    return owner_kind == "SelectStmt" and "distinctClause" in owner
 
 
 def _operator(expr: Node) -> str:

@@ -1,0 +1,134 @@
+"""Statement analysis against a hand-built catalog, without a server."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from proxy.catalog import Catalog, EncryptedColumn, RuledTable, Storage
+from proxy.errors import StatementRejected
+from proxy.rules import ColumnRule, Encryption, Source
+from proxy.sql.analyze import Analyzer
+
+SOURCE = Source(Path("rules/test.yaml"), 1)
+
+
+def _column(name: str, attnum: int, encryption: Encryption) -> EncryptedColumn:
+    rule = ColumnRule("public", "accounts", name, encryption, SOURCE)
+    return EncryptedColumn(rule, attnum, Storage.TEXT)
+
+
+TOKEN = _column("token", 3, Encryption.RANDOMIZED)
+EMAIL = _column("email", 4, Encryption.DETERMINISTIC)
+ACCOUNTS = RuledTable(
+    oid=16400,
+    schema="public",
+    name="accounts",
+    columns=("id", "owner", "token", "email"),
+    encrypted={"token": TOKEN, "email": EMAIL},
+)
+
+
+@pytest.fixture
+def analyzer() -> Analyzer:
+    return Analyzer(Catalog.build([ACCOUNTS]))
+
+
+def _rejected(analyzer: Analyzer, sql: str) -> StatementRejected:
+    with pytest.raises(StatementRejected) as info:
+        analyzer.plan(sql)
+    return info.value
+
+
+def test_unruled_statement_skips_parser(analyzer: Analyzer) -> None:
+    plan = analyzer.plan("SELECT * FROM pgbench_accounts WHERE aid = $1")
+    assert plan.is_empty
+
+
+def test_syntax_error_left_to_server(analyzer: Analyzer) -> None:
+    assert analyzer.plan("SELEC token FROM accounts").is_empty
+
+
+def test_insert_params_mapped(analyzer: Analyzer) -> None:
+    plan = analyzer.plan("INSERT INTO accounts (owner, token, email) VALUES ($1, $2, $3)")
+    assert plan.params == {2: TOKEN, 3: EMAIL}
+    assert plan.literals == ()
+
+
+def test_insert_without_column_list(analyzer: Analyzer) -> None:
+    plan = analyzer.plan("INSERT INTO public.accounts VALUES (1, 'bob', $1, $2)")
+    assert plan.params == {1: TOKEN, 2: EMAIL}
+
+
+def test_insert_literals_located(analyzer: Analyzer) -> None:
+    sql = "INSERT INTO accounts (token, email) VALUES ('żółw', E'a\\'b'), (NULL, -5)"
+    plan = analyzer.plan(sql)
+    spans = [(sql[slot.start : slot.end], slot.value) for slot in plan.literals]
+    assert spans == [("'żółw'", "żółw"), ("E'a\\'b'", "a'b"), ("-5", "-5")]
+
+
+def test_update_and_returning(analyzer: Analyzer) -> None:
+    plan = analyzer.plan(
+        "UPDATE accounts a SET token = $1 WHERE id = $2 RETURNING a.token, email"
+    )
+    assert plan.params == {1: TOKEN}
+
+
+def test_on_conflict_excluded_allowed(analyzer: Analyzer) -> None:
+    plan = analyzer.plan(
+        "INSERT INTO accounts (id, token) VALUES ($1, $2) "
+        "ON CONFLICT (id) DO UPDATE SET token = EXCLUDED.token"
+    )
+    assert plan.params == {2: TOKEN}
+
+
+def test_deterministic_equality_params(analyzer: Analyzer) -> None:
+    plan = analyzer.plan("SELECT id FROM accounts WHERE email = $1 OR email IN ($2, 'x')")
+    assert plan.params == {1: EMAIL, 2: EMAIL}
+    assert [slot.value for slot in plan.literals] == ["x"]
+
+
+def test_deterministic_group_by_allowed(analyzer: Analyzer) -> None:
+    assert analyzer.plan("SELECT email, count(*) FROM accounts GROUP BY email").is_empty
+
+
+@pytest.mark.parametrize(
+    ("sql", "reason"),
+    [
+        ("SELECT * FROM accounts WHERE token = $1", "randomized"),
+        ("SELECT * FROM accounts WHERE email LIKE 'a%'", "LIKE"),
+        ("SELECT * FROM accounts WHERE email < $1", "operator <"),
+        ("SELECT * FROM accounts ORDER BY token", "ORDER BY"),
+        ("SELECT upper(token) FROM accounts", "function upper()"),
+        ("SELECT DISTINCT token FROM accounts", "DISTINCT"),
+        ("SELECT token FROM accounts GROUP BY token", "GROUP BY"),
+        ("INSERT INTO accounts (token) VALUES (upper($1))", "computed by the server"),
+        ("INSERT INTO accounts (token) SELECT owner FROM accounts", "INSERT ... SELECT"),
+        ("UPDATE accounts SET token = token || 'x'", "computed by the server"),
+        ("COPY accounts FROM STDIN", "COPY"),
+        ("PREPARE p AS INSERT INTO accounts (token) VALUES ($1)", "PREPARE"),
+        ("SELECT * FROM accounts WHERE email = upper($1)", "compared"),
+        ("SELECT id, email FROM accounts ORDER BY 2", "ORDER BY"),
+        ("SELECT token AS t FROM accounts GROUP BY t", "GROUP BY"),
+        ("SELECT email AS e FROM accounts ORDER BY e DESC", "ORDER BY"),
+    ],
+)
+def test_rejections(analyzer: Analyzer, sql: str, reason: str) -> None:
+    exc = _rejected(analyzer, sql)
+    assert exc.sqlstate == "0A000"
+    assert reason in exc.message
+    assert "public.accounts." in exc.message
+    assert exc.hint
+
+
+def test_null_test_allowed(analyzer: Analyzer) -> None:
+    sql = "SELECT count(token) FROM accounts WHERE token IS NOT NULL"
+    assert analyzer.plan(sql).is_empty
+
+
+def test_rejection_cached(analyzer: Analyzer) -> None:
+    sql = "SELECT * FROM accounts WHERE token = 'a'"
+    first = _rejected(analyzer, sql)
+    second = _rejected(analyzer, sql)
+    assert first is second

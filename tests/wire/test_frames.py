@@ -1,0 +1,118 @@
+"""FrameReader: whole messages out of a byte stream split at any point."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from proxy.errors import ProtocolError
+from proxy.wire.frames import Frame, FrameReader, build
+
+
+def _stream() -> list[bytes]:
+    return [
+        build(b"P", b"\0SELECT 1\0\0\0"),
+        build(b"B", b"\0\0" + b"\0\0" * 3),
+        build(b"S", b""),
+        build(b"D", b"x" * 1000),
+    ]
+
+
+def _feed_all(reader: FrameReader, chunks: list[bytes]) -> list[Frame]:
+    frames: list[Frame] = []
+    for chunk in chunks:
+        frames.extend(reader.feed(chunk))
+    return frames
+
+
+def test_feed_whole_message() -> None:
+    message = build(b"Q", b"SELECT 1\0")
+    frames = FrameReader().feed(message)
+    assert frames == [Frame(ord("Q"), message)]
+    assert bytes(frames[0].payload) == b"SELECT 1\0"
+
+
+def test_feed_one_byte_at_a_time() -> None:
+    messages = _stream()
+    data = b"".join(messages)
+    frames = _feed_all(FrameReader(), [data[i : i + 1] for i in range(len(data))])
+    assert [frame.raw for frame in frames] == messages
+    assert [frame.type for frame in frames] == [ord(m[:1]) for m in messages]
+
+
+def test_feed_many_messages_in_one_read() -> None:
+    messages = _stream() * 50
+    frames = FrameReader().feed(b"".join(messages))
+    assert [frame.raw for frame in frames] == messages
+
+
+def test_feed_split_inside_header() -> None:
+    message = build(b"D", b"payload")
+    reader = FrameReader()
+    assert reader.feed(message[:3]) == []
+    assert reader.feed(message[3:6]) == []
+    assert reader.feed(message[6:]) == [Frame(ord("D"), message)]
+
+
+def test_feed_message_and_partial_next() -> None:
+    first, second = build(b"C", b"SELECT 1\0"), build(b"Z", b"I")
+    reader = FrameReader()
+    assert reader.feed(first + second[:2]) == [Frame(ord("C"), first)]
+    assert reader.feed(second[2:]) == [Frame(ord("Z"), second)]
+
+
+def test_feed_empty_read() -> None:
+    reader = FrameReader()
+    assert reader.feed(b"") == []
+    assert reader.feed(b"S\0") == []
+    assert reader.feed(b"") == []
+    assert reader.feed(b"\0\0\4") == [Frame(ord("S"), b"S\0\0\0\4")]
+
+
+@pytest.mark.parametrize("length", [0, 1, 3])
+def test_length_below_four_rejected(length: int) -> None:
+    with pytest.raises(ProtocolError, match="invalid message length"):
+        FrameReader().feed(b"Q" + struct.pack("!I", length) + b"x" * 8)
+
+
+def test_length_below_four_rejected_when_split() -> None:
+    reader = FrameReader()
+    assert reader.feed(b"Q\0\0") == []
+    with pytest.raises(ProtocolError, match="invalid message length"):
+        reader.feed(b"\0\2")
+
+
+def test_over_max_message_rejected_from_header() -> None:
+    reader = FrameReader(max_message=1024)
+    # Only the header has arrived: the reader must not wait for the body.
+    with pytest.raises(ProtocolError, match="exceeds the maximum message size"):
+        reader.feed(b"D" + struct.pack("!I", 1024))
+
+
+def test_message_at_max_size_accepted() -> None:
+    message = build(b"D", b"x" * (1024 - 5))
+    assert FrameReader(max_message=1024).feed(message) == [Frame(ord("D"), message)]
+
+
+_messages = st.lists(
+    st.builds(
+        build,
+        st.sampled_from([b"P", b"B", b"E", b"S", b"D", b"T", b"Z", b"d"]),
+        st.binary(max_size=300),
+    ),
+    min_size=1,
+    max_size=20,
+)
+
+
+@given(_messages, st.lists(st.integers(min_value=0, max_value=6000), max_size=30))
+def test_any_split_gives_same_frames(messages: list[bytes], cuts: list[int]) -> None:
+    data = b"".join(messages)
+    points = sorted({cut % (len(data) + 1) for cut in cuts} | {0, len(data)})
+    chunks = [data[start:end] for start, end in zip(points, points[1:])]
+    frames = _feed_all(FrameReader(), chunks)
+    assert [frame.raw for frame in frames] == messages
+    assert [frame.type for frame in frames] == [m[0] for m in messages]
