@@ -11,7 +11,7 @@ from pathlib import Path
 import asyncpg
 
 from proxy.catalog import Catalog, load_catalog
-from proxy.crypto.keyring import Keyring, parse_keyring_spec
+from proxy.crypto.keyring import Keyring, RemoteKeyring, parse_keyring_spec
 from proxy.crypto.keystore import KeyCache, KeyStore
 from proxy.errors import KeyStoreError, PgsealError
 from proxy.planner import ColumnPlanner, KeyView, algorithm_of
@@ -46,6 +46,9 @@ class Proxy:
         self._pool: asyncpg.Pool[asyncpg.Record] | None = None
         self._keystore: KeyStore | None = None
         self._catalogs: dict[str, Catalog] = {}
+        self._column_planners: dict[str, ColumnPlanner] = {}
+        self._rules = RuleSet(())
+        self._reloading: asyncio.Task[None] | None = None
         self._server: asyncio.Server | None = None
         self._refresher: asyncio.Task[None] | None = None
         self.relay: Relay | None = None
@@ -60,16 +63,19 @@ class Proxy:
 
     async def start(self) -> None:
         settings = self.settings
-        self.keyrings = tuple(parse_keyring_spec(s) for s in settings.keyrings)
+        # A KMS keyring imports boto3 and builds its client, which may block.
+        self.keyrings = await asyncio.to_thread(_parse_keyrings, settings.keyrings)
         rules = load_rules(settings.rules_dir)
         self._pool = await asyncpg.create_pool(
             **settings.upstream.connect_args(), min_size=1, max_size=4
         )
         self._keystore = KeyStore(self._pool, self.keyrings, self._cache)
         await self._keystore.setup()
+        self._rules = rules
         self._catalogs = await self._load_catalogs(rules)
         await self._load_keys()
         self.relay = Relay(settings.upstream, self._planners(), settings.max_message)
+        self.relay.on_catalog_change = self._catalog_changed
         self._server = await asyncio.start_server(
             self.relay.handle, settings.listen_host, settings.listen_port
         )
@@ -108,10 +114,37 @@ class Proxy:
 
     def _planners(self) -> dict[str, Planner]:
         view = KeyView(self._cache, self.keystore.store_id)
-        return {
-            database: ColumnPlanner(catalog, view)
-            for database, catalog in self._catalogs.items()
-        }
+        for database, catalog in self._catalogs.items():
+            planner = self._column_planners.get(database)
+            if planner is None:
+                self._column_planners[database] = ColumnPlanner(catalog, view)
+            else:
+                planner.update(catalog)
+        return dict(self._column_planners)
+
+    async def reload_catalogs(self) -> None:
+        """Read the ruled tables and their views again, and load keys for them."""
+        self._catalogs = await self._load_catalogs(self._rules)
+        await self._load_keys()
+        if self.relay is not None:
+            self.relay.set_planners(self._planners())
+        log.info("reloaded the catalog of %d databases", len(self._catalogs))
+
+    def _catalog_changed(self, database: str) -> None:
+        """Schedule one catalog reload after DDL, however many sessions report it."""
+        if database not in self._catalogs or self._reloading is not None:
+            return
+        # NOTE: a statement that runs before the reload finishes sees the old
+        # catalog; reads of a new view then return ciphertext until it ends.
+        self._reloading = asyncio.create_task(self._reload_after_ddl())
+
+    async def _reload_after_ddl(self) -> None:
+        try:
+            await self.reload_catalogs()
+        except (PgsealError, OSError, asyncpg.PostgresError) as exc:
+            log.warning("catalog reload after DDL failed, the old catalog stays: %s", exc)
+        finally:
+            self._reloading = None
 
     async def _refresh_keys(self) -> None:
         while True:
@@ -141,14 +174,24 @@ class Proxy:
         log.info("pgseal stopped")
 
     def _log_keyring_calls(self) -> None:
-        if self._keystore is not None:
-            log.info("keyring unwrap calls: %d", self._keystore.unwrap_calls)
+        if self._keystore is None:
+            return
+        unwraps = self._keystore.unwrap_calls_by_keyring
         for keyring in self.keyrings:
-            if isinstance(keyring, AwsKmsKeyring):
+            if not isinstance(keyring, RemoteKeyring):
                 log.info(
-                    "keyring %s: %d KMS calls (%s)",
-                    keyring.name,
-                    keyring.calls,
-                    ", ".join(f"{op} {n}" for op, n in sorted(keyring.operations.items()))
-                    or "none",
+                    "keyring %s: %d unwrap calls", keyring.name, unwraps[keyring.name]
                 )
+                continue
+            operations = sorted(keyring.operations.items())
+            log.info(
+                "keyring %s: %d unwrap calls, %d KMS calls (%s)",
+                keyring.name,
+                unwraps[keyring.name],
+                keyring.calls,
+                ", ".join(f"{name} {count}" for name, count in operations) or "none",
+            )
+
+
+def _parse_keyrings(specs: tuple[str, ...]) -> tuple[Keyring, ...]:
+    return tuple(parse_keyring_spec(spec) for spec in specs)

@@ -8,12 +8,15 @@ are read from `pg_class` and `pg_attribute` for every ruled table.
 from __future__ import annotations
 
 import enum
+import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from proxy.errors import RuleError
+from proxy.errors import PgsealError, RuleError
 from proxy.rules import ColumnRule, TableRule
+
+log = logging.getLogger(__name__)
 
 TEXT_OID = 25
 VARCHAR_OID = 1043
@@ -44,11 +47,25 @@ class EncryptedColumn:
 
 @dataclass(frozen=True, slots=True)
 class RuledTable:
+    """A ruled table, or a view over one.
+
+    `encrypted` maps this relation's column names to the encrypted columns
+    they hold; for a view, those are columns of the base table. `fields`
+    maps attribute numbers to the encrypted columns a value may come from.
+    """
+
     oid: int
     schema: str
     name: str
     columns: tuple[str, ...]
     encrypted: dict[str, EncryptedColumn] = field(hash=False)
+    fields: dict[int, tuple[EncryptedColumn, ...]] = field(hash=False, default_factory=dict)
+    is_view: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.fields:
+            for column in self.encrypted.values():
+                self.fields[column.attnum] = (column,)
 
     @property
     def qualified_name(self) -> str:
@@ -91,14 +108,15 @@ class Catalog:
                 return table
         return None
 
-    def column_at(self, table_oid: int, attnum: int) -> EncryptedColumn | None:
+    def column_at(self, table_oid: int, attnum: int) -> tuple[EncryptedColumn, ...] | None:
+        """Return the encrypted columns that a result field may come from."""
         table = self._by_oid.get(table_oid)
         if table is None:
             return None
-        for column in table.encrypted.values():
-            if column.attnum == attnum:
-                return column
-        return None
+        return table.fields.get(attnum)
+
+    def with_views(self, views: Iterable[RuledTable]) -> Catalog:
+        return Catalog.build(self.tables + tuple(views))
 
 
 _COLUMNS_QUERY = """
@@ -125,7 +143,8 @@ async def load_catalog(conn: Any, rules: Sequence[TableRule]) -> Catalog:
     found: dict[tuple[str, str], list[Any]] = {}
     for row in rows:
         found.setdefault((row["nspname"], row["relname"]), []).append(row)
-    return Catalog.build(_ruled_table(rule, found) for rule in rules)
+    catalog = Catalog.build(_ruled_table(rule, found) for rule in rules)
+    return await _add_views(conn, catalog)
 
 
 def _ruled_table(rule: TableRule, found: dict[tuple[str, str], list[Any]]) -> RuledTable:
@@ -161,4 +180,75 @@ def _storage(column: ColumnRule, type_oid: int, type_modifier: int) -> Storage:
     raise RuleError(
         f"{column.source}: column {column.identity} cannot hold sealed values; "
         "store encrypted columns as text, varchar without a length, or bytea"
+    )
+
+
+_VIEWS_QUERY = """
+SELECT DISTINCT v.oid, n.nspname, v.relname,
+       pg_catalog.pg_get_viewdef(v.oid) AS definition
+FROM pg_catalog.pg_depend d
+JOIN pg_catalog.pg_rewrite r ON r.oid = d.objid
+JOIN pg_catalog.pg_class v ON v.oid = r.ev_class
+JOIN pg_catalog.pg_namespace n ON n.oid = v.relnamespace
+WHERE d.classid = 'pg_catalog.pg_rewrite'::pg_catalog.regclass
+  AND d.refclassid = 'pg_catalog.pg_class'::pg_catalog.regclass
+  AND d.refobjid = ANY($1::oid[])
+  AND v.relkind IN ('v', 'm')
+  AND v.oid <> ALL($1::oid[])
+"""
+
+_VIEW_COLUMNS_QUERY = """
+SELECT attnum, attname FROM pg_catalog.pg_attribute
+WHERE attrelid = $1 AND attnum > 0 AND NOT attisdropped
+ORDER BY attnum
+"""
+
+
+async def _add_views(conn: Any, catalog: Catalog) -> Catalog:
+    """Add the views and materialized views over ruled tables, at any depth.
+
+    A view column is traced to the encrypted columns its definition returns
+    unchanged, so reading the view unseals like reading the table.
+    """
+    from proxy.sql.analyze import Analyzer
+
+    while True:
+        known = [table.oid for table in catalog.tables]
+        rows = await conn.fetch(_VIEWS_QUERY, known)
+        if not rows:
+            return catalog
+        views = []
+        for row in rows:
+            columns = await conn.fetch(_VIEW_COLUMNS_QUERY, row["oid"])
+            view = _ruled_view(Analyzer(catalog), row, columns)
+            if view is not None:
+                views.append(view)
+        if not views:
+            return catalog
+        catalog = catalog.with_views(views)
+
+
+def _ruled_view(analyzer: Any, row: Any, columns: list[Any]) -> RuledTable | None:
+    name = f"{row['nspname']}.{row['relname']}"
+    try:
+        outputs = analyzer.plan(row["definition"]).outputs or ()
+    except PgsealError as exc:
+        log.warning("view %s over an encrypted column cannot be traced: %s", name, exc)
+        outputs = ()
+    fields = {}
+    encrypted = {}
+    for column, trace in zip(columns, outputs):
+        if trace:
+            fields[column["attnum"]] = trace
+            encrypted[column["attname"]] = trace[0]
+    if not encrypted:
+        return None
+    return RuledTable(
+        row["oid"],
+        row["nspname"],
+        row["relname"],
+        tuple(column["attname"] for column in columns),
+        encrypted,
+        fields,
+        is_view=True,
     )

@@ -86,8 +86,13 @@ def _add_keyring(parser: argparse.ArgumentParser, many: bool) -> None:
         "--keyring",
         required=True,
         action="append" if many else "store",
-        help="keyring spec, for example sodium:KEYDIR"
-        + ("; may be given more than once" if many else ""),
+        help=(
+            "keyring spec, sodium:KEYDIR or aws-kms:KEY (a KMS key id, ARN or "
+            "alias/NAME); give it once per keyring, and data keys are wrapped "
+            "by all of them and unwrapped by the first that works, in order"
+            if many
+            else "keyring spec, sodium:KEYDIR"
+        ),
     )
 
 

@@ -27,7 +27,8 @@ from proxy.sql.analyze import Analyzer, StatementPlan
 from proxy.sql.literals import LiteralSlot, quote_literal, replace_literals
 from proxy.wire.messages import BINARY_FORMAT, Field
 
-RowPlan = tuple[tuple[int, EncryptedColumn, int], ...]
+Candidates = tuple[EncryptedColumn, ...]
+RowPlan = tuple[tuple[int, Candidates, int], ...]
 
 
 def algorithm_of(column: EncryptedColumn) -> Algorithm:
@@ -62,9 +63,13 @@ class ColumnPlanner:
     """Plan statements with the analyzer and seal or open values with the keys."""
 
     def __init__(self, catalog: Catalog, keys: KeyView) -> None:
+        self._keys = keys
+        self.update(catalog)
+
+    def update(self, catalog: Catalog) -> None:
+        """Plan with a newly read catalog from now on, in every session."""
         self.catalog = catalog
         self._analyzer = Analyzer(catalog)
-        self._keys = keys
         self._oids = frozenset(table.oid for table in catalog.tables)
 
     def statement(self, sql: str) -> StatementPlan:
@@ -92,29 +97,49 @@ class ColumnPlanner:
         key = self._keys.active(column)
         return seal(key, plaintext, store_id=self._keys.store_id, context=column.identity)
 
-    def row_plan(self, fields: tuple[Field, ...]) -> RowPlan | None:
+    def row_plan(
+        self, fields: tuple[Field, ...], outputs: tuple[Candidates, ...] | None = None
+    ) -> RowPlan | None:
+        """Return which fields of a row to open, and under which columns.
+
+        A field named by table OID and attribute number is looked up in the
+        catalog. A computed field (OID 0) falls back to the statement's own
+        trace, when its output count matches the row description.
+        """
+        if outputs is not None and len(outputs) != len(fields):
+            outputs = None
         plan = []
         for index, field in enumerate(fields):
+            candidates = None
             if field.table_oid in self._oids:
-                column = self.catalog.column_at(field.table_oid, field.column)
-                if column is not None:
-                    plan.append((index, column, field.format))
+                candidates = self.catalog.column_at(field.table_oid, field.column)
+            elif field.table_oid == 0 and outputs is not None:
+                candidates = outputs[index] or None
+            if candidates:
+                plan.append((index, candidates, field.format))
         return tuple(plan) or None
 
-    def open_value(self, column: EncryptedColumn, value: bytes, fmt: int) -> bytes:
-        if column.storage is Storage.TEXT:
-            return self._open(column, dearmour(value))
+    def open_value(self, columns: Candidates, value: bytes, fmt: int) -> bytes:
+        storage = columns[0].storage
+        if storage is Storage.TEXT:
+            return self._open(columns, dearmour(value))
         if fmt == BINARY_FORMAT:
-            return self._open(column, value)
+            return self._open(columns, value)
         try:
             blob = decode_bytea_text(value)
         except ValueError:
             raise DecryptionError() from None
-        return b"\\x" + self._open(column, blob).hex().encode()
+        return b"\\x" + self._open(columns, blob).hex().encode()
 
-    def _open(self, column: EncryptedColumn, blob: bytes) -> bytes:
+    def _open(self, columns: Candidates, blob: bytes) -> bytes:
         key = self._keys.for_value(blob)
-        return open_sealed(blob, key, store_id=self._keys.store_id, context=column.identity)
+        store_id = self._keys.store_id
+        for column in columns[:-1]:
+            try:
+                return open_sealed(blob, key, store_id=store_id, context=column.identity)
+            except DecryptionError:
+                continue
+        return open_sealed(blob, key, store_id=store_id, context=columns[-1].identity)
 
 
 def decode_bytea_text(value: bytes) -> bytes:

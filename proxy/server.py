@@ -96,6 +96,7 @@ class Relay:
         self._max_message = max_message
         self._ids = itertools.count(1)
         self.active_connections = 0
+        self.on_catalog_change: Callable[[str], None] = lambda database: None
 
     def set_planners(self, planners: dict[str, Planner]) -> None:
         """Use new planners for connections that start from now on."""
@@ -155,7 +156,9 @@ class Relay:
         session = Session(planner, conn_id)
         server_writer.write(startup.raw)
         try:
-            await self._relay(session, client_reader, client_writer, server_reader, server_writer)
+            await self._relay(
+                session, database, client_reader, client_writer, server_reader, server_writer
+            )
         finally:
             server_writer.close()
             with contextlib.suppress(Exception):
@@ -200,6 +203,7 @@ class Relay:
     async def _relay(
         self,
         session: Session,
+        database: str,
         client_reader: asyncio.StreamReader,
         client_writer: asyncio.StreamWriter,
         server_reader: asyncio.StreamReader,
@@ -207,10 +211,10 @@ class Relay:
     ) -> None:
         writers = (client_writer, server_writer)
         upward = asyncio.create_task(
-            self._pump(client_reader, session.from_client, writers, server_writer)
+            self._pump(client_reader, session.from_client, writers, server_writer, database)
         )
         downward = asyncio.create_task(
-            self._pump(server_reader, session.from_server, writers, client_writer)
+            self._pump(server_reader, session.from_server, writers, client_writer, database)
         )
         done, pending = await asyncio.wait(
             {upward, downward}, return_when=asyncio.FIRST_COMPLETED
@@ -230,6 +234,7 @@ class Relay:
         step: Callable[[list[Frame]], Output],
         writers: tuple[asyncio.StreamWriter, asyncio.StreamWriter],
         destination: asyncio.StreamWriter,
+        database: str,
     ) -> None:
         """Read one side, pass its messages through the session, write the result.
 
@@ -248,6 +253,8 @@ class Relay:
             if out.to_server:
                 server_writer.write(b"".join(out.to_server))
             await destination.drain()
+            if out.catalog_changed:
+                self.on_catalog_change(database)
             if out.close:
                 return
 

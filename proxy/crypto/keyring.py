@@ -20,14 +20,15 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from collections import Counter
+from typing import Protocol, runtime_checkable
 
 import nacl.exceptions
 from nacl.public import PrivateKey, PublicKey, SealedBox
 
 from proxy.errors import ConfigError, KeyringError
 
-__all__ = ["Keyring", "SodiumKeyring", "parse_keyring_spec"]
+__all__ = ["Keyring", "RemoteKeyring", "SodiumKeyring", "parse_keyring_spec"]
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +65,17 @@ class Keyring(Protocol):
         Raises KeyringError on failure.
         """
         ...
+
+
+@runtime_checkable
+class RemoteKeyring(Keyring, Protocol):
+    """A keyring that calls a remote service, such as a KMS, and counts the calls."""
+
+    calls: int
+    """Number of remote API calls made, failed ones included."""
+
+    operations: Counter[str]
+    """Number of remote API calls made per operation name."""
 
 
 @dataclass(frozen=True, repr=False)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
+from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 
@@ -146,6 +147,8 @@ class KeyStore:
         self._unwrap_locks: dict[KeyRef, asyncio.Lock] = {}
         self.unwrap_calls = 0
         """Number of keyring unwrap() calls made, failed ones included."""
+        self.unwrap_calls_by_keyring: Counter[str] = Counter()
+        """unwrap_calls per keyring name."""
 
     @property
     def store_id(self) -> bytes:
@@ -396,6 +399,7 @@ class KeyStore:
             if blob is None or not keyring.can_unwrap:
                 continue
             self.unwrap_calls += 1
+            self.unwrap_calls_by_keyring[keyring.name] += 1
             try:
                 material = await asyncio.to_thread(keyring.unwrap, blob, context)
             except KeyringError as exc:

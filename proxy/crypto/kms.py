@@ -1,14 +1,17 @@
 """The AWS KMS keyring: data keys wrapped by a KMS key through boto3.
 
-Region, credentials and endpoint come from the standard AWS configuration,
-which botocore reads itself: ``AWS_REGION`` or ``AWS_DEFAULT_REGION``,
-``AWS_ACCESS_KEY_ID`` and the other credential sources, ``AWS_PROFILE``, and
-``AWS_ENDPOINT_URL_KMS`` or ``AWS_ENDPOINT_URL`` (botocore 1.31 and later).
+Region, credentials and endpoint come from the standard AWS configuration.
+botocore reads ``AWS_DEFAULT_REGION``, ``AWS_PROFILE`` and the config files,
+the credential chain (``AWS_ACCESS_KEY_ID`` and the rest), and
+``AWS_ENDPOINT_URL_KMS`` or ``AWS_ENDPOINT_URL``. botocore 1.44 does not read
+``AWS_REGION``, which other AWS SDKs use, so this module passes it to the
+client itself, ahead of the other region settings.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections import Counter
 from typing import Any
@@ -47,17 +50,19 @@ class AwsKmsKeyring:
         self,
         key_id: str,
         *,
-        max_attempts: int = 3,
+        max_retries: int = 2,
         connect_timeout: float = 5.0,
         read_timeout: float = 10.0,
     ) -> None:
         """Create a KMS client for key_id: a key id, key ARN, alias or alias ARN.
 
-        max_attempts counts the first request and its retries; the timeouts
-        are in seconds. Raises KeyringError if the AWS configuration names no
-        region or is invalid.
+        max_retries is the number of retries after the first request, which
+        botocore's retry setting ``max_attempts`` counts. The timeouts are in
+        seconds. Raises KeyringError if the AWS configuration names no region
+        or is invalid.
         """
         _check_key_id(key_id)
+        _check_settings(max_retries, connect_timeout, read_timeout)
         self.key_id = key_id
         self.calls = 0
         """Number of KMS API calls made, failed ones included."""
@@ -66,7 +71,7 @@ class AwsKmsKeyring:
         self._lock = threading.Lock()
 
         config = botocore.config.Config(
-            retries={"max_attempts": max_attempts, "mode": "standard"},
+            retries={"max_attempts": max_retries, "mode": "standard"},
             connect_timeout=connect_timeout,
             read_timeout=read_timeout,
         )
@@ -74,7 +79,10 @@ class AwsKmsKeyring:
             # A session of its own, because boto3's default session is not
             # safe to share between threads.
             session = boto3.session.Session()
-            self._client: Any = session.client("kms", config=config)
+            region = os.environ.get("AWS_REGION") or None
+            self._client: Any = session.client(
+                "kms", region_name=region, config=config
+            )
         except botocore.exceptions.NoRegionError:
             raise KeyringError(
                 f"keyring {self.name}: no AWS region is configured, so set "
@@ -198,6 +206,21 @@ def _check_key_id(key_id: str) -> None:
         raise ValueError(f"key_id must be at most {_MAX_KEY_ID_LENGTH} characters")
     if any(char.isspace() for char in key_id):
         raise ValueError(f"key_id must not contain whitespace, got {key_id!r}")
+
+
+def _check_settings(
+    max_retries: int, connect_timeout: float, read_timeout: float
+) -> None:
+    if isinstance(max_retries, bool) or not isinstance(max_retries, int):
+        raise TypeError("max_retries must be an int")
+    if max_retries < 0:
+        raise ValueError(f"max_retries must not be negative, got {max_retries}")
+    for name, value in (
+        ("connect_timeout", connect_timeout),
+        ("read_timeout", read_timeout),
+    ):
+        if value <= 0:
+            raise ValueError(f"{name} must be positive seconds, got {value}")
 
 
 def _check_context(context: str) -> None:

@@ -21,6 +21,7 @@ from proxy.catalog import Catalog, EncryptedColumn, RuledTable
 from proxy.errors import StatementRejected
 from proxy.rules import Encryption
 from proxy.sql.literals import LiteralSlot, find_literal_span
+from proxy.sql.outputs import Trace, passes_through, trace_select
 
 Node = dict[str, Any]
 
@@ -31,6 +32,13 @@ _PASS_THROUGH_HINT = (
     "compute on them in the application."
 )
 _TEXT_CASTS = {"text", "varchar", "bytea", "bpchar"}
+_WRITES = ("InsertStmt", "UpdateStmt", "MergeStmt")
+_UNSUPPORTED = {
+    "CopyStmt": "COPY",
+    "PrepareStmt": "SQL-level PREPARE",
+    "DoStmt": "a DO block",
+    "MergeStmt": "MERGE",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,10 +47,13 @@ class StatementPlan:
 
     params: dict[int, EncryptedColumn] = field(default_factory=dict)
     literals: tuple[LiteralSlot, ...] = ()
+    # Per output column, the encrypted columns it may come from; set only
+    # for a text holding one statement that returns rows.
+    outputs: tuple[Trace, ...] | None = None
 
     @property
     def is_empty(self) -> bool:
-        return not self.params and not self.literals
+        return not self.params and not self.literals and not self.outputs
 
 
 EMPTY_PLAN = StatementPlan()
@@ -107,27 +118,69 @@ class _Walker:
         self._literals: list[LiteralSlot] = []
         self._scope: dict[str, RuledTable] = {}
         self._handled: set[int] = set()
+        self._outputs: list[tuple[Trace, ...] | None] = []
 
     def result(self) -> StatementPlan:
-        if not self._params and not self._literals:
+        outputs = self._outputs[0] if len(self._outputs) == 1 else None
+        if outputs is not None and not any(outputs):
+            outputs = None
+        if not self._params and not self._literals and outputs is None:
             return EMPTY_PLAN
-        return StatementPlan(dict(self._params), tuple(self._literals))
+        return StatementPlan(dict(self._params), tuple(self._literals), outputs)
 
     def statement(self, stmt: Node) -> None:
         self._scope = dict(self._ruled_relations(stmt))
+        self._outputs.append(None)
         if not self._scope:
             return
         handled = self._handled = set()
-        kind, body = _only(stmt)
-        if kind == "InsertStmt":
-            self._insert(body, handled)
-        elif kind == "UpdateStmt":
-            self._update(body, handled)
-        elif kind in ("CopyStmt", "PrepareStmt", "DoStmt"):
+        kind, _ = _only(stmt)
+        if kind in _UNSUPPORTED:
             self._unsupported(kind)
+        # Writes may sit in WITH clauses at any depth, not only at the top.
+        for kind, body in _nodes_of_kinds(stmt, _WRITES):
+            if kind == "InsertStmt":
+                self._insert(body, handled)
+            elif kind == "UpdateStmt":
+                self._update(body, handled)
+            else:
+                self._merge(body)
         self._check_references(stmt, handled)
         for select in _selects(stmt):
             self._check_positions(select)
+        self._outputs[-1] = self._trace_outputs(stmt)
+
+    # Outputs
+
+    def _trace_outputs(self, stmt: Node) -> tuple[Trace, ...] | None:
+        kind, body = _only(stmt)
+        if kind == "SelectStmt":
+            return trace_select(body, self._resolve, self._expand_star, self._seal_literal)
+        returning = body.get("returningClause", {}).get("exprs") or body.get("returningList")
+        if not returning:
+            return None
+        select = {"targetList": returning, "fromClause": [{"RangeVar": body["relation"]}]}
+        return trace_select(select, self._resolve, self._expand_star, self._seal_literal)
+
+    def _expand_star(self, ref: Node, select: Node) -> list[Trace] | None:
+        names = _field_names(ref)
+        if names:
+            table = self._scope.get(names[-1])
+        else:
+            sources = select.get("fromClause", [])
+            relation = sources[0].get("RangeVar") if len(sources) == 1 else None
+            table = self._table_of({"RangeVar": relation}) if relation else None
+        if table is None:
+            return None
+        return [
+            (table.encrypted[name],) if name in table.encrypted else ()
+            for name in table.columns
+        ]
+
+    def _seal_literal(self, const: Node, column: EncryptedColumn) -> None:
+        if id(const) not in self._handled:
+            self._handled.add(id(const))
+            self._literals.append(find_literal_span(self._sql, const, column))
 
     # Writes
 
@@ -220,11 +273,16 @@ class _Walker:
     def _check_context(
         self, ref: Node, column: EncryptedColumn, parents: list[tuple[str, Node]]
     ) -> None:
-        parent_kind, parent = parents[-1] if parents else ("", {})
-        if parent_kind == "ResTarget" and _in_result_list(parents):
-            if _is_distinct(parents) and _randomized(column):
-                raise reject(column, "DISTINCT on a randomized column compares ciphertext")
+        # coalesce and CASE results hand the value on unchanged.
+        depth = passes_through(ref, parents)
+        outer = parents[: len(parents) - depth]
+        if outer and outer[-1][0] == "ResTarget" and _in_result_list(outer):
+            if _randomized(column) and _deduplicated(outer):
+                raise reject(
+                    column, "DISTINCT, UNION, INTERSECT and EXCEPT compare ciphertext"
+                )
             return
+        parent_kind, parent = parents[-1] if parents else ("", {})
         if parent_kind == "SelectStmt" and not _randomized(column):
             # GROUP BY and DISTINCT ON group equal ciphertexts, which are
             # equal plaintexts under deterministic encryption.
@@ -319,14 +377,15 @@ class _Walker:
         body = relation.get("RangeVar", relation)
         return self._catalog.lookup(body.get("schemaname"), body["relname"])
 
-    def _unsupported(self, kind: str) -> None:
-        table = next(iter(self._scope.values()))
+    def _merge(self, body: Node) -> None:
+        table = self._table_of(body["relation"])
+        if table is not None:
+            self._unsupported("MergeStmt", table)
+
+    def _unsupported(self, kind: str, table: RuledTable | None = None) -> None:
+        table = table or next(iter(self._scope.values()))
         column = next(iter(table.encrypted.values()))
-        what = {
-            "CopyStmt": "COPY",
-            "PrepareStmt": "SQL-level PREPARE",
-            "DoStmt": "a DO block",
-        }[kind]
+        what = _UNSUPPORTED[kind]
         # TODO: seal COPY data and SQL-level PREPARE/EXECUTE parameters.
         raise reject(
             column,
@@ -363,6 +422,9 @@ def _column_refs(
                 yield value, parents
             elif key in ("returningClause", "returningList"):
                 yield from _column_refs(value, parents + [("ReturningClause", {})])
+            elif key in ("larg", "rarg"):
+                # The branches of UNION and friends are unwrapped SelectStmts.
+                yield from _column_refs(value, parents + [("SelectStmt", value)])
             elif key[:1].isupper() and isinstance(value, dict):
                 yield from _column_refs(value, parents + [(key, value)])
             else:
@@ -395,14 +457,20 @@ def _in_result_list(parents: list[tuple[str, Node]]) -> bool:
 
 
 def _selects(node: Any) -> Iterator[Node]:
+    for _, body in _nodes_of_kinds(node, ("SelectStmt",)):
+        yield body
+
+
+def _nodes_of_kinds(node: Any, kinds: tuple[str, ...]) -> Iterator[tuple[str, Node]]:
+    """Yield (kind, body) for every node of the given kinds, outermost first."""
     if isinstance(node, list):
         for item in node:
-            yield from _selects(item)
+            yield from _nodes_of_kinds(item, kinds)
     elif isinstance(node, dict):
         for key, value in node.items():
-            if key == "SelectStmt":
-                yield value
-            yield from _selects(value)
+            if key in kinds:
+                yield key, value
+            yield from _nodes_of_kinds(value, kinds)
 
 
 def _output_column(node: Node, targets: list[Node]) -> Node | None:
@@ -424,9 +492,16 @@ def _randomized(column: EncryptedColumn) -> bool:
     return column.rule.encryption is Encryption.RANDOMIZED
 
 
-def _is_distinct(parents: list[tuple[str, Node]]) -> bool:
+def _deduplicated(parents: list[tuple[str, Node]]) -> bool:
+    """Tell whether the server compares the output values of a query for equality."""
     owner_kind, owner = parents[-2]
-    return owner_kind == "SelectStmt" and "distinctClause" in owner
+    if owner_kind == "SelectStmt" and "distinctClause" in owner:
+        return True
+    for kind, node in parents:
+        if kind == "SelectStmt" and node.get("op", "SETOP_NONE") != "SETOP_NONE":
+            if node["op"] != "SETOP_UNION" or not node.get("all"):
+                return True
+    return False
 
 
 def _operator(expr: Node) -> str:

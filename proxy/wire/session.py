@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable, Protocol
+from typing import Any, Callable, Protocol
 
 from proxy.errors import DecryptionError, KeyringError, PgsealError, StatementRejected
 from proxy.sql.analyze import EMPTY_PLAN, StatementPlan
@@ -31,6 +31,18 @@ RowPlan = tuple[tuple[int, object, int], ...]
 _REJECTED_QUERY = "PGSEAL REJECTED STATEMENT"
 _REJECTED_STATEMENT = "\x01pgseal rejected statement"
 
+# CommandComplete tags after which relation OIDs or view definitions change.
+_DDL_TAGS = (
+    b"CREATE TABLE",
+    b"ALTER TABLE",
+    b"DROP TABLE",
+    b"CREATE VIEW",
+    b"ALTER VIEW",
+    b"DROP VIEW",
+    b"CREATE MATERIALIZED VIEW",
+    b"DROP MATERIALIZED VIEW",
+)
+
 
 class Planner(Protocol):
     """What the session needs from the rules, the catalog and the keys."""
@@ -41,7 +53,9 @@ class Planner(Protocol):
 
     def seal_param(self, column: object, value: bytes, fmt: int) -> bytes: ...
 
-    def row_plan(self, fields: tuple[m.Field, ...]) -> RowPlan | None: ...
+    def row_plan(
+        self, fields: tuple[m.Field, ...], outputs: tuple[Any, ...] | None = None
+    ) -> RowPlan | None: ...
 
     def open_value(self, column: object, value: bytes, fmt: int) -> bytes: ...
 
@@ -70,6 +84,7 @@ class Pending:
     portal: Portal | None = None
     hidden: bool = False
     rejection: StatementRejected | None = None
+    plan: StatementPlan | None = None
 
 
 @dataclass(slots=True)
@@ -77,6 +92,8 @@ class Output:
     to_server: list[bytes] = field(default_factory=list)
     to_client: list[bytes] = field(default_factory=list)
     close: bool = False
+    # Set when a statement changed tables or views, so the catalog is stale.
+    catalog_changed: bool = False
 
 
 class Session:
@@ -173,7 +190,9 @@ class Session:
             msg = m.Bind.decode(payload)
             portal.result_formats = msg.result_formats
             if statement.fields is not None:
-                portal.row_plan = self._row_plan(statement.fields, msg.result_formats)
+                portal.row_plan = self._row_plan(
+                    statement.fields, msg.result_formats, statement.plan.outputs
+                )
                 portal.described = True
             if statement.plan.params:
                 try:
@@ -264,6 +283,7 @@ class Session:
         except StatementRejected as exc:
             self._reject(pending, exc, out, None)
             return
+        pending.plan = plan
         self._pending.append(pending)
         if plan.literals:
             out.to_server.append(m.encode_query(self._planner.seal_literals(sql, plan)))
@@ -318,7 +338,8 @@ class Session:
         front = self._front()
         fields = m.decode_row_description(frame.payload)
         if front is None or front.kind == "query":
-            self._query_plan = self._row_plan(fields, ())
+            outputs = front.plan.outputs if front and front.plan else None
+            self._query_plan = self._row_plan(fields, (), outputs)
             out.to_client.append(frame.raw)
             return
         self._described(front, fields)
@@ -344,14 +365,19 @@ class Session:
         portal = front.portal or self._portals.get(front.name)
         if portal is not None:
             # A portal's RowDescription already carries its result formats.
-            portal.row_plan = self._row_plan(fields, tuple(f.format for f in fields))
+            outputs = portal.statement.plan.outputs if portal.statement else None
+            formats = tuple(f.format for f in fields)
+            portal.row_plan = self._row_plan(fields, formats, outputs)
             portal.described = True
 
     def _row_plan(
-        self, fields: tuple[m.Field, ...], formats: tuple[int, ...]
+        self,
+        fields: tuple[m.Field, ...],
+        formats: tuple[int, ...],
+        outputs: tuple[Any, ...] | None,
     ) -> RowPlan | None:
         assert self._planner is not None
-        plan = self._planner.row_plan(fields)
+        plan = self._planner.row_plan(fields, outputs)
         if plan is None or not formats:
             return plan
         return tuple(
@@ -397,6 +423,8 @@ class Session:
         out.close = True
 
     def _command_complete(self, frame: Frame, out: Output) -> None:
+        if frame.raw[5:30].startswith(_DDL_TAGS):
+            out.catalog_changed = True
         front = self._front()
         if front is None or front.kind == "query":
             self._query_plan = None

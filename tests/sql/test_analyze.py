@@ -83,6 +83,22 @@ def test_on_conflict_excluded_allowed(analyzer: Analyzer) -> None:
     assert plan.params == {2: TOKEN}
 
 
+def test_write_inside_cte_sealed(analyzer: Analyzer) -> None:
+    plan = analyzer.plan(
+        "WITH new AS (INSERT INTO accounts (token) VALUES ($1) RETURNING id, token) "
+        "SELECT * FROM new"
+    )
+    assert plan.params == {1: TOKEN}
+
+
+def test_update_from_sealed(analyzer: Analyzer) -> None:
+    plan = analyzer.plan(
+        "UPDATE accounts SET token = $1 FROM accounts other "
+        "WHERE other.id = accounts.id AND other.owner = $2"
+    )
+    assert plan.params == {1: TOKEN}
+
+
 def test_deterministic_equality_params(analyzer: Analyzer) -> None:
     plan = analyzer.plan("SELECT id FROM accounts WHERE email = $1 OR email IN ($2, 'x')")
     assert plan.params == {1: EMAIL, 2: EMAIL}
@@ -90,7 +106,9 @@ def test_deterministic_equality_params(analyzer: Analyzer) -> None:
 
 
 def test_deterministic_group_by_allowed(analyzer: Analyzer) -> None:
-    assert analyzer.plan("SELECT email, count(*) FROM accounts GROUP BY email").is_empty
+    plan = analyzer.plan("SELECT email, count(*) FROM accounts GROUP BY email")
+    assert plan.params == {}
+    assert plan.outputs == ((EMAIL,), ())
 
 
 @pytest.mark.parametrize(
@@ -107,6 +125,8 @@ def test_deterministic_group_by_allowed(analyzer: Analyzer) -> None:
         ("INSERT INTO accounts (token) SELECT owner FROM accounts", "INSERT ... SELECT"),
         ("UPDATE accounts SET token = token || 'x'", "computed by the server"),
         ("COPY accounts FROM STDIN", "COPY"),
+        ("MERGE INTO accounts a USING (VALUES (1)) v(x) ON a.id = v.x "
+         "WHEN MATCHED THEN UPDATE SET token = 'x'", "MERGE"),
         ("PREPARE p AS INSERT INTO accounts (token) VALUES ($1)", "PREPARE"),
         ("SELECT * FROM accounts WHERE email = upper($1)", "compared"),
         ("SELECT id, email FROM accounts ORDER BY 2", "ORDER BY"),
@@ -132,3 +152,44 @@ def test_rejection_cached(analyzer: Analyzer) -> None:
     first = _rejected(analyzer, sql)
     second = _rejected(analyzer, sql)
     assert first is second
+
+
+def test_union_all_traced(analyzer: Analyzer) -> None:
+    plan = analyzer.plan(
+        "SELECT token, id FROM accounts UNION ALL SELECT email, id FROM accounts"
+    )
+    assert plan.outputs == ((TOKEN, EMAIL), ())
+
+
+def test_union_distinct_randomized_rejected(analyzer: Analyzer) -> None:
+    exc = _rejected(analyzer, "SELECT token FROM accounts UNION SELECT token FROM accounts")
+    assert "UNION" in exc.message
+
+
+def test_coalesce_literal_sealed(analyzer: Analyzer) -> None:
+    sql = "SELECT coalesce(token, 'none') AS t FROM accounts"
+    plan = analyzer.plan(sql)
+    assert plan.outputs == ((TOKEN,),)
+    assert [(sql[s.start : s.end], s.column) for s in plan.literals] == [("'none'", TOKEN)]
+
+
+def test_case_passes_column(analyzer: Analyzer) -> None:
+    plan = analyzer.plan(
+        "SELECT CASE WHEN token IS NULL THEN 'n/a' ELSE token END FROM accounts"
+    )
+    assert plan.outputs == ((TOKEN,),)
+    assert [s.value for s in plan.literals] == ["n/a"]
+
+
+def test_case_condition_on_column_rejected(analyzer: Analyzer) -> None:
+    exc = _rejected(analyzer, "SELECT CASE token WHEN 'a' THEN 1 END FROM accounts")
+    assert "public.accounts.token" in exc.message
+
+
+def test_coalesce_in_where_rejected(analyzer: Analyzer) -> None:
+    _rejected(analyzer, "SELECT id FROM accounts WHERE coalesce(email, 'x') = $1")
+
+
+def test_star_traced_for_single_table(analyzer: Analyzer) -> None:
+    plan = analyzer.plan("SELECT * FROM accounts UNION ALL SELECT * FROM accounts")
+    assert plan.outputs == ((), (), (TOKEN,), (EMAIL,))
