@@ -35,6 +35,9 @@ class ProxySettings:
     rules_dir: Path
     keyrings: tuple[str, ...]
     max_message: int = DEFAULT_MAX_MESSAGE
+    # Seconds between checks of the rules folder for changed files; 0 turns
+    # the check off, leaving SIGHUP as the way to reload.
+    rules_poll_seconds: float = 1.0
 
 
 class Proxy:
@@ -51,6 +54,7 @@ class Proxy:
         self._reloading: asyncio.Task[None] | None = None
         self._server: asyncio.Server | None = None
         self._refresher: asyncio.Task[None] | None = None
+        self._watcher: asyncio.Task[None] | None = None
         self.relay: Relay | None = None
         self.port = settings.listen_port
         self.keyrings: tuple[Keyring, ...] = ()
@@ -62,6 +66,13 @@ class Proxy:
         return self._keystore
 
     async def start(self) -> None:
+        try:
+            await self._start()
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def _start(self) -> None:
         settings = self.settings
         # A KMS keyring imports boto3 and builds its client, which may block.
         self.keyrings = await asyncio.to_thread(_parse_keyrings, settings.keyrings)
@@ -81,6 +92,8 @@ class Proxy:
         )
         self.port = self._server.sockets[0].getsockname()[1]
         self._refresher = asyncio.create_task(self._refresh_keys())
+        if settings.rules_poll_seconds > 0:
+            self._watcher = asyncio.create_task(self._watch_rules())
         log.info(
             "pgseal listening on %s:%d, upstream %s:%d, %d ruled tables",
             settings.listen_host,
@@ -89,6 +102,40 @@ class Proxy:
             settings.upstream.port,
             sum(len(c.tables) for c in self._catalogs.values()),
         )
+
+    async def reload_rules(self) -> bool:
+        """Load the rule files again; keep the rules in force if the new ones fail.
+
+        Returns whether the new rules took effect.
+        """
+        try:
+            rules = load_rules(self.settings.rules_dir)
+            catalogs = await self._load_catalogs(rules)
+        except (PgsealError, OSError, asyncpg.PostgresError) as exc:
+            log.error("new rules rejected, the rules in force stay: %s", exc)
+            return False
+        self._rules = rules
+        self._catalogs = catalogs
+        await self._load_keys()
+        if self.relay is not None:
+            self.relay.set_planners(self._planners())
+        log.info(
+            "reloaded rules from %s: %d ruled tables",
+            self.settings.rules_dir,
+            sum(len(c.tables) for c in catalogs.values()),
+        )
+        return True
+
+    async def _watch_rules(self) -> None:
+        """Reload the rules when a file in the rules folder changes."""
+        seen = _folder_signature(self.settings.rules_dir)
+        while True:
+            await asyncio.sleep(self.settings.rules_poll_seconds)
+            current = _folder_signature(self.settings.rules_dir)
+            if current != seen:
+                seen = current
+                log.info("rule files changed in %s", self.settings.rules_dir)
+                await self.reload_rules()
 
     async def _load_catalogs(self, rules: RuleSet) -> dict[str, Catalog]:
         upstream = self.settings.upstream
@@ -108,12 +155,15 @@ class Proxy:
         for catalog in self._catalogs.values():
             for table in catalog.tables:
                 for column in table.encrypted.values():
-                    await keystore.active_key(column.identity, algorithm_of(column))
-                    names.append(column.identity)
+                    await keystore.active_key(column.key_name, algorithm_of(column))
+                    names.append(column.key_name)
         await keystore.load_keys(names)
 
     def _planners(self) -> dict[str, Planner]:
         view = KeyView(self._cache, self.keystore.store_id)
+        for database in list(self._column_planners):
+            if database not in self._catalogs:
+                del self._column_planners[database]
         for database, catalog in self._catalogs.items():
             planner = self._column_planners.get(database)
             if planner is None:
@@ -159,10 +209,11 @@ class Proxy:
         await self._server.serve_forever()
 
     async def stop(self) -> None:
-        if self._refresher is not None:
-            self._refresher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._refresher
+        for task in (self._refresher, self._watcher):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         if self._server is not None:
             self._server.close()
             with contextlib.suppress(Exception):
@@ -195,3 +246,12 @@ class Proxy:
 
 def _parse_keyrings(specs: tuple[str, ...]) -> tuple[Keyring, ...]:
     return tuple(parse_keyring_spec(spec) for spec in specs)
+
+
+def _folder_signature(folder: Path) -> tuple[tuple[str, int, int], ...]:
+    """Name, size and modification time of every rule file, to notice edits."""
+    try:
+        files = sorted(folder.glob("*.yaml"))
+        return tuple((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files)
+    except OSError:
+        return ()

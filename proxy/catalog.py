@@ -44,6 +44,10 @@ class EncryptedColumn:
     def identity(self) -> str:
         return self.rule.identity
 
+    @property
+    def key_name(self) -> str:
+        return self.rule.key_name
+
 
 @dataclass(frozen=True, slots=True)
 class RuledTable:

@@ -63,6 +63,13 @@ def _build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_MAX_MESSAGE,
         help="largest protocol message accepted, in bytes",
     )
+    serve.add_argument(
+        "--rules-poll-interval",
+        type=float,
+        default=1.0,
+        help="seconds between checks of the rules folder for changes; 0 turns the "
+        "check off, and SIGHUP still reloads",
+    )
     serve.set_defaults(run=_serve)
 
     keys = commands.add_parser("keys", help="manage keys")
@@ -70,6 +77,15 @@ def _build_parser() -> argparse.ArgumentParser:
     init = key_commands.add_parser("init", help="write a new sodium key pair")
     _add_keyring(init, many=False)
     init.set_defaults(run=_keys_init)
+
+    rules = commands.add_parser("rules", help="work with rule files")
+    rule_commands = rules.add_subparsers(required=True, metavar="RULES_COMMAND")
+    check = rule_commands.add_parser(
+        "check", help="validate the rule files against the live database"
+    )
+    check.add_argument("--upstream", required=True, help="postgresql:// URI of the server")
+    check.add_argument("--rules", default="rules", type=Path, help="folder of *.yaml rule files")
+    check.set_defaults(run=_rules_check)
 
     demo = commands.add_parser(
         "demo", help="run the proxy on an embedded PostgreSQL and show what it stores"
@@ -107,6 +123,7 @@ def _serve(args: argparse.Namespace) -> int:
         rules_dir=args.rules,
         keyrings=tuple(args.keyring),
         max_message=args.max_message_size,
+        rules_poll_seconds=args.rules_poll_interval,
     )
     asyncio.run(_run_proxy(settings))
     return 0
@@ -119,11 +136,34 @@ async def _run_proxy(settings: ProxySettings) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    reloads: set[asyncio.Task[bool]] = set()
+
+    def reload() -> None:
+        task = asyncio.create_task(proxy.reload_rules())
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, reload)
     serving = asyncio.create_task(proxy.serve_forever())
     await stop.wait()
     log.info("shutting down")
     serving.cancel()
     await proxy.stop()
+
+
+def _rules_check(args: argparse.Namespace) -> int:
+    from proxy.rules_check import check_rules
+
+    report = asyncio.run(check_rules(Upstream.parse(args.upstream), args.rules))
+    for warning in report.warnings:
+        print(f"warning: {warning}")
+    for problem in report.problems:
+        print(f"error: {problem}")
+    if report.problems:
+        print(f"{len(report.problems)} problems found in {args.rules}")
+        return 1
+    print(f"ok: {report.tables} tables and {report.columns} encrypted columns checked")
+    return 0
 
 
 def _keys_init(args: argparse.Namespace) -> int:

@@ -22,7 +22,7 @@ from proxy.crypto.values import (
     seal,
 )
 from proxy.errors import DecryptionError, KeyringError
-from proxy.rules import Encryption
+from proxy.rules import Encryption, OnDecryptError
 from proxy.sql.analyze import Analyzer, StatementPlan
 from proxy.sql.literals import LiteralSlot, quote_literal, replace_literals
 from proxy.wire.messages import BINARY_FORMAT, Field
@@ -45,7 +45,7 @@ class KeyView:
     store_id: bytes
 
     def active(self, column: EncryptedColumn) -> DataKey:
-        ref = self.cache.active_ref(column.identity)
+        ref = self.cache.active_ref(column.key_name)
         key = self.cache.get(*ref) if ref is not None else None
         if key is None:
             raise KeyringError(f"no data key is loaded for column {column.identity}")
@@ -95,7 +95,7 @@ class ColumnPlanner:
 
     def _seal(self, column: EncryptedColumn, plaintext: bytes) -> bytes:
         key = self._keys.active(column)
-        return seal(key, plaintext, store_id=self._keys.store_id, context=column.identity)
+        return seal(key, plaintext, store_id=self._keys.store_id, context=column.key_name)
 
     def row_plan(
         self, fields: tuple[Field, ...], outputs: tuple[Candidates, ...] | None = None
@@ -119,7 +119,22 @@ class ColumnPlanner:
                 plan.append((index, candidates, field.format))
         return tuple(plan) or None
 
-    def open_value(self, columns: Candidates, value: bytes, fmt: int) -> bytes:
+    def open_value(self, columns: Candidates, value: bytes, fmt: int) -> bytes | None:
+        """Open a result value, or apply the column's on_decrypt_error setting.
+
+        Raises DecryptionError or KeyringError only for `error`, the default.
+        """
+        try:
+            return self._open_value(columns, value, fmt)
+        except (DecryptionError, KeyringError):
+            policy = columns[0].rule.on_decrypt_error
+            if policy is OnDecryptError.NULL:
+                return None
+            if policy is OnDecryptError.CIPHERTEXT:
+                return value
+            raise
+
+    def _open_value(self, columns: Candidates, value: bytes, fmt: int) -> bytes:
         storage = columns[0].storage
         if storage is Storage.TEXT:
             return self._open(columns, dearmour(value))
@@ -136,10 +151,10 @@ class ColumnPlanner:
         store_id = self._keys.store_id
         for column in columns[:-1]:
             try:
-                return open_sealed(blob, key, store_id=store_id, context=column.identity)
+                return open_sealed(blob, key, store_id=store_id, context=column.key_name)
             except DecryptionError:
                 continue
-        return open_sealed(blob, key, store_id=store_id, context=columns[-1].identity)
+        return open_sealed(blob, key, store_id=store_id, context=columns[-1].key_name)
 
 
 def decode_bytea_text(value: bytes) -> bytes:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
@@ -29,6 +30,14 @@ from proxy.errors import RuleError
 class Encryption(enum.Enum):
     RANDOMIZED = "randomized"
     DETERMINISTIC = "deterministic"
+
+
+class OnDecryptError(enum.Enum):
+    """What a client reads when a stored value of the column fails to open."""
+
+    ERROR = "error"
+    NULL = "null"
+    CIPHERTEXT = "ciphertext"
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,11 +58,21 @@ class ColumnRule:
     column: str
     encryption: Encryption
     source: Source
+    key: str | None = None
+    on_decrypt_error: OnDecryptError = OnDecryptError.ERROR
 
     @property
     def identity(self) -> str:
-        """The name bound into every value's associated data."""
         return f"{self.schema}.{self.table}.{self.column}"
+
+    @property
+    def key_name(self) -> str:
+        """The data key's name, which every value's associated data also binds.
+
+        Columns that share a `key` share this name, so equal plaintexts seal
+        to equal ciphertexts across them and they can be joined.
+        """
+        return f"key:{self.key}" if self.key else self.identity
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,7 +107,7 @@ class RuleSet:
 
 
 _TABLE_KEYS = {"name", "database", "columns"}
-_COLUMN_KEYS = {"name", "encryption"}
+_COLUMN_KEYS = {"name", "encryption", "key", "on_decrypt_error"}
 
 
 def load_rules(folder: Path) -> RuleSet:
@@ -138,18 +157,40 @@ def _table(path: Path, node: Node) -> TableRule:
 def _column(path: Path, node: Node, schema: str, table: str) -> ColumnRule:
     mapping = _mapping(path, node, "a column", _COLUMN_KEYS)
     name = _required_scalar(path, node, mapping, "name")
-    encryption = Encryption.RANDOMIZED
-    if "encryption" in mapping:
-        value = _scalar(path, mapping["encryption"], "encryption")
-        try:
-            encryption = Encryption(value)
-        except ValueError:
-            allowed = ", ".join(e.value for e in Encryption)
+    encryption = _choice(path, mapping, "encryption", Encryption, Encryption.RANDOMIZED)
+    on_error = _choice(
+        path, mapping, "on_decrypt_error", OnDecryptError, OnDecryptError.ERROR
+    )
+    key = None
+    if "key" in mapping:
+        key = _scalar(path, mapping["key"], "key")
+        if encryption is not Encryption.DETERMINISTIC:
             raise RuleError(
-                f"{_source(path, mapping['encryption'])}: invalid encryption "
-                f"{value!r} for column {name}; expected one of: {allowed}"
-            ) from None
-    return ColumnRule(schema, table, name, encryption, _source(path, node))
+                f"{_source(path, mapping['key'])}: column {name} sets 'key' but only "
+                "deterministic columns can share a data key"
+            )
+    return ColumnRule(
+        schema, table, name, encryption, _source(path, node), key, on_error
+    )
+
+
+_E = TypeVar("_E", bound=enum.Enum)
+
+
+def _choice(
+    path: Path, mapping: dict[str, Node], key: str, choices: type[_E], default: _E
+) -> _E:
+    if key not in mapping:
+        return default
+    value = _scalar(path, mapping[key], key)
+    try:
+        return choices(value)
+    except ValueError:
+        allowed = ", ".join(str(choice.value) for choice in choices)
+        raise RuleError(
+            f"{_source(path, mapping[key])}: invalid {key} {value!r}; "
+            f"expected one of: {allowed}"
+        ) from None
 
 
 def _check_duplicates(tables: list[TableRule]) -> None:

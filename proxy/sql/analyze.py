@@ -248,7 +248,7 @@ class _Walker:
 
     def _param(self, number: int, column: EncryptedColumn) -> None:
         known = self._params.get(number)
-        if known is not None and known.identity != column.identity:
+        if known is not None and known.key_name != column.key_name:
             raise reject(column, f"parameter ${number} is also bound for {known.identity}")
         self._params[number] = column
 
@@ -335,7 +335,11 @@ class _Walker:
 
     def _same_key(self, ref: Node, column: EncryptedColumn) -> bool:
         other = self._resolve(ref)
-        return other is not None and other.identity == column.identity
+        return (
+            other is not None
+            and not _randomized(other)
+            and other.key_name == column.key_name
+        )
 
     def _check_positions(self, select: Node) -> None:
         """Reject ORDER BY or GROUP BY that names an encrypted output column.

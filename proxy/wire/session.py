@@ -57,7 +57,7 @@ class Planner(Protocol):
         self, fields: tuple[m.Field, ...], outputs: tuple[Any, ...] | None = None
     ) -> RowPlan | None: ...
 
-    def open_value(self, column: object, value: bytes, fmt: int) -> bytes: ...
+    def open_value(self, column: Any, value: bytes, fmt: int) -> bytes | None: ...
 
 
 @dataclass(slots=True)
@@ -408,8 +408,11 @@ class Session:
         return m.encode_data_row(values)
 
     def _fail_row(self, exc: PgsealError, out: Output) -> None:
-        # TODO: honour a per-column on_decrypt_error setting instead of
-        # ending the connection.
+        # The server has already sent part of the result and goes on
+        # executing, so an ErrorResponse here would leave the client and the
+        # server disagreeing about the transaction. Ending the connection is
+        # the one answer both sides agree on. Columns that set
+        # on_decrypt_error to null or ciphertext never get here.
         log.warning("[%s] closing connection: a result value failed to open (%s)",
                     self._conn_id, type(exc).__name__)
         out.to_client.append(
