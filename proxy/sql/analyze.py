@@ -22,6 +22,7 @@ from proxy.errors import StatementRejected
 from proxy.rules import Encryption
 from proxy.sql.literals import LiteralSlot, find_literal_span
 from proxy.sql.outputs import Trace, passes_through, trace_select
+from proxy.sql.prepared import SqlDeallocate, SqlExecute, SqlPrepare
 
 Node = dict[str, Any]
 
@@ -35,7 +36,6 @@ _TEXT_CASTS = {"text", "varchar", "bytea", "bpchar"}
 _WRITES = ("InsertStmt", "UpdateStmt", "MergeStmt")
 _UNSUPPORTED = {
     "CopyStmt": "COPY",
-    "PrepareStmt": "SQL-level PREPARE",
     "DoStmt": "a DO block",
     "MergeStmt": "MERGE",
 }
@@ -50,10 +50,18 @@ class StatementPlan:
     # Per output column, the encrypted columns it may come from; set only
     # for a text holding one statement that returns rows.
     outputs: tuple[Trace, ...] | None = None
+    sql_prepared: tuple[SqlPrepare | SqlDeallocate, ...] = ()
+    sql_executes: tuple[SqlExecute, ...] = ()
 
     @property
     def is_empty(self) -> bool:
-        return not self.params and not self.literals and not self.outputs
+        return not (
+            self.params
+            or self.literals
+            or self.outputs
+            or self.sql_prepared
+            or self.sql_executes
+        )
 
 
 EMPTY_PLAN = StatementPlan()
@@ -84,7 +92,9 @@ class Analyzer:
 
     def _analyse(self, sql: str) -> StatementPlan | StatementRejected:
         lowered = sql.lower()
-        if not any(name in lowered for name in self._names):
+        if not any(name in lowered for name in self._names) and not (
+            "execute" in lowered or "deallocate" in lowered
+        ):
             return EMPTY_PLAN
         try:
             tree = json.loads(parser.parse_sql_json(sql))
@@ -119,18 +129,35 @@ class _Walker:
         self._scope: dict[str, RuledTable] = {}
         self._handled: set[int] = set()
         self._outputs: list[tuple[Trace, ...] | None] = []
+        self._sql_prepared: list[SqlPrepare | SqlDeallocate] = []
+        self._sql_executes: list[SqlExecute] = []
 
     def result(self) -> StatementPlan:
         outputs = self._outputs[0] if len(self._outputs) == 1 else None
         if outputs is not None and not any(outputs):
             outputs = None
-        if not self._params and not self._literals and outputs is None:
-            return EMPTY_PLAN
-        return StatementPlan(dict(self._params), tuple(self._literals), outputs)
+        plan = StatementPlan(
+            dict(self._params),
+            tuple(self._literals),
+            outputs,
+            tuple(self._sql_prepared),
+            tuple(self._sql_executes),
+        )
+        return EMPTY_PLAN if plan.is_empty else plan
 
     def statement(self, stmt: Node) -> None:
-        self._scope = dict(self._ruled_relations(stmt))
         self._outputs.append(None)
+        kind, body = _only(stmt)
+        if kind == "ExecuteStmt":
+            self._sql_executes.append(SqlExecute(body["name"], tuple(body.get("params", []))))
+            return
+        if kind == "DeallocateStmt":
+            self._sql_prepared.append(SqlDeallocate(None if body.get("isall") else body["name"]))
+            return
+        if kind == "PrepareStmt":
+            self._prepare(body)
+            return
+        self._scope = dict(self._ruled_relations(stmt))
         if not self._scope:
             return
         handled = self._handled = set()
@@ -181,6 +208,12 @@ class _Walker:
         if id(const) not in self._handled:
             self._handled.add(id(const))
             self._literals.append(find_literal_span(self._sql, const, column))
+
+    def _prepare(self, body: Node) -> None:
+        inner = _Walker(self._catalog, self._sql)
+        inner.statement(body["query"])
+        self._literals.extend(inner._literals)
+        self._sql_prepared.append(SqlPrepare(body["name"], dict(inner._params)))
 
     # Writes
 
@@ -390,7 +423,7 @@ class _Walker:
         table = table or next(iter(self._scope.values()))
         column = next(iter(table.encrypted.values()))
         what = _UNSUPPORTED[kind]
-        # TODO: seal COPY data and SQL-level PREPARE/EXECUTE parameters.
+        # TODO: seal COPY data.
         raise reject(
             column,
             f"{what} on table {table.qualified_name} is not supported yet",

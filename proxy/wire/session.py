@@ -17,6 +17,7 @@ from typing import Any, Callable, Protocol
 
 from proxy.errors import DecryptionError, KeyringError, PgsealError, StatementRejected
 from proxy.sql.analyze import EMPTY_PLAN, StatementPlan
+from proxy.sql.prepared import SqlPreparedStatements
 from proxy.wire import messages as m
 from proxy.wire.frames import Frame
 
@@ -106,6 +107,7 @@ class Session:
         self._portals: dict[str, Portal] = {}
         self._pending: deque[Pending] = deque()
         self._skipping = False
+        self._sql_prepared = SqlPreparedStatements()
         self._query_plan: RowPlan | None = None
         self.transaction_status = "I"
         self._client_handlers = {
@@ -152,7 +154,7 @@ class Session:
         assert self._planner is not None
         pending = Pending("parse", msg.statement)
         try:
-            plan = self._planner.statement(msg.query)
+            plan = self._sql_prepared.apply(self._planner.statement(msg.query), msg.query)
             query = msg.query
             if plan.literals:
                 query = self._planner.seal_literals(msg.query, plan)
@@ -279,7 +281,7 @@ class Session:
         sql = m.decode_query(frame.payload)
         pending = Pending("query")
         try:
-            plan = self._planner.statement(sql)
+            plan = self._sql_prepared.apply(self._planner.statement(sql), sql)
         except StatementRejected as exc:
             self._reject(pending, exc, out, None)
             return

@@ -160,3 +160,39 @@ def test_view_created_through_proxy_unseals(oauth_proxy: RunningProxy) -> None:
                 break
             time.sleep(0.1)
     assert value == SECRET
+
+
+def test_sql_prepare_execute(oauth_proxy: RunningProxy) -> None:
+    with _connect(oauth_proxy) as conn:
+        conn.execute(
+            "PREPARE add_token(int, text) AS "
+            "INSERT INTO oauth_tokens (user_id, access_token) VALUES ($1, $2)",
+            prepare=False,
+        )
+        conn.execute(f"EXECUTE add_token(1, '{SECRET}')", prepare=False)
+        conn.execute(f"EXECUTE add_token(2, E'param-{SECRET}')")
+        conn.execute(
+            "PREPARE read_token(int) AS SELECT access_token FROM oauth_tokens "
+            "WHERE user_id = $1",
+            prepare=False,
+        )
+        first = conn.execute("EXECUTE read_token(1)", prepare=False).fetchall()
+        second = conn.execute("EXECUTE read_token(2)").fetchall()
+        conn.execute("DEALLOCATE add_token", prepare=False)
+    assert first == [(SECRET,)]
+    assert second == [("param-" + SECRET,)]
+    stored = _stored(oauth_proxy)
+    assert_sealed(stored[0], SECRET)
+    assert_sealed(stored[1], SECRET)
+
+
+def test_sql_execute_expression_rejected(oauth_proxy: RunningProxy) -> None:
+    with _connect(oauth_proxy) as conn:
+        conn.execute(
+            "PREPARE add_token(int, text) AS "
+            "INSERT INTO oauth_tokens (user_id, access_token) VALUES ($1, $2)",
+            prepare=False,
+        )
+        with pytest.raises(psycopg.errors.FeatureNotSupported):
+            conn.execute("EXECUTE add_token(1, upper('plain'))", prepare=False)
+    assert oauth_proxy.direct("SELECT count(*) FROM oauth_tokens") == [(0,)]

@@ -127,7 +127,7 @@ def test_deterministic_group_by_allowed(analyzer: Analyzer) -> None:
         ("COPY accounts FROM STDIN", "COPY"),
         ("MERGE INTO accounts a USING (VALUES (1)) v(x) ON a.id = v.x "
          "WHEN MATCHED THEN UPDATE SET token = 'x'", "MERGE"),
-        ("PREPARE p AS INSERT INTO accounts (token) VALUES ($1)", "PREPARE"),
+        ("PREPARE p AS INSERT INTO accounts (token) VALUES (upper($1))", "computed"),
         ("SELECT * FROM accounts WHERE email = upper($1)", "compared"),
         ("SELECT id, email FROM accounts ORDER BY 2", "ORDER BY"),
         ("SELECT token AS t FROM accounts GROUP BY t", "GROUP BY"),

@@ -1,0 +1,92 @@
+"""SQL-level PREPARE and EXECUTE: sealing the arguments of EXECUTE.
+
+`PREPARE p AS INSERT ... VALUES ($1)` binds its parameters inside the server,
+so the values arrive later as the arguments of `EXECUTE p('...')`. The
+analysis of PREPARE records which of its parameters reach which encrypted
+column; each session keeps that per statement name, and the arguments of a
+matching EXECUTE are sealed as literals or Bind parameters.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
+
+from proxy.errors import StatementRejected
+from proxy.sql.literals import LiteralSlot, find_literal_span
+
+if TYPE_CHECKING:
+    from proxy.catalog import EncryptedColumn
+    from proxy.sql.analyze import StatementPlan
+
+Node = dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class SqlPrepare:
+    name: str
+    params: dict[int, EncryptedColumn]
+
+
+@dataclass(frozen=True, slots=True)
+class SqlExecute:
+    """An EXECUTE in the statement text, with its argument parse nodes."""
+
+    name: str
+    args: tuple[Node, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class SqlDeallocate:
+    name: str | None  # None for DEALLOCATE ALL
+
+
+class SqlPreparedStatements:
+    """One session's SQL-level prepared statements that touch encrypted columns."""
+
+    def __init__(self) -> None:
+        self._params: dict[str, dict[int, EncryptedColumn]] = {}
+
+    def apply(self, plan: StatementPlan, sql: str) -> StatementPlan:
+        """Record the text's PREPAREs and DEALLOCATEs; return the plan with
+        the EXECUTE arguments that need sealing added."""
+        for change in plan.sql_prepared:
+            if isinstance(change, SqlPrepare):
+                self._params[change.name] = change.params
+            elif change.name is None:
+                self._params.clear()
+            else:
+                self._params.pop(change.name, None)
+        params = dict(plan.params)
+        literals = list(plan.literals)
+        for execute in plan.sql_executes:
+            for number, column in self._params.get(execute.name, {}).items():
+                if number <= len(execute.args):
+                    _seal_argument(sql, execute.args[number - 1], column, params, literals)
+        if not plan.sql_executes:
+            return plan
+        return replace(plan, params=params, literals=tuple(literals))
+
+
+def _seal_argument(
+    sql: str,
+    arg: Node,
+    column: EncryptedColumn,
+    params: dict[int, EncryptedColumn],
+    literals: list[LiteralSlot],
+) -> None:
+    ((kind, body),) = arg.items()
+    if kind == "TypeCast":
+        ((kind, body),) = body["arg"].items()
+    if kind == "ParamRef":
+        params[body["number"]] = column
+    elif kind == "A_Const":
+        if not body.get("isnull"):
+            literals.append(find_literal_span(sql, body, column))
+    else:
+        raise StatementRejected(
+            "0A000",
+            f"column {column.identity} is encrypted: an EXECUTE argument for it "
+            "would be computed by the server and stored in plaintext",
+            "Pass the value as a literal or a parameter.",
+        )
