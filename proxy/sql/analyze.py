@@ -23,6 +23,7 @@ from proxy.rules import Encryption
 from proxy.sql.literals import LiteralSlot, find_literal_span
 from proxy.sql.outputs import Trace, passes_through, trace_select
 from proxy.sql.prepared import SqlDeallocate, SqlExecute, SqlPrepare
+from proxy.wire.copy import CopyOptions
 
 Node = dict[str, Any]
 
@@ -35,7 +36,6 @@ _PASS_THROUGH_HINT = (
 _TEXT_CASTS = {"text", "varchar", "bytea", "bpchar"}
 _WRITES = ("InsertStmt", "UpdateStmt", "MergeStmt")
 _UNSUPPORTED = {
-    "CopyStmt": "COPY",
     "DoStmt": "a DO block",
     "MergeStmt": "MERGE",
 }
@@ -52,6 +52,7 @@ class StatementPlan:
     outputs: tuple[Trace, ...] | None = None
     sql_prepared: tuple[SqlPrepare | SqlDeallocate, ...] = ()
     sql_executes: tuple[SqlExecute, ...] = ()
+    copy: CopyPlan | None = None
 
     @property
     def is_empty(self) -> bool:
@@ -61,10 +62,20 @@ class StatementPlan:
             or self.outputs
             or self.sql_prepared
             or self.sql_executes
+            or self.copy
         )
 
 
 EMPTY_PLAN = StatementPlan()
+
+
+@dataclass(frozen=True, slots=True)
+class CopyPlan:
+    """Which fields of a COPY stream to seal (FROM STDIN) or open (TO STDOUT)."""
+
+    direction: str
+    options: CopyOptions
+    fields: dict[int, Trace]
 
 
 class Analyzer:
@@ -131,6 +142,7 @@ class _Walker:
         self._outputs: list[tuple[Trace, ...] | None] = []
         self._sql_prepared: list[SqlPrepare | SqlDeallocate] = []
         self._sql_executes: list[SqlExecute] = []
+        self._copies: list[CopyPlan] = []
 
     def result(self) -> StatementPlan:
         outputs = self._outputs[0] if len(self._outputs) == 1 else None
@@ -142,6 +154,7 @@ class _Walker:
             outputs,
             tuple(self._sql_prepared),
             tuple(self._sql_executes),
+            self._copies[0] if len(self._copies) == 1 else None,
         )
         return EMPTY_PLAN if plan.is_empty else plan
 
@@ -161,9 +174,11 @@ class _Walker:
         if not self._scope:
             return
         handled = self._handled = set()
-        kind, _ = _only(stmt)
+        kind, body = _only(stmt)
         if kind in _UNSUPPORTED:
             self._unsupported(kind)
+        if kind == "CopyStmt":
+            self._copy(body)
         # Writes may sit in WITH clauses at any depth, not only at the top.
         for kind, body in _nodes_of_kinds(stmt, _WRITES):
             if kind == "InsertStmt":
@@ -214,6 +229,42 @@ class _Walker:
         inner.statement(body["query"])
         self._literals.extend(inner._literals)
         self._sql_prepared.append(SqlPrepare(body["name"], dict(inner._params)))
+
+    def _copy(self, body: Node) -> None:
+        fields = self._copy_fields(body)
+        if not fields:
+            return
+        direction = "in" if body.get("is_from") else "out"
+        if "filename" in body or body.get("is_program"):
+            if direction == "in":
+                column = next(iter(fields.values()))[0]
+                raise reject(
+                    column,
+                    "COPY FROM a server file or program would store plaintext",
+                    "Use COPY ... FROM STDIN so that the proxy can seal the rows.",
+                )
+            return
+        options = CopyOptions.from_options(_copy_options(body.get("options", [])))
+        self._copies.append(CopyPlan(direction, options, fields))
+
+    def _copy_fields(self, body: Node) -> dict[int, Trace]:
+        if "query" in body:
+            query = body["query"]
+            kind, select = _only(query)
+            outputs = None
+            if kind == "SelectStmt":
+                outputs = trace_select(
+                    select, self._resolve, self._expand_star, self._seal_literal
+                )
+            return {i: trace for i, trace in enumerate(outputs or ()) if trace}
+        table = self._table_of(body["relation"])
+        if table is None:
+            return {}
+        names = [item["String"]["sval"] for item in body.get("attlist", [])]
+        names = names or list(table.columns)
+        return {
+            i: (table.encrypted[name],) for i, name in enumerate(names) if name in table.encrypted
+        }
 
     # Writes
 
@@ -423,7 +474,6 @@ class _Walker:
         table = table or next(iter(self._scope.values()))
         column = next(iter(table.encrypted.values()))
         what = _UNSUPPORTED[kind]
-        # TODO: seal COPY data.
         raise reject(
             column,
             f"{what} on table {table.qualified_name} is not supported yet",
@@ -491,6 +541,19 @@ def _in_result_list(parents: list[tuple[str, Node]]) -> bool:
     if owner_kind == "ReturningClause":
         return True
     return False
+
+
+def _copy_options(options: list[Node]) -> dict[str, str | bool]:
+    result: dict[str, str | bool] = {}
+    for item in options:
+        option = item["DefElem"]
+        arg = option.get("arg")
+        if arg is None:
+            result[option["defname"]] = True
+        else:
+            _, value = _only(arg)
+            result[option["defname"]] = str(next(iter(value.values()), ""))
+    return result
 
 
 def _selects(node: Any) -> Iterator[Node]:

@@ -13,17 +13,28 @@ from __future__ import annotations
 import logging
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Protocol, TypeVar
 
-from proxy.errors import DecryptionError, KeyringError, PgsealError, StatementRejected
+from proxy.errors import (
+    DecryptionError,
+    KeyringError,
+    PgsealError,
+    ProtocolError,
+    StatementRejected,
+)
 from proxy.sql.analyze import EMPTY_PLAN, StatementPlan
 from proxy.sql.prepared import SqlPreparedStatements
 from proxy.wire import messages as m
-from proxy.wire.frames import Frame
+from proxy.wire.copy import CopyStream
+from proxy.wire.frames import Frame, build
 
 log = logging.getLogger(__name__)
 
 RowPlan = tuple[tuple[int, object, int], ...]
+
+_T = TypeVar("_T")
+
+_SEAL_HINT = "Check that the proxy has loaded a data key for this column."
 
 # Sent in place of a rejected statement: it fails to parse on every server
 # version, so the server itself reports the error and skips to Sync exactly
@@ -72,6 +83,8 @@ class Portal:
     statement: Statement | None
     result_formats: tuple[int, ...] = ()
     row_plan: RowPlan | None = None
+    # Set once the row plan is known, or a Describe of the portal is on its
+    # way: the server answers that Describe before any row of the portal.
     described: bool = False
 
 
@@ -83,6 +96,7 @@ class Pending:
     name: str = ""
     undo: Callable[[], None] | None = None
     portal: Portal | None = None
+    statement: Statement | None = None
     hidden: bool = False
     rejection: StatementRejected | None = None
     plan: StatementPlan | None = None
@@ -109,6 +123,8 @@ class Session:
         self._skipping = False
         self._sql_prepared = SqlPreparedStatements()
         self._query_plan: RowPlan | None = None
+        self._copy: CopyStream | None = None
+        self._copy_failed = False
         self.transaction_status = "I"
         self._client_handlers = {
             ord("P"): self._parse,
@@ -119,6 +135,9 @@ class Session:
             ord("S"): self._sync,
             ord("Q"): self._query,
             ord("F"): self._function_call,
+            ord("d"): self._client_copy_data,
+            ord("c"): self._client_copy_end,
+            ord("f"): self._client_copy_end,
         }
         self._server_handlers = {
             ord("1"): self._answered,
@@ -132,6 +151,10 @@ class Session:
             ord("s"): self._command_complete,
             ord("E"): self._error,
             ord("Z"): self._ready,
+            ord("G"): self._copy_response,
+            ord("H"): self._copy_response,
+            ord("d"): self._server_copy_data,
+            ord("c"): self._server_copy_done,
         }
 
     # Client to server
@@ -143,8 +166,13 @@ class Session:
             return out
         for frame in frames:
             handler = self._client_handlers.get(frame.type)
-            if handler is None or (self._skipping and frame.type != ord("S")):
+            if handler is None:
                 out.to_server.append(frame.raw)
+            elif self._skipping and frame.type != ord("S"):
+                # The server discards these unanswered until Sync, so
+                # dropping them changes nothing for the client, and no
+                # plaintext parameter or literal reaches the server.
+                continue
             else:
                 handler(frame, out)
         return out
@@ -155,9 +183,7 @@ class Session:
         pending = Pending("parse", msg.statement)
         try:
             plan = self._sql_prepared.apply(self._planner.statement(msg.query), msg.query)
-            query = msg.query
-            if plan.literals:
-                query = self._planner.seal_literals(msg.query, plan)
+            query = self._seal_literals(msg.query, plan)
         except StatementRejected as exc:
             self._reject(pending, exc, out, m.Parse(msg.statement, _REJECTED_QUERY, ()))
             return
@@ -168,27 +194,36 @@ class Session:
         else:
             out.to_server.append(m.Parse(msg.statement, query, msg.param_types).encode())
 
+    def _seal_literals(self, sql: str, plan: StatementPlan) -> str:
+        """Return `sql` with its literals sealed, or `sql` itself if it has none."""
+        assert self._planner is not None
+        if not plan.literals:
+            return sql
+        try:
+            return self._planner.seal_literals(sql, plan)
+        except KeyringError as exc:
+            raise StatementRejected(
+                "22023", f"a literal could not be sealed: {exc}", _SEAL_HINT
+            ) from exc
+        except ValueError as exc:
+            # The error's text may quote part of the value, so it stays out.
+            raise StatementRejected(
+                "22P02", "a literal bound for an encrypted bytea column is not valid bytea"
+            ) from exc
+
     def _define_statement(self, name: str, statement: Statement) -> Callable[[], None]:
-        previous = self._statements.get(name)
-        self._statements[name] = statement
-
-        def undo() -> None:
-            # A failed Parse of the unnamed statement still drops the old one.
-            if previous is None or name == "":
-                self._statements.pop(name, None)
-            else:
-                self._statements[name] = previous
-
-        return undo
+        return _replace(self._statements, name, statement)
 
     def _bind(self, frame: Frame, out: Output) -> None:
         payload = frame.payload
         portal_name, statement_name = _bind_names(payload)
         statement = self._statements.get(statement_name)
-        pending = Pending("bind", portal_name)
         portal = Portal(statement)
+        pending = Pending("bind", portal_name, portal=portal)
         raw = frame.raw
-        if statement is not None and (statement.plan.params or statement.fields):
+        if statement is not None and (
+            statement.plan.params or statement.fields is not None
+        ):
             msg = m.Bind.decode(payload)
             portal.result_formats = msg.result_formats
             if statement.fields is not None:
@@ -220,9 +255,14 @@ class Session:
                 params[index] = self._planner.seal_param(
                     column, value, msg.param_format(index)
                 )
-            except (KeyringError, ValueError) as exc:
+            except KeyringError as exc:
                 raise StatementRejected(
-                    "22023", f"parameter ${number} could not be sealed: {exc}"
+                    "22023", f"parameter ${number} could not be sealed: {exc}", _SEAL_HINT
+                ) from exc
+            except ValueError as exc:
+                # The error's text may quote part of the value, so it stays out.
+                raise StatementRejected(
+                    "22P02", f"parameter ${number} is not valid bytea input"
                 ) from exc
         sealed = m.Bind(
             msg.portal, msg.statement, msg.param_formats, tuple(params), msg.result_formats
@@ -230,20 +270,20 @@ class Session:
         return sealed.encode()
 
     def _define_portal(self, name: str, portal: Portal) -> Callable[[], None]:
-        previous = self._portals.get(name)
-        self._portals[name] = portal
-
-        def undo() -> None:
-            if previous is None:
-                self._portals.pop(name, None)
-            else:
-                self._portals[name] = previous
-
-        return undo
+        return _replace(self._portals, name, portal)
 
     def _describe(self, frame: Frame, out: Output) -> None:
         kind, name = m.decode_target(frame.payload)
-        self._pending.append(Pending("describe-" + kind, name))
+        # The answer belongs to the statement or portal that has this name
+        # now: a later Parse or Bind may reuse the name before it arrives.
+        pending = Pending("describe-" + kind, name)
+        if kind == "S":
+            pending.statement = self._statements.get(name)
+        else:
+            pending.portal = self._portals.get(name)
+            if pending.portal is not None:
+                pending.portal.described = True
+        self._pending.append(pending)
         out.to_server.append(frame.raw)
 
     def _execute(self, frame: Frame, out: Output) -> None:
@@ -255,6 +295,7 @@ class Session:
             if portal is None:
                 portal = Portal(None)
                 self._define_portal(name, portal)
+            portal.described = True
             self._pending.append(Pending("describe-P", name, portal=portal, hidden=True))
             out.to_server.append(m.encode_describe("P", name))
         self._pending.append(Pending("execute", name, portal=portal))
@@ -262,12 +303,10 @@ class Session:
 
     def _close(self, frame: Frame, out: Output) -> None:
         kind, name = m.decode_target(frame.payload)
-        table: dict[str, Statement] | dict[str, Portal]
-        table = self._statements if kind == "S" else self._portals
-        previous = table.pop(name, None)
-        undo = None
-        if previous is not None:
-            undo = lambda: table.__setitem__(name, previous)  # type: ignore[assignment]  # noqa: E731
+        if kind == "S":
+            undo = _replace(self._statements, name, None)
+        else:
+            undo = _replace(self._portals, name, None)
         self._pending.append(Pending("close", name, undo=undo))
         out.to_server.append(frame.raw)
 
@@ -282,13 +321,14 @@ class Session:
         pending = Pending("query")
         try:
             plan = self._sql_prepared.apply(self._planner.statement(sql), sql)
+            sealed = self._seal_literals(sql, plan)
         except StatementRejected as exc:
             self._reject(pending, exc, out, None)
             return
         pending.plan = plan
         self._pending.append(pending)
         if plan.literals:
-            out.to_server.append(m.encode_query(self._planner.seal_literals(sql, plan)))
+            out.to_server.append(m.encode_query(sealed))
         else:
             out.to_server.append(frame.raw)
 
@@ -344,6 +384,11 @@ class Session:
             self._query_plan = self._row_plan(fields, (), outputs)
             out.to_client.append(frame.raw)
             return
+        if not front.kind.startswith("describe"):
+            # Only a Describe or a simple query gets a RowDescription.
+            log.warning("[%s] RowDescription answers no Describe", self._conn_id)
+            out.to_client.append(frame.raw)
+            return
         self._described(front, fields)
         self._pending.popleft()
         if not front.hidden:
@@ -360,11 +405,10 @@ class Session:
 
     def _described(self, front: Pending, fields: tuple[m.Field, ...]) -> None:
         if front.kind == "describe-S":
-            statement = self._statements.get(front.name)
-            if statement is not None:
-                statement.fields = fields
+            if front.statement is not None:
+                front.statement.fields = fields
             return
-        portal = front.portal or self._portals.get(front.name)
+        portal = front.portal
         if portal is not None:
             # A portal's RowDescription already carries its result formats.
             outputs = portal.statement.plan.outputs if portal.statement else None
@@ -404,6 +448,11 @@ class Session:
         assert self._planner is not None
         values = m.decode_data_row(frame.payload)
         for index, column, fmt in plan:
+            if index >= len(values):
+                raise ProtocolError(
+                    f"DataRow has {len(values)} columns but its RowDescription "
+                    f"has more than {index}"
+                )
             value = values[index]
             if value is not None:
                 values[index] = self._planner.open_value(column, value, fmt)
@@ -427,6 +476,101 @@ class Session:
         )
         out.close = True
 
+    # COPY
+
+    def _copy_response(self, frame: Frame, out: Output) -> None:
+        """Start rewriting a COPY stream when its statement's plan asks for it."""
+        out.to_client.append(frame.raw)
+        assert self._planner is not None
+        planner = self._planner
+        direction = "in" if frame.type == ord("G") else "out"
+        plan = self._front_plan()
+        copy = plan.copy if plan is not None else None
+        self._copy = None
+        self._copy_failed = False
+        if copy is None or copy.direction != direction:
+            return
+        fields = copy.fields
+
+        def seal(index: int, value: bytes, fmt: int) -> bytes | None:
+            return planner.seal_param(fields[index][0], value, fmt)
+
+        def open_(index: int, value: bytes, fmt: int) -> bytes | None:
+            return planner.open_value(fields[index], value, fmt)
+
+        transform = seal if direction == "in" else open_
+        self._copy = CopyStream(copy.options, set(fields), transform)
+
+    def _front_plan(self) -> StatementPlan | None:
+        front = self._front()
+        if front is None:
+            return None
+        if front.kind == "query":
+            return front.plan
+        if front.kind == "execute" and front.portal and front.portal.statement:
+            return front.portal.statement.plan
+        return None
+
+    def _client_copy_data(self, frame: Frame, out: Output) -> None:
+        if self._copy is None:
+            out.to_server.append(frame.raw)
+            return
+        if self._copy_failed:
+            return
+        try:
+            data = self._copy.feed(bytes(frame.payload))
+        except (PgsealError, ValueError) as exc:
+            self._fail_copy(exc, out)
+            return
+        if data:
+            out.to_server.append(build(b"d", data))
+
+    def _client_copy_end(self, frame: Frame, out: Output) -> None:
+        copy, self._copy = self._copy, None
+        if self._copy_failed:
+            return
+        if copy is not None and frame.type == ord("c"):
+            try:
+                data = copy.finish()
+            except (PgsealError, ValueError) as exc:
+                self._fail_copy(exc, out)
+                return
+            if data:
+                out.to_server.append(build(b"d", data))
+        out.to_server.append(frame.raw)
+
+    def _fail_copy(self, exc: Exception, out: Output) -> None:
+        # CopyFail makes the server end the COPY with an ErrorResponse that
+        # carries this message, so nothing of the stream is stored.
+        message = f"pgseal could not seal the COPY data: {exc}"
+        log.info("[%s] COPY stopped: %s", self._conn_id, exc)
+        out.to_server.append(build(b"f", message.encode() + b"\0"))
+        self._copy_failed = True
+
+    def _server_copy_data(self, frame: Frame, out: Output) -> None:
+        if self._copy is None:
+            out.to_client.append(frame.raw)
+            return
+        try:
+            data = self._copy.feed(bytes(frame.payload))
+        except (PgsealError, ValueError) as exc:
+            self._fail_row(exc if isinstance(exc, PgsealError) else PgsealError(str(exc)), out)
+            return
+        if data:
+            out.to_client.append(build(b"d", data))
+
+    def _server_copy_done(self, frame: Frame, out: Output) -> None:
+        copy, self._copy = self._copy, None
+        if copy is not None:
+            try:
+                data = copy.finish()
+            except PgsealError as exc:
+                self._fail_row(exc, out)
+                return
+            if data:
+                out.to_client.append(build(b"d", data))
+        out.to_client.append(frame.raw)
+
     def _command_complete(self, frame: Frame, out: Output) -> None:
         if frame.raw[5:30].startswith(_DDL_TAGS):
             out.catalog_changed = True
@@ -438,6 +582,8 @@ class Session:
         out.to_client.append(frame.raw)
 
     def _error(self, frame: Frame, out: Output) -> None:
+        self._copy = None
+        self._copy_failed = False
         front = self._front()
         if front is not None and front.rejection is not None:
             exc = front.rejection
@@ -448,11 +594,19 @@ class Session:
             self._query_plan = None
             return
         self._skip_to_sync()
+        if front.kind == "parse" and front.name == "":
+            # The server drops the old unnamed statement before it parses
+            # the new one, so a failed Parse leaves no unnamed statement.
+            self._statements.pop("", None)
 
     def _skip_to_sync(self) -> None:
-        """Undo every pending message the server skips after an error."""
+        """Undo the failed message and every one the server skips after it."""
+        skipped = []
         while self._pending and self._pending[0].kind != "sync":
-            pending = self._pending.popleft()
+            skipped.append(self._pending.popleft())
+        # Newest first, so that a Close then a Parse of the same name ends
+        # with the statement that was there before both.
+        for pending in reversed(skipped):
             if pending.undo is not None:
                 pending.undo()
         if not self._pending:
@@ -464,9 +618,38 @@ class Session:
         self._query_plan = None
         self.transaction_status = chr(frame.raw[5])
         if self.transaction_status == "I":
-            # Portals live until the end of their transaction.
-            self._portals.clear()
+            self._end_portals()
         out.to_client.append(frame.raw)
+
+    def _end_portals(self) -> None:
+        """Forget the portals of the transaction that just ended.
+
+        Portals bound by a later batch that the server has not reached yet
+        belong to the next transaction, so they stay.
+        """
+        in_flight = [p.portal for p in self._pending if p.kind == "bind"]
+        self._portals = {
+            name: portal
+            for name, portal in self._portals.items()
+            if any(portal is bound for bound in in_flight)
+        }
+
+
+def _replace(table: dict[str, _T], name: str, value: _T | None) -> Callable[[], None]:
+    """Set or remove `table[name]`; return a function that restores the old entry."""
+    previous = table.get(name)
+    if value is None:
+        table.pop(name, None)
+    else:
+        table[name] = value
+
+    def undo() -> None:
+        if previous is None:
+            table.pop(name, None)
+        else:
+            table[name] = previous
+
+    return undo
 
 
 def _bind_names(payload: memoryview) -> tuple[str, str]:

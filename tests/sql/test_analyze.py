@@ -124,7 +124,7 @@ def test_deterministic_group_by_allowed(analyzer: Analyzer) -> None:
         ("INSERT INTO accounts (token) VALUES (upper($1))", "computed by the server"),
         ("INSERT INTO accounts (token) SELECT owner FROM accounts", "INSERT ... SELECT"),
         ("UPDATE accounts SET token = token || 'x'", "computed by the server"),
-        ("COPY accounts FROM STDIN", "COPY"),
+        ("COPY accounts FROM '/srv/accounts.csv'", "COPY FROM a server file"),
         ("MERGE INTO accounts a USING (VALUES (1)) v(x) ON a.id = v.x "
          "WHEN MATCHED THEN UPDATE SET token = 'x'", "MERGE"),
         ("PREPARE p AS INSERT INTO accounts (token) VALUES (upper($1))", "computed"),
@@ -193,3 +193,19 @@ def test_coalesce_in_where_rejected(analyzer: Analyzer) -> None:
 def test_star_traced_for_single_table(analyzer: Analyzer) -> None:
     plan = analyzer.plan("SELECT * FROM accounts UNION ALL SELECT * FROM accounts")
     assert plan.outputs == ((), (), (TOKEN,), (EMAIL,))
+
+
+def test_copy_in_plan(analyzer: Analyzer) -> None:
+    plan = analyzer.plan("COPY accounts (email, id) FROM STDIN WITH (FORMAT csv, HEADER)")
+    assert plan.copy is not None
+    assert plan.copy.direction == "in"
+    assert plan.copy.fields == {0: (EMAIL,)}
+    assert plan.copy.options.format == "csv"
+    assert plan.copy.options.header
+
+
+def test_copy_out_query_plan(analyzer: Analyzer) -> None:
+    plan = analyzer.plan("COPY (SELECT id, token FROM accounts) TO STDOUT")
+    assert plan.copy is not None
+    assert plan.copy.direction == "out"
+    assert plan.copy.fields == {1: (TOKEN,)}
