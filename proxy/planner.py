@@ -24,6 +24,7 @@ from proxy.crypto.values import (
 from proxy.errors import DecryptionError, KeyringError
 from proxy.rules import Encryption, OnDecryptError
 from proxy.sql.analyze import Analyzer, StatementPlan
+from proxy.sql.arrays import map_binary_array, map_text_array
 from proxy.sql.literals import LiteralSlot, quote_literal, replace_literals
 from proxy.wire.messages import BINARY_FORMAT, Field
 
@@ -92,6 +93,12 @@ class ColumnPlanner:
         if fmt == BINARY_FORMAT:
             return self._seal(column, value)
         return b"\\x" + self._seal(column, decode_bytea_text(value)).hex().encode()
+
+    def seal_array_param(self, column: EncryptedColumn, value: bytes, fmt: int) -> bytes:
+        """Seal every element of an array parameter, as for `col = ANY($1)`."""
+        if fmt == BINARY_FORMAT:
+            return map_binary_array(value, lambda v: self.seal_param(column, v, fmt))
+        return map_text_array(value, lambda v: self.seal_param(column, v, fmt))
 
     def _seal(self, column: EncryptedColumn, plaintext: bytes) -> bytes:
         key = self._keys.active(column)

@@ -53,6 +53,8 @@ class StatementPlan:
     sql_prepared: tuple[SqlPrepare | SqlDeallocate, ...] = ()
     sql_executes: tuple[SqlExecute, ...] = ()
     copy: CopyPlan | None = None
+    # Parameters that are arrays whose elements are each sealed (= ANY($1)).
+    arrays: frozenset[int] = frozenset()
 
     @property
     def is_empty(self) -> bool:
@@ -143,6 +145,7 @@ class _Walker:
         self._sql_prepared: list[SqlPrepare | SqlDeallocate] = []
         self._sql_executes: list[SqlExecute] = []
         self._copies: list[CopyPlan] = []
+        self._arrays: set[int] = set()
 
     def result(self) -> StatementPlan:
         outputs = self._outputs[0] if len(self._outputs) == 1 else None
@@ -155,6 +158,7 @@ class _Walker:
             tuple(self._sql_prepared),
             tuple(self._sql_executes),
             self._copies[0] if len(self._copies) == 1 else None,
+            frozenset(self._arrays),
         )
         return EMPTY_PLAN if plan.is_empty else plan
 
@@ -385,6 +389,9 @@ class _Walker:
         operator = _operator(expr)
         if kind in ("AEXPR_LIKE", "AEXPR_ILIKE", "AEXPR_SIMILAR"):
             raise reject(column, "LIKE and pattern matching cannot run on ciphertext")
+        if kind in ("AEXPR_OP_ANY", "AEXPR_OP_ALL"):
+            self._array_comparison(expr, ref, column, operator)
+            return
         if operator not in ("=", "<>") or kind not in ("AEXPR_OP", "AEXPR_IN"):
             raise reject(column, f"operator {operator} cannot run on ciphertext")
         if column.rule.encryption is Encryption.RANDOMIZED:
@@ -398,6 +405,25 @@ class _Walker:
         items = other["List"]["items"] if "List" in other else [other]
         for item in items:
             self._search_value(item, column)
+
+    def _array_comparison(
+        self, expr: Node, ref: Node, column: EncryptedColumn, operator: str
+    ) -> None:
+        if operator not in ("=", "<>") or _randomized(column):
+            raise reject(column, f"{operator} ANY or ALL cannot run on ciphertext")
+        if expr.get("lexpr", {}).get("ColumnRef") is not ref:
+            raise reject(column, "it can only stand on the left of ANY or ALL")
+        kind, body = _only(expr["rexpr"])
+        if kind == "TypeCast":
+            kind, body = _only(body["arg"])
+        if kind != "ParamRef":
+            raise reject(
+                column,
+                "ANY and ALL need an array parameter to seal",
+                "Pass the array as a parameter, or use IN with literals.",
+            )
+        self._param(body["number"], column)
+        self._arrays.add(body["number"])
 
     def _search_value(self, node: Node, column: EncryptedColumn) -> None:
         """Accept a value compared with a deterministic column, or reject it."""

@@ -11,6 +11,7 @@ query it answers, never by whichever RowDescription was seen last.
 from __future__ import annotations
 
 import logging
+import struct
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol, TypeVar
@@ -63,7 +64,9 @@ class Planner(Protocol):
 
     def seal_literals(self, sql: str, plan: StatementPlan) -> str: ...
 
-    def seal_param(self, column: object, value: bytes, fmt: int) -> bytes: ...
+    def seal_param(self, column: Any, value: bytes, fmt: int) -> bytes: ...
+
+    def seal_array_param(self, column: Any, value: bytes, fmt: int) -> bytes: ...
 
     def row_plan(
         self, fields: tuple[m.Field, ...], outputs: tuple[Any, ...] | None = None
@@ -251,18 +254,20 @@ class Session:
                 continue
             value = params[index]
             assert value is not None
+            seal = self._planner.seal_param
+            if number in plan.arrays:
+                seal = self._planner.seal_array_param
             try:
-                params[index] = self._planner.seal_param(
-                    column, value, msg.param_format(index)
-                )
+                params[index] = seal(column, value, msg.param_format(index))
             except KeyringError as exc:
                 raise StatementRejected(
                     "22023", f"parameter ${number} could not be sealed: {exc}", _SEAL_HINT
                 ) from exc
-            except ValueError as exc:
+            except (ValueError, IndexError, struct.error) as exc:
                 # The error's text may quote part of the value, so it stays out.
+                kind = "array" if number in plan.arrays else "bytea"
                 raise StatementRejected(
-                    "22P02", f"parameter ${number} is not valid bytea input"
+                    "22P02", f"parameter ${number} is not valid {kind} input"
                 ) from exc
         sealed = m.Bind(
             msg.portal, msg.statement, msg.param_formats, tuple(params), msg.result_formats
@@ -441,6 +446,8 @@ class Session:
             return
         try:
             out.to_client.append(self._open_row(frame, plan))
+        except ProtocolError:
+            raise
         except (DecryptionError, KeyringError, PgsealError) as exc:
             self._fail_row(exc, out)
 

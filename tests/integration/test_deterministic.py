@@ -131,3 +131,26 @@ def test_randomized_equality_rejected(customers: RunningProxy) -> None:
             conn.execute("SELECT id FROM customers WHERE api_key = %s", ("k",))
     assert "public.customers.api_key" in str(info.value)
     assert info.value.diag.message_hint
+
+
+@pytest.mark.parametrize("binary", [False, True], ids=["text", "binary"])
+def test_equality_any_array(customers: RunningProxy, binary: bool) -> None:
+    wanted = ["ada@example.com", 'cy@example.com', "nobody,\"odd\"@example.com"]
+    with psycopg.connect(customers.dsn(), autocommit=True) as conn:
+        _seed(conn)
+        placeholder = "%b" if binary else "%s"
+        rows = conn.execute(
+            f"SELECT email FROM customers WHERE email = ANY({placeholder}) ORDER BY id",
+            (wanted,),
+        ).fetchall()
+        others = conn.execute(
+            "SELECT email FROM customers WHERE email <> ALL(%s::text[])", (wanted,)
+        ).fetchall()
+    assert rows == [("ada@example.com",), ("cy@example.com",)]
+    assert others == [("bob@example.com",)]
+
+
+def test_any_with_literal_array_rejected(customers: RunningProxy) -> None:
+    with psycopg.connect(customers.dsn(), autocommit=True) as conn:
+        with pytest.raises(psycopg.errors.FeatureNotSupported):
+            conn.execute("SELECT 1 FROM customers WHERE email = ANY('{a,b}')")

@@ -1,0 +1,106 @@
+"""One-dimensional array values, for `col = ANY($1)` on deterministic columns.
+
+Each element of the array parameter is sealed like a single value, so the
+server compares ciphertext with ciphertext. Text arrays arrive as `{a,"b c"}`
+in text format, or in the binary array layout: dimensions, flags, element
+type, then each element with its length.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable
+
+_HEADER = struct.Struct("!iiI")
+_DIMENSION = struct.Struct("!ii")
+_INT32 = struct.Struct("!i")
+
+Transform = Callable[[bytes], bytes]
+
+
+def map_text_array(value: bytes, transform: Transform) -> bytes:
+    """Apply `transform` to every non-NULL element of a text-format array."""
+    elements = parse_text_array(value)
+    rendered = []
+    for element in elements:
+        if element is None:
+            rendered.append(b"NULL")
+        else:
+            sealed = transform(element)
+            rendered.append(b'"' + sealed.replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"')
+    return b"{" + b",".join(rendered) + b"}"
+
+
+def parse_text_array(value: bytes) -> list[bytes | None]:
+    """Parse a one-dimensional array literal such as `{a,"b,c",NULL}`."""
+    text = value.strip()
+    if text[:1] == b"[":
+        text = text[text.index(b"=") + 1 :].strip()
+    if text[:1] != b"{" or text[-1:] != b"}":
+        raise ValueError("array value must be enclosed in braces")
+    body = text[1:-1]
+    elements: list[bytes | None] = []
+    if not body.strip():
+        return elements
+    i = 0
+    while i <= len(body):
+        element, i, quoted = _next_element(body, i)
+        if not quoted and element.strip().upper() == b"NULL":
+            elements.append(None)
+        else:
+            elements.append(element if quoted else element.strip())
+        if i >= len(body):
+            break
+        i += 1
+    return elements
+
+
+def _next_element(body: bytes, i: int) -> tuple[bytes, int, bool]:
+    """Return one element, the index of the comma after it, and whether it was quoted."""
+    while i < len(body) and body[i : i + 1].isspace():
+        i += 1
+    if body[i : i + 1] == b"{":
+        raise ValueError("only one-dimensional arrays can be sealed")
+    out = bytearray()
+    quoted = body[i : i + 1] == b'"'
+    if quoted:
+        i += 1
+        while i < len(body) and body[i] != 0x22:
+            if body[i] == 0x5C:
+                i += 1
+            out.append(body[i])
+            i += 1
+        i += 1
+        while i < len(body) and body[i] != 0x2C:
+            i += 1
+        return bytes(out), i, True
+    while i < len(body) and body[i] != 0x2C:
+        if body[i] == 0x5C:
+            i += 1
+        out.append(body[i])
+        i += 1
+    return bytes(out), i, False
+
+
+def map_binary_array(value: bytes, transform: Transform) -> bytes:
+    """Apply `transform` to every non-NULL element of a binary-format array."""
+    dimensions, flags, element_type = _HEADER.unpack_from(value, 0)
+    if dimensions > 1:
+        raise ValueError("only one-dimensional arrays can be sealed")
+    pos = _HEADER.size
+    parts = [value[:pos]]
+    count = 0
+    if dimensions == 1:
+        count, _ = _DIMENSION.unpack_from(value, pos)
+        parts.append(value[pos : pos + _DIMENSION.size])
+        pos += _DIMENSION.size
+    for _ in range(count):
+        (size,) = _INT32.unpack_from(value, pos)
+        pos += 4
+        if size < 0:
+            parts.append(_INT32.pack(-1))
+            continue
+        sealed = transform(value[pos : pos + size])
+        pos += size
+        parts.append(_INT32.pack(len(sealed)) + sealed)
+    return b"".join(parts)

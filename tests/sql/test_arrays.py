@@ -1,0 +1,57 @@
+"""Array parameter codecs used to seal `col = ANY($1)`."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from proxy.sql.arrays import map_binary_array, map_text_array, parse_text_array
+
+
+def _binary_array(elements: list[bytes | None]) -> bytes:
+    parts = [struct.pack("!iiI", 1, int(None in elements), 25), struct.pack("!ii", len(elements), 1)]
+    for element in elements:
+        parts.append(struct.pack("!i", -1) if element is None else struct.pack("!i", len(element)) + element)
+    return b"".join(parts)
+
+
+@pytest.mark.parametrize(
+    ("literal", "expected"),
+    [
+        (b"{}", []),
+        (b"{a,b}", [b"a", b"b"]),
+        (b'{"a,b","c\\"d",NULL,"NULL"}', [b"a,b", b'c"d', None, b"NULL"]),
+        (b"{ spaced , x }", [b"spaced", b"x"]),
+        (b"[1:2]={a,b}", [b"a", b"b"]),
+    ],
+)
+def test_parse_text_array(literal: bytes, expected: list[bytes | None]) -> None:
+    assert parse_text_array(literal) == expected
+
+
+@pytest.mark.parametrize("literal", [b"a,b", b"{{a},{b}}"])
+def test_parse_text_array_invalid(literal: bytes) -> None:
+    with pytest.raises(ValueError):
+        parse_text_array(literal)
+
+
+elements = st.lists(st.one_of(st.none(), st.binary(max_size=20)), max_size=8)
+
+
+@given(elements)
+def test_text_array_round_trip(values: list[bytes | None]) -> None:
+    text_values = [None if v is None else v.hex().encode() for v in values]
+    rendered = map_text_array(
+        b"{" + b",".join(b"NULL" if v is None else b'"' + v + b'"' for v in text_values) + b"}",
+        lambda v: v.upper(),
+    )
+    assert parse_text_array(rendered) == [None if v is None else v.upper() for v in text_values]
+
+
+@given(elements)
+def test_binary_array_round_trip(values: list[bytes | None]) -> None:
+    mapped = map_binary_array(_binary_array(values), lambda v: b"<" + v + b">")
+    assert mapped == _binary_array([None if v is None else b"<" + v + b">" for v in values])
