@@ -15,6 +15,7 @@ from typing import Any
 
 from proxy.errors import PgsealError, RuleError
 from proxy.rules import ColumnRule, TableRule
+from proxy.types import TYPES, LogicalType
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +36,20 @@ class EncryptedColumn:
     rule: ColumnRule
     attnum: int
     storage: Storage
+
+    @property
+    def logical(self) -> LogicalType:
+        """The type the application sees: the rule's, else the storage type."""
+        return TYPES[self.rule.type or self.storage.value]
+
+    @property
+    def retyped(self) -> bool:
+        """Tell whether the application sees another type than the table stores."""
+        return self.rule.type is not None and self.logical.oid != self.storage_oid
+
+    @property
+    def storage_oid(self) -> int:
+        return BYTEA_OID if self.storage is Storage.BYTEA else TEXT_OID
 
     @property
     def name(self) -> str:
@@ -177,6 +192,16 @@ def _ruled_table(rule: TableRule, found: dict[tuple[str, str], list[Any]]) -> Ru
 
 
 def _storage(column: ColumnRule, type_oid: int, type_modifier: int) -> Storage:
+    storage = _column_storage(column, type_oid, type_modifier)
+    if column.storage is not None and column.storage != storage.value:
+        raise RuleError(
+            f"{column.source}: column {column.identity} is stored as "
+            f"{storage.value}, not {column.storage}; fix 'storage' or the column type"
+        )
+    return storage
+
+
+def _column_storage(column: ColumnRule, type_oid: int, type_modifier: int) -> Storage:
     if type_oid == BYTEA_OID:
         return Storage.BYTEA
     if type_oid == TEXT_OID or (type_oid == VARCHAR_OID and type_modifier < 0):

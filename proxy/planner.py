@@ -8,6 +8,7 @@ text format.
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass
 
 from proxy.catalog import Catalog, EncryptedColumn, Storage
@@ -21,12 +22,12 @@ from proxy.crypto.values import (
     read_key_ref,
     seal,
 )
-from proxy.errors import DecryptionError, KeyringError
+from proxy.errors import DecryptionError, KeyringError, StatementRejected
 from proxy.rules import Encryption, OnDecryptError
 from proxy.sql.analyze import Analyzer, StatementPlan
 from proxy.sql.arrays import map_binary_array, map_text_array
 from proxy.sql.literals import LiteralSlot, quote_literal, replace_literals
-from proxy.wire.messages import BINARY_FORMAT, Field
+from proxy.wire.messages import BINARY_FORMAT, TEXT_FORMAT, Field
 
 Candidates = tuple[EncryptedColumn, ...]
 RowPlan = tuple[tuple[int, Candidates, int], ...]
@@ -81,18 +82,31 @@ class ColumnPlanner:
 
     def _seal_literal(self, slot: LiteralSlot) -> str:
         column = slot.column
+        try:
+            plaintext = column.logical.from_wire(slot.value.encode("utf-8"), TEXT_FORMAT)
+        except (ValueError, UnicodeError):
+            raise _invalid_input(column) from None
+        sealed = self._seal(column, plaintext)
         if column.storage is Storage.BYTEA:
-            plaintext = decode_bytea_text(slot.value.encode("utf-8"))
-            return quote_literal("\\x" + self._seal(column, plaintext).hex())
-        sealed = armour(self._seal(column, slot.value.encode("utf-8")))
-        return quote_literal(sealed.decode("ascii"))
+            return quote_literal("\\x" + sealed.hex())
+        return quote_literal(armour(sealed).decode("ascii"))
 
-    def seal_param(self, column: EncryptedColumn, value: bytes, fmt: int) -> bytes:
+    def seal_param(
+        self, column: EncryptedColumn, value: bytes, fmt: int, declared_oid: int = 0
+    ) -> bytes:
+        """Seal a parameter for the column's storage, in the same wire format.
+
+        Text and bytea send their binary form as plain bytes, so the format
+        code of the parameter never has to change. Raises ValueError on
+        input the server would reject for the logical type.
+        """
+        plaintext = column.logical.from_wire(value, fmt, declared_oid)
+        sealed = self._seal(column, plaintext)
         if column.storage is Storage.TEXT:
-            return armour(self._seal(column, value))
+            return armour(sealed)
         if fmt == BINARY_FORMAT:
-            return self._seal(column, value)
-        return b"\\x" + self._seal(column, decode_bytea_text(value)).hex().encode()
+            return sealed
+        return b"\\x" + sealed.hex().encode()
 
     def seal_array_param(self, column: EncryptedColumn, value: bytes, fmt: int) -> bytes:
         """Seal every element of an array parameter, as for `col = ANY($1)`."""
@@ -142,16 +156,21 @@ class ColumnPlanner:
             raise
 
     def _open_value(self, columns: Candidates, value: bytes, fmt: int) -> bytes:
-        storage = columns[0].storage
-        if storage is Storage.TEXT:
-            return self._open(columns, dearmour(value))
-        if fmt == BINARY_FORMAT:
-            return self._open(columns, value)
+        column = columns[0]
+        if column.storage is Storage.TEXT:
+            blob = dearmour(value)
+        elif fmt == BINARY_FORMAT:
+            blob = value
+        else:
+            try:
+                blob = decode_bytea_text(value)
+            except ValueError:
+                raise DecryptionError() from None
+        plaintext = self._open(columns, blob)
         try:
-            blob = decode_bytea_text(value)
-        except ValueError:
+            return column.logical.to_wire(plaintext, fmt)
+        except (ValueError, UnicodeError, struct.error):
             raise DecryptionError() from None
-        return b"\\x" + self._open(columns, blob).hex().encode()
 
     def _open(self, columns: Candidates, blob: bytes) -> bytes:
         key = self._keys.for_value(blob)
@@ -162,6 +181,15 @@ class ColumnPlanner:
             except DecryptionError:
                 continue
         return open_sealed(blob, key, store_id=store_id, context=columns[-1].key_name)
+
+
+def _invalid_input(column: EncryptedColumn) -> StatementRejected:
+    return StatementRejected(
+        "22P02",
+        f"a literal for encrypted column {column.identity} is not valid "
+        f"{column.logical.name} input",
+        "Check the value's format; it is checked by the proxy before sealing.",
+    )
 
 
 def decode_bytea_text(value: bytes) -> bytes:

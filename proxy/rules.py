@@ -25,6 +25,7 @@ import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from proxy.errors import RuleError
+from proxy.types import TYPES
 
 
 class Encryption(enum.Enum):
@@ -60,6 +61,10 @@ class ColumnRule:
     source: Source
     key: str | None = None
     on_decrypt_error: OnDecryptError = OnDecryptError.ERROR
+    # The type the application sees, and the table's storage type; None
+    # means the column's own type.
+    type: str | None = None
+    storage: str | None = None
 
     @property
     def identity(self) -> str:
@@ -107,7 +112,8 @@ class RuleSet:
 
 
 _TABLE_KEYS = {"name", "database", "columns"}
-_COLUMN_KEYS = {"name", "encryption", "key", "on_decrypt_error"}
+_COLUMN_KEYS = {"name", "encryption", "key", "on_decrypt_error", "type", "storage"}
+_STORAGES = ("text", "bytea")
 
 
 def load_rules(folder: Path) -> RuleSet:
@@ -169,9 +175,30 @@ def _column(path: Path, node: Node, schema: str, table: str) -> ColumnRule:
                 f"{_source(path, mapping['key'])}: column {name} sets 'key' but only "
                 "deterministic columns can share a data key"
             )
+    logical = _optional_choice(path, mapping, "type", tuple(TYPES))
+    storage = _optional_choice(path, mapping, "storage", _STORAGES)
+    if on_error is OnDecryptError.CIPHERTEXT and logical not in (None, "text", "varchar", "bytea"):
+        raise RuleError(
+            f"{_source(path, mapping['on_decrypt_error'])}: column {name} has type "
+            f"{logical}, which cannot carry ciphertext; use 'error' or 'null'"
+        )
     return ColumnRule(
-        schema, table, name, encryption, _source(path, node), key, on_error
+        schema, table, name, encryption, _source(path, node), key, on_error, logical, storage
     )
+
+
+def _optional_choice(
+    path: Path, mapping: dict[str, Node], key: str, choices: tuple[str, ...]
+) -> str | None:
+    if key not in mapping:
+        return None
+    value = _scalar(path, mapping[key], key)
+    if value not in choices:
+        raise RuleError(
+            f"{_source(path, mapping[key])}: invalid {key} {value!r}; "
+            f"expected one of: {', '.join(choices)}"
+        )
+    return value
 
 
 _E = TypeVar("_E", bound=enum.Enum)

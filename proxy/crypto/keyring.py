@@ -1,6 +1,6 @@
 """Keyrings: key-encryption keys that wrap and unwrap data keys.
 
-The AWS KMS keyring lives in proxy.crypto.kms.
+The AWS KMS keyring is in proxy.crypto.kms.
 
 The sodium keyring keeps an X25519 key pair in a directory:
 

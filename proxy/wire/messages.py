@@ -139,11 +139,15 @@ def format_code(codes: tuple[int, ...], index: int) -> int:
     """Return the format of column or parameter `index` under the Bind rules.
 
     No codes means all text, one code applies to all, otherwise one each.
+    A list too short for `index` gives text: the server rejects such a Bind
+    itself, so the value is never used.
     """
     if not codes:
         return TEXT_FORMAT
     if len(codes) == 1:
         return codes[0]
+    if index >= len(codes):
+        return TEXT_FORMAT
     return codes[index]
 
 
@@ -194,6 +198,26 @@ def decode_row_description(payload: bytes | memoryview) -> tuple[Field, ...]:
         values = _FIELD.unpack(cur.take(_FIELD.size))
         fields.append(Field(name, *values))
     return tuple(fields)
+
+
+def encode_row_description(fields: tuple[Field, ...]) -> bytes:
+    body = [_UINT16.pack(len(fields))]
+    for f in fields:
+        body.append(_cstring(f.name))
+        body.append(
+            _FIELD.pack(f.table_oid, f.column, f.type_oid, f.type_size, f.type_modifier, f.format)
+        )
+    return build(b"T", b"".join(body))
+
+
+def decode_parameter_description(payload: bytes | memoryview) -> tuple[int, ...]:
+    cur = _Cursor(payload)
+    return tuple(cur.uint32() for _ in range(cur.uint16()))
+
+
+def encode_parameter_description(types: tuple[int, ...]) -> bytes:
+    body = _UINT16.pack(len(types)) + b"".join(_UINT32.pack(oid) for oid in types)
+    return build(b"t", body)
 
 
 def decode_data_row(payload: bytes | memoryview) -> list[bytes | None]:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import struct
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Protocol, TypeVar
 
 from proxy.errors import (
@@ -64,9 +64,13 @@ class Planner(Protocol):
 
     def seal_literals(self, sql: str, plan: StatementPlan) -> str: ...
 
-    def seal_param(self, column: Any, value: bytes, fmt: int) -> bytes: ...
+    def seal_param(
+        self, column: Any, value: bytes, fmt: int, declared_oid: int = 0
+    ) -> bytes: ...
 
-    def seal_array_param(self, column: Any, value: bytes, fmt: int) -> bytes: ...
+    def seal_array_param(
+        self, column: Any, value: bytes, fmt: int, declared_oid: int = 0
+    ) -> bytes: ...
 
     def row_plan(
         self, fields: tuple[m.Field, ...], outputs: tuple[Any, ...] | None = None
@@ -79,6 +83,9 @@ class Planner(Protocol):
 class Statement:
     plan: StatementPlan
     fields: tuple[m.Field, ...] | None = None
+    # Parameter types the client declared in Parse for encrypted columns,
+    # which the proxy replaced by the storage type.
+    declared: dict[int, int] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -147,6 +154,7 @@ class Session:
             ord("2"): self._answered,
             ord("3"): self._answered,
             ord("T"): self._row_description,
+            ord("t"): self._parameter_description,
             ord("n"): self._no_data,
             ord("D"): self._data_row,
             ord("C"): self._command_complete,
@@ -190,12 +198,35 @@ class Session:
         except StatementRejected as exc:
             self._reject(pending, exc, out, m.Parse(msg.statement, _REJECTED_QUERY, ()))
             return
-        pending.undo = self._define_statement(msg.statement, Statement(plan))
+        statement = Statement(plan)
+        types = self._storage_types(msg.param_types, plan, statement.declared)
+        pending.undo = self._define_statement(msg.statement, statement)
         self._pending.append(pending)
-        if query is msg.query:
+        if query is msg.query and types == msg.param_types:
             out.to_server.append(frame.raw)
         else:
-            out.to_server.append(m.Parse(msg.statement, query, msg.param_types).encode())
+            out.to_server.append(m.Parse(msg.statement, query, types).encode())
+
+    @staticmethod
+    def _storage_types(
+        types: tuple[int, ...], plan: StatementPlan, declared: dict[int, int]
+    ) -> tuple[int, ...]:
+        """Replace declared parameter types of encrypted columns by their storage type.
+
+        The server stores ciphertext as text or bytea, so a parameter declared
+        as, say, int4 would not fit; the declared type is kept to read the
+        client's binary values.
+        """
+        if not plan.params or not types:
+            return types
+        result = list(types)
+        for number, column in plan.params.items():
+            index = number - 1
+            if index < len(result) and result[index] not in (0, column.storage_oid):
+                if number not in plan.arrays:
+                    declared[number] = result[index]
+                    result[index] = column.storage_oid
+        return tuple(result)
 
     def _seal_literals(self, sql: str, plan: StatementPlan) -> str:
         """Return `sql` with its literals sealed, or `sql` itself if it has none."""
@@ -236,7 +267,7 @@ class Session:
                 portal.described = True
             if statement.plan.params:
                 try:
-                    raw = self._seal_params(msg, statement.plan)
+                    raw = self._seal_params(msg, statement)
                 except StatementRejected as exc:
                     bad = m.Bind(portal_name, _REJECTED_STATEMENT, (), (), ())
                     self._reject(pending, exc, out, bad)
@@ -245,8 +276,9 @@ class Session:
         self._pending.append(pending)
         out.to_server.append(raw)
 
-    def _seal_params(self, msg: m.Bind, plan: StatementPlan) -> bytes:
+    def _seal_params(self, msg: m.Bind, statement: Statement) -> bytes:
         assert self._planner is not None
+        plan = statement.plan
         params = list(msg.params)
         for number, column in plan.params.items():
             index = number - 1
@@ -258,14 +290,16 @@ class Session:
             if number in plan.arrays:
                 seal = self._planner.seal_array_param
             try:
-                params[index] = seal(column, value, msg.param_format(index))
+                params[index] = seal(
+                    column, value, msg.param_format(index), statement.declared.get(number, 0)
+                )
             except KeyringError as exc:
                 raise StatementRejected(
                     "22023", f"parameter ${number} could not be sealed: {exc}", _SEAL_HINT
                 ) from exc
             except (ValueError, IndexError, struct.error) as exc:
                 # The error's text may quote part of the value, so it stays out.
-                kind = "array" if number in plan.arrays else "bytea"
+                kind = "array" if number in plan.arrays else column.logical.name
                 raise StatementRejected(
                     "22P02", f"parameter ${number} is not valid {kind} input"
                 ) from exc
@@ -387,17 +421,30 @@ class Session:
         if front is None or front.kind == "query":
             outputs = front.plan.outputs if front and front.plan else None
             self._query_plan = self._row_plan(fields, (), outputs)
-            out.to_client.append(frame.raw)
+            out.to_client.append(_with_logical_types(frame, fields, self._query_plan))
             return
         if not front.kind.startswith("describe"):
             # Only a Describe or a simple query gets a RowDescription.
             log.warning("[%s] RowDescription answers no Describe", self._conn_id)
             out.to_client.append(frame.raw)
             return
-        self._described(front, fields)
+        plan = self._described(front, fields)
         self._pending.popleft()
         if not front.hidden:
+            out.to_client.append(_with_logical_types(frame, fields, plan))
+
+    def _parameter_description(self, frame: Frame, out: Output) -> None:
+        """Show encrypted parameters with their logical type, not the storage type."""
+        front = self._front()
+        statement = front.statement if front is not None else None
+        if statement is None or not statement.plan.params:
             out.to_client.append(frame.raw)
+            return
+        types = list(m.decode_parameter_description(frame.payload))
+        for number, column in statement.plan.params.items():
+            if column.retyped and number <= len(types) and number not in statement.plan.arrays:
+                types[number - 1] = column.logical.oid
+        out.to_client.append(m.encode_parameter_description(tuple(types)))
 
     def _no_data(self, frame: Frame, out: Output) -> None:
         front = self._front()
@@ -408,18 +455,23 @@ class Session:
                 return
         out.to_client.append(frame.raw)
 
-    def _described(self, front: Pending, fields: tuple[m.Field, ...]) -> None:
+    def _described(self, front: Pending, fields: tuple[m.Field, ...]) -> RowPlan | None:
+        """Record a Describe's answer; return the row plan it implies."""
         if front.kind == "describe-S":
-            if front.statement is not None:
-                front.statement.fields = fields
-            return
+            statement = front.statement
+            if statement is None:
+                return None
+            statement.fields = fields
+            return self._row_plan(fields, (), statement.plan.outputs)
         portal = front.portal
-        if portal is not None:
-            # A portal's RowDescription already carries its result formats.
-            outputs = portal.statement.plan.outputs if portal.statement else None
-            formats = tuple(f.format for f in fields)
-            portal.row_plan = self._row_plan(fields, formats, outputs)
-            portal.described = True
+        if portal is None:
+            return None
+        # A portal's RowDescription already carries its result formats.
+        outputs = portal.statement.plan.outputs if portal.statement else None
+        formats = tuple(f.format for f in fields)
+        portal.row_plan = self._row_plan(fields, formats, outputs)
+        portal.described = True
+        return portal.row_plan
 
     def _row_plan(
         self,
@@ -675,3 +727,21 @@ def _bind_names(payload: memoryview) -> tuple[str, str]:
 
 
 __all__ = ["EMPTY_PLAN", "Output", "Planner", "Session"]
+
+
+def _with_logical_types(
+    frame: Frame, fields: tuple[m.Field, ...], plan: RowPlan | None
+) -> bytes:
+    """Return the RowDescription with encrypted fields shown in their logical type."""
+    if plan is None:
+        return frame.raw
+    retyped = list(fields)
+    changed = False
+    for index, columns, _ in plan:
+        logical = columns[0].logical
+        if columns[0].retyped and fields[index].type_oid != logical.oid:
+            retyped[index] = replace(
+                fields[index], type_oid=logical.oid, type_size=logical.size, type_modifier=-1
+            )
+            changed = True
+    return m.encode_row_description(tuple(retyped)) if changed else frame.raw
