@@ -174,6 +174,9 @@ class _Walker:
         if kind == "PrepareStmt":
             self._prepare(body)
             return
+        if kind == "DoStmt":
+            self._do_block(body)
+            return
         self._scope = dict(self._ruled_relations(stmt))
         if not self._scope:
             return
@@ -490,6 +493,16 @@ class _Walker:
     def _table_of(self, relation: Node) -> RuledTable | None:
         body = relation.get("RangeVar", relation)
         return self._catalog.lookup(body.get("schemaname"), body["relname"])
+
+    def _do_block(self, body: Node) -> None:
+        """Reject a DO block whose code names a ruled table: it cannot be analysed."""
+        code = " ".join(
+            str(item["DefElem"].get("arg", {}).get("String", {}).get("sval", ""))
+            for item in body.get("args", [])
+        ).lower()
+        for table in self._catalog.tables:
+            if table.name.lower() in code:
+                self._unsupported("DoStmt", table)
 
     def _merge(self, body: Node) -> None:
         table = self._table_of(body["relation"])
