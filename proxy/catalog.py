@@ -100,31 +100,45 @@ class Catalog:
         default_factory=dict, repr=False
     )
     _by_oid: dict[int, RuledTable] = field(default_factory=dict, repr=False)
+    # Every schema holding a relation named like a ruled table, ruled or not,
+    # to resolve unqualified names along a search_path.
+    namesakes: dict[str, frozenset[str]] = field(default_factory=dict, repr=False)
 
     @classmethod
-    def build(cls, tables: Iterable[RuledTable]) -> Catalog:
+    def build(
+        cls,
+        tables: Iterable[RuledTable],
+        namesakes: dict[str, frozenset[str]] | None = None,
+    ) -> Catalog:
         tables = tuple(tables)
         by_name = {(t.schema, t.name): t for t in tables}
         by_oid = {t.oid: t for t in tables}
-        return cls(tables, by_name, by_oid)
+        return cls(tables, by_name, by_oid, dict(namesakes or {}))
 
     @property
     def table_names(self) -> frozenset[str]:
         """Lower-case table names, for the check that skips the parser."""
         return frozenset(t.name.lower() for t in self.tables)
 
-    def lookup(self, schema: str | None, name: str) -> RuledTable | None:
+    def lookup(
+        self, schema: str | None, name: str, search_path: tuple[str, ...] | None = None
+    ) -> RuledTable | None:
         """Find a ruled table by its possibly unqualified name.
 
-        NOTE: an unqualified name matches a ruled table of that name in any
-        schema, whatever the session's search_path. This errs on the side of
-        sealing, never of storing plaintext.
+        An unqualified name resolves along `search_path` as the server does,
+        with pg_temp and pg_catalog searched first. When the session's
+        search_path is not known, it matches a ruled table of that name in
+        any schema: this errs on the side of sealing, never of storing
+        plaintext.
         """
         if schema is not None:
             return self._by_name.get((schema, name))
-        for table in self.tables:
-            if table.name == name:
-                return table
+        if search_path is None:
+            return next((t for t in self.tables if t.name == name), None)
+        holders = self.namesakes.get(name, frozenset())
+        for candidate in _effective_path(search_path):
+            if candidate in holders or (candidate, name) in self._by_name:
+                return self._by_name.get((candidate, name))
         return None
 
     def column_at(self, table_oid: int, attnum: int) -> tuple[EncryptedColumn, ...] | None:
@@ -135,7 +149,18 @@ class Catalog:
         return table.fields.get(attnum)
 
     def with_views(self, views: Iterable[RuledTable]) -> Catalog:
-        return Catalog.build(self.tables + tuple(views))
+        return Catalog.build(self.tables + tuple(views), self.namesakes)
+
+    def with_namesakes(self, namesakes: dict[str, frozenset[str]]) -> Catalog:
+        return Catalog.build(self.tables, namesakes)
+
+
+def _effective_path(search_path: tuple[str, ...]) -> list[str]:
+    path = list(search_path)
+    for implicit in ("pg_catalog", "pg_temp"):
+        if implicit not in path:
+            path.insert(0, implicit)
+    return path
 
 
 _COLUMNS_QUERY = """
@@ -163,7 +188,28 @@ async def load_catalog(conn: Any, rules: Sequence[TableRule]) -> Catalog:
     for row in rows:
         found.setdefault((row["nspname"], row["relname"]), []).append(row)
     catalog = Catalog.build(_ruled_table(rule, found) for rule in rules)
-    return await _add_views(conn, catalog)
+    catalog = await _add_views(conn, catalog)
+    return catalog.with_namesakes(await _namesakes(conn, catalog))
+
+
+_NAMESAKES_QUERY = """
+SELECT c.relname, array_agg(n.nspname) AS schemas
+FROM pg_catalog.pg_class c
+JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+WHERE c.relname = ANY($1::text[]) AND c.relkind IN ('r', 'v', 'm', 'p', 'f')
+GROUP BY c.relname
+"""
+
+
+async def _namesakes(conn: Any, catalog: Catalog) -> dict[str, frozenset[str]]:
+    """Return, per ruled relation name, every schema holding a relation of that name.
+
+    NOTE: temporary tables created later by a session are not known, so a
+    temporary namesake of a ruled table is still treated as ruled.
+    """
+    names = sorted({table.name for table in catalog.tables})
+    rows = await conn.fetch(_NAMESAKES_QUERY, names)
+    return {row["relname"]: frozenset(row["schemas"]) for row in rows}
 
 
 def _ruled_table(rule: TableRule, found: dict[tuple[str, str], list[Any]]) -> RuledTable:

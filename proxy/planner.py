@@ -45,15 +45,24 @@ class KeyView:
 
     cache: KeyCache
     store_id: bytes
+    # False for a write-only proxy. It holds the data keys it created, but
+    # opens no value, so its reads never depend on which replica sealed a row.
+    can_open: bool = True
 
     def active(self, column: EncryptedColumn) -> DataKey:
         ref = self.cache.active_ref(column.key_name)
         key = self.cache.get(*ref) if ref is not None else None
         if key is None:
             raise KeyringError(f"no data key is loaded for column {column.identity}")
+        # Each call seals one value. For randomized columns the count feeds
+        # max_values_per_key, past which the proxy rolls a new version.
+        if column.rule.encryption is Encryption.RANDOMIZED:
+            self.cache.note_sealed(column.key_name, (key.key_id, key.version))
         return key
 
     def for_value(self, blob: bytes) -> DataKey:
+        if not self.can_open:
+            raise KeyringError("no configured keyring can unwrap, so no value opens")
         key_id, version = read_key_ref(blob)
         key = self.cache.get(key_id, version)
         if key is None:
@@ -74,8 +83,8 @@ class ColumnPlanner:
         self._analyzer = Analyzer(catalog)
         self._oids = frozenset(table.oid for table in catalog.tables)
 
-    def statement(self, sql: str) -> StatementPlan:
-        return self._analyzer.plan(sql)
+    def statement(self, sql: str, search_path: tuple[str, ...] | None = None) -> StatementPlan:
+        return self._analyzer.plan(sql, search_path)
 
     def seal_literals(self, sql: str, plan: StatementPlan) -> str:
         return replace_literals(sql, plan.literals, self._seal_literal)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import cachetools
@@ -34,11 +34,23 @@ _PASS_THROUGH_HINT = (
     "compute on them in the application."
 )
 _TEXT_CASTS = {"text", "varchar", "bytea", "bpchar"}
+# Words that make a statement worth parsing even when it names no ruled table.
+_PARSE_ANYWAY = ("execute", "deallocate", "search_path")
 _WRITES = ("InsertStmt", "UpdateStmt", "MergeStmt")
 _UNSUPPORTED = {
     "DoStmt": "a DO block",
     "MergeStmt": "MERGE",
 }
+
+
+@dataclass(frozen=True, slots=True)
+class SearchPathChange:
+    """A statement's new search_path; None when the proxy cannot tell it."""
+
+    value: tuple[str, ...] | None
+
+
+CacheKey = tuple[tuple[str, ...] | None, str]
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +67,7 @@ class StatementPlan:
     copy: CopyPlan | None = None
     # Parameters that are arrays whose elements are each sealed (= ANY($1)).
     arrays: frozenset[int] = frozenset()
+    search_path: SearchPathChange | None = None
 
     @property
     def is_empty(self) -> bool:
@@ -65,6 +78,7 @@ class StatementPlan:
             or self.sql_prepared
             or self.sql_executes
             or self.copy
+            or self.search_path
         )
 
 
@@ -83,30 +97,38 @@ class CopyPlan:
 class Analyzer:
     """Analyse statements against the ruled tables of one database.
 
-    Results are cached by statement text; rejections are cached too, so a
-    client that retries a rejected statement does not cost a parse each time.
+    Results are cached by search_path and statement text, and the analyzer
+    belongs to one database; rejections are cached too, so a client that
+    retries a rejected statement does not cost a parse each time.
     """
 
     def __init__(self, catalog: Catalog, cache_size: int = 4096) -> None:
         self.catalog = catalog
         self._names = catalog.table_names
-        self._cache: cachetools.LRUCache[str, StatementPlan | StatementRejected]
+        self._cache: cachetools.LRUCache[CacheKey, StatementPlan | StatementRejected]
         self._cache = cachetools.LRUCache(maxsize=cache_size)
 
-    def plan(self, sql: str) -> StatementPlan:
-        """Return the seal plan of `sql`, or raise StatementRejected."""
-        cached = self._cache.get(sql)
+    def plan(self, sql: str, search_path: tuple[str, ...] | None = None) -> StatementPlan:
+        """Return the seal plan of `sql`, or raise StatementRejected.
+
+        `search_path` is the session's, with `$user` already replaced, or
+        None when it is not known.
+        """
+        key = (search_path, sql)
+        cached = self._cache.get(key)
         if cached is None:
-            cached = self._analyse(sql)
-            self._cache[sql] = cached
+            cached = self._analyse(sql, search_path)
+            self._cache[key] = cached
         if isinstance(cached, StatementRejected):
             raise cached
         return cached
 
-    def _analyse(self, sql: str) -> StatementPlan | StatementRejected:
+    def _analyse(
+        self, sql: str, search_path: tuple[str, ...] | None
+    ) -> StatementPlan | StatementRejected:
         lowered = sql.lower()
-        if not any(name in lowered for name in self._names) and not (
-            "execute" in lowered or "deallocate" in lowered
+        if not any(name in lowered for name in self._names) and not any(
+            word in lowered for word in _PARSE_ANYWAY
         ):
             return EMPTY_PLAN
         try:
@@ -115,12 +137,16 @@ class Analyzer:
             # The server reports the syntax error itself, with its own position.
             return EMPTY_PLAN
         try:
-            walker = _Walker(self.catalog, sql)
+            walker = _Walker(self.catalog, sql, search_path)
             for raw in tree.get("stmts", []):
                 walker.statement(raw["stmt"])
-            return walker.result()
+            plan = walker.result()
         except StatementRejected as exc:
             return exc
+        if "search_path" in lowered and plan.search_path is None:
+            # set_config() and the like change it in ways not followed here.
+            plan = replace(plan, search_path=SearchPathChange(None))
+        return plan
 
 
 def reject(column: EncryptedColumn, reason: str, hint: str = "") -> StatementRejected:
@@ -134,9 +160,13 @@ def reject(column: EncryptedColumn, reason: str, hint: str = "") -> StatementRej
 class _Walker:
     """Walk one statement text's parse trees and collect its seal plan."""
 
-    def __init__(self, catalog: Catalog, sql: str) -> None:
+    def __init__(
+        self, catalog: Catalog, sql: str, search_path: tuple[str, ...] | None = None
+    ) -> None:
         self._catalog = catalog
         self._sql = sql
+        self._search_path = search_path
+        self._search_path_change: SearchPathChange | None = None
         self._params: dict[int, EncryptedColumn] = {}
         self._literals: list[LiteralSlot] = []
         self._scope: dict[str, RuledTable] = {}
@@ -159,6 +189,7 @@ class _Walker:
             tuple(self._sql_executes),
             self._copies[0] if len(self._copies) == 1 else None,
             frozenset(self._arrays),
+            self._search_path_change,
         )
         return EMPTY_PLAN if plan.is_empty else plan
 
@@ -176,6 +207,9 @@ class _Walker:
             return
         if kind == "DoStmt":
             self._do_block(body)
+            return
+        if kind == "VariableSetStmt" and body.get("name") == "search_path":
+            self._set_search_path(body)
             return
         self._scope = dict(self._ruled_relations(stmt))
         if not self._scope:
@@ -232,7 +266,7 @@ class _Walker:
             self._literals.append(find_literal_span(self._sql, const, column))
 
     def _prepare(self, body: Node) -> None:
-        inner = _Walker(self._catalog, self._sql)
+        inner = _Walker(self._catalog, self._sql, self._search_path)
         inner.statement(body["query"])
         self._literals.extend(inner._literals)
         self._sql_prepared.append(SqlPrepare(body["name"], dict(inner._params)))
@@ -492,7 +526,20 @@ class _Walker:
 
     def _table_of(self, relation: Node) -> RuledTable | None:
         body = relation.get("RangeVar", relation)
-        return self._catalog.lookup(body.get("schemaname"), body["relname"])
+        return self._catalog.lookup(
+            body.get("schemaname"), body["relname"], self._search_path
+        )
+
+    def _set_search_path(self, body: Node) -> None:
+        value = None
+        if body.get("kind") == "VAR_SET_VALUE" and not body.get("is_local"):
+            value = tuple(
+                str(_only(arg)[1].get("sval", {}).get("sval", "")) for arg in body.get("args", [])
+            )
+        # NOTE: SET LOCAL, RESET and DEFAULT make the path unknown to the
+        # proxy, which then matches ruled tables in any schema.
+        self._search_path_change = SearchPathChange(value)
+        self._search_path = value
 
     def _do_block(self, body: Node) -> None:
         """Reject a DO block whose code names a ruled table: it cannot be analysed."""

@@ -13,8 +13,9 @@ from __future__ import annotations
 import logging
 import struct
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from proxy.errors import (
     DecryptionError,
@@ -60,7 +61,9 @@ _DDL_TAGS = (
 class Planner(Protocol):
     """What the session needs from the rules, the catalog and the keys."""
 
-    def statement(self, sql: str) -> StatementPlan: ...
+    def statement(
+        self, sql: str, search_path: tuple[str, ...] | None = None
+    ) -> StatementPlan: ...
 
     def seal_literals(self, sql: str, plan: StatementPlan) -> str: ...
 
@@ -93,8 +96,8 @@ class Portal:
     statement: Statement | None
     result_formats: tuple[int, ...] = ()
     row_plan: RowPlan | None = None
-    # Set once the row plan is known, or a Describe of the portal is on its
-    # way: the server answers that Describe before any row of the portal.
+    # True once the row plan is known or a Describe of the portal was sent.
+    # The server replies to that Describe before it sends any row of the portal.
     described: bool = False
 
 
@@ -124,9 +127,12 @@ class Output:
 class Session:
     """Protocol state of one client connection to one database."""
 
-    def __init__(self, planner: Planner | None, conn_id: str = "-") -> None:
+    def __init__(self, planner: Planner | None, conn_id: str = "-", user: str = "") -> None:
         self._planner = planner
         self._conn_id = conn_id
+        self._user = user
+        # The session's search_path, or None while the proxy cannot tell it.
+        self._search_path: tuple[str, ...] | None = None
         self._statements: dict[str, Statement] = {}
         self._portals: dict[str, Portal] = {}
         self._pending: deque[Pending] = deque()
@@ -162,6 +168,7 @@ class Session:
             ord("s"): self._command_complete,
             ord("E"): self._error,
             ord("Z"): self._ready,
+            ord("S"): self._parameter_status,
             ord("G"): self._copy_response,
             ord("H"): self._copy_response,
             ord("d"): self._server_copy_data,
@@ -193,7 +200,7 @@ class Session:
         assert self._planner is not None
         pending = Pending("parse", msg.statement)
         try:
-            plan = self._sql_prepared.apply(self._planner.statement(msg.query), msg.query)
+            plan = self._plan(msg.query)
             query = self._seal_literals(msg.query, plan)
         except StatementRejected as exc:
             self._reject(pending, exc, out, m.Parse(msg.statement, _REJECTED_QUERY, ()))
@@ -242,8 +249,20 @@ class Session:
         except ValueError as exc:
             # The error's text may quote part of the value, so it stays out.
             raise StatementRejected(
-                "22P02", "a literal bound for an encrypted bytea column is not valid bytea"
+                "22P02",
+                "a literal bound for an encrypted bytea column is not valid bytea",
             ) from exc
+
+    def _plan(self, sql: str) -> StatementPlan:
+        """Analyse `sql` for this session, and follow its SET search_path."""
+        assert self._planner is not None
+        path = self._search_path
+        if path is not None:
+            path = tuple(self._user if name == "$user" else name for name in path)
+        plan = self._sql_prepared.apply(self._planner.statement(sql, path), sql)
+        if plan.search_path is not None:
+            self._search_path = plan.search_path.value
+        return plan
 
     def _define_statement(self, name: str, statement: Statement) -> Callable[[], None]:
         return _replace(self._statements, name, statement)
@@ -295,7 +314,9 @@ class Session:
                 )
             except KeyringError as exc:
                 raise StatementRejected(
-                    "22023", f"parameter ${number} could not be sealed: {exc}", _SEAL_HINT
+                    "22023",
+                    f"parameter ${number} could not be sealed: {exc}",
+                    _SEAL_HINT,
                 ) from exc
             except (ValueError, IndexError, struct.error) as exc:
                 # The error's text may quote part of the value, so it stays out.
@@ -313,8 +334,8 @@ class Session:
 
     def _describe(self, frame: Frame, out: Output) -> None:
         kind, name = m.decode_target(frame.payload)
-        # The answer belongs to the statement or portal that has this name
-        # now: a later Parse or Bind may reuse the name before it arrives.
+        # The reply updates the statement or portal that has this name now,
+        # because a later Parse or Bind may reuse the name before it arrives.
         pending = Pending("describe-" + kind, name)
         if kind == "S":
             pending.statement = self._statements.get(name)
@@ -359,7 +380,7 @@ class Session:
         sql = m.decode_query(frame.payload)
         pending = Pending("query")
         try:
-            plan = self._sql_prepared.apply(self._planner.statement(sql), sql)
+            plan = self._plan(sql)
             sealed = self._seal_literals(sql, plan)
         except StatementRejected as exc:
             self._reject(pending, exc, out, None)
@@ -425,7 +446,9 @@ class Session:
             return
         if not front.kind.startswith("describe"):
             # Only a Describe or a simple query gets a RowDescription.
-            log.warning("[%s] RowDescription answers no Describe", self._conn_id)
+            log.warning(
+                "[%s] RowDescription received with no pending Describe", self._conn_id
+            )
             out.to_client.append(frame.raw)
             return
         plan = self._described(front, fields)
@@ -445,6 +468,15 @@ class Session:
             if column.retyped and number <= len(types) and number not in statement.plan.arrays:
                 types[number - 1] = column.logical.oid
         out.to_client.append(m.encode_parameter_description(tuple(types)))
+
+    def _parameter_status(self, frame: Frame, out: Output) -> None:
+        # Servers that report search_path (PostgreSQL 18 does) say exactly
+        # what it is after every change, whatever changed it.
+        out.to_client.append(frame.raw)
+        name, _, rest = bytes(frame.payload).partition(b"\0")
+        if name == b"search_path":
+            value = rest.rstrip(b"\0").decode("utf-8", "replace")
+            self._search_path = parse_search_path(value)
 
     def _no_data(self, frame: Frame, out: Output) -> None:
         front = self._front()
@@ -695,7 +727,7 @@ class Session:
 
 
 def _replace(table: dict[str, _T], name: str, value: _T | None) -> Callable[[], None]:
-    """Set or remove `table[name]`; return a function that restores the old entry."""
+    """Set or remove `table[name]` and return a function that restores the old entry."""
     previous = table.get(name)
     if value is None:
         table.pop(name, None)
@@ -745,3 +777,28 @@ def _with_logical_types(
             )
             changed = True
     return m.encode_row_description(tuple(retyped)) if changed else frame.raw
+
+
+def parse_search_path(value: str) -> tuple[str, ...]:
+    """Split a search_path setting into schema names, unquoting quoted ones."""
+    names = []
+    current = ""
+    quoted = False
+    i = 0
+    while i < len(value):
+        char = value[i]
+        if char == '"':
+            if quoted and value[i + 1 : i + 2] == '"':
+                current += '"'
+                i += 1
+            else:
+                quoted = not quoted
+        elif char == "," and not quoted:
+            names.append(current.strip())
+            current = ""
+        elif quoted or not char.isspace():
+            current += char
+        i += 1
+    if current.strip():
+        names.append(current.strip())
+    return tuple(names)

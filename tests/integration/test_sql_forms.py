@@ -196,3 +196,32 @@ def test_sql_execute_expression_rejected(oauth_proxy: RunningProxy) -> None:
         with pytest.raises(psycopg.errors.FeatureNotSupported):
             conn.execute("EXECUTE add_token(1, upper('plain'))", prepare=False)
     assert oauth_proxy.direct("SELECT count(*) FROM oauth_tokens") == [(0,)]
+
+
+def test_search_path_resolves_unqualified_names(oauth_proxy: RunningProxy) -> None:
+    oauth_proxy.direct("CREATE SCHEMA staging")
+    oauth_proxy.direct(
+        "CREATE TABLE staging.oauth_tokens (id serial, user_id int, access_token text)"
+    )
+    oauth_proxy.run(oauth_proxy.proxy.reload_catalogs())
+    with _connect(oauth_proxy) as conn:
+        conn.execute("SET search_path TO staging, public")
+        conn.execute(
+            "INSERT INTO oauth_tokens (user_id, access_token) VALUES (1, %s)",
+            ("staging-plain",),
+        )
+        conn.execute("SET search_path TO public")
+        conn.execute(
+            "INSERT INTO oauth_tokens (user_id, access_token) VALUES (2, %s)", (SECRET,)
+        )
+        conn.execute("RESET search_path")
+        conn.execute(
+            "INSERT INTO oauth_tokens (user_id, access_token) VALUES (3, %s)", (SECRET,)
+        )
+    assert oauth_proxy.direct("SELECT access_token FROM staging.oauth_tokens") == [
+        ("staging-plain",)
+    ]
+    stored = _stored(oauth_proxy)
+    assert len(stored) == 2
+    for value in stored:
+        assert_sealed(value, SECRET)

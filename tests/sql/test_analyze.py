@@ -209,3 +209,24 @@ def test_copy_out_query_plan(analyzer: Analyzer) -> None:
     assert plan.copy is not None
     assert plan.copy.direction == "out"
     assert plan.copy.fields == {1: (TOKEN,)}
+
+
+def test_search_path_shadowing() -> None:
+    catalog = Catalog.build([ACCOUNTS], {"accounts": frozenset({"public", "audit"})})
+    analyzer = Analyzer(catalog)
+    sql = "INSERT INTO accounts (token) VALUES ($1)"
+    assert analyzer.plan(sql, ("audit", "public")).is_empty
+    assert analyzer.plan(sql, ("public", "audit")).params == {1: TOKEN}
+    assert analyzer.plan(sql, None).params == {1: TOKEN}
+
+
+def test_set_search_path_recorded(analyzer: Analyzer) -> None:
+    plan = analyzer.plan('SET search_path TO "My Schema", public')
+    assert plan.search_path is not None
+    assert plan.search_path.value == ("My Schema", "public")
+    local = analyzer.plan("SET LOCAL search_path TO x")
+    assert local.search_path is not None
+    assert local.search_path.value is None
+    other = analyzer.plan("SELECT set_config('search_path', 'x', false)")
+    assert other.search_path is not None
+    assert other.search_path.value is None
