@@ -45,7 +45,7 @@ class KeyView:
 
     cache: KeyCache
     store_id: bytes
-    # False for a write-only proxy. It holds the data keys it created, but
+    # False for a write-only proxy. It keeps the data keys it created, but
     # opens no value, so its reads never depend on which replica sealed a row.
     can_open: bool = True
 
@@ -117,8 +117,14 @@ class ColumnPlanner:
             return sealed
         return b"\\x" + sealed.hex().encode()
 
-    def seal_array_param(self, column: EncryptedColumn, value: bytes, fmt: int) -> bytes:
-        """Seal every element of an array parameter, as for `col = ANY($1)`."""
+    def seal_array_param(
+        self, column: EncryptedColumn, value: bytes, fmt: int, declared_oid: int = 0
+    ) -> bytes:
+        """Seal every element of an array parameter, as for `col = ANY($1)`.
+
+        Elements are read as the column's logical type; `declared_oid` is the
+        array's own type and is not used.
+        """
         if fmt == BINARY_FORMAT:
             return map_binary_array(value, lambda v: self.seal_param(column, v, fmt))
         return map_text_array(value, lambda v: self.seal_param(column, v, fmt))
