@@ -10,13 +10,17 @@ from pathlib import Path
 
 import asyncpg
 
+from proxy.audit import AuditLog
 from proxy.catalog import Catalog, load_catalog
 from proxy.crypto.keyring import Keyring, RemoteKeyring, parse_keyring_spec
 from proxy.crypto.keystore import KeyCache, KeyStore
-from proxy.errors import KeyStoreError, PgsealError
+from proxy.crypto.values import Algorithm
+from proxy.errors import ConfigError, KeyStoreError, PgsealError
 from proxy.planner import ColumnPlanner, KeyView, algorithm_of
+from proxy.rotation import KeyRotator
 from proxy.rules import RuleSet, load_rules
-from proxy.server import Relay, Upstream
+from proxy.server import Listener, Relay, Upstream
+from proxy.tls import load_client_tls
 from proxy.wire.frames import DEFAULT_MAX_MESSAGE
 from proxy.wire.session import Planner
 
@@ -38,6 +42,18 @@ class ProxySettings:
     # Seconds between checks of the rules folder for changed files; 0 turns
     # the check off, leaving SIGHUP as the way to reload.
     rules_poll_seconds: float = 1.0
+    # PEM certificate chain and private key for TLS with clients; without
+    # them the proxy responds 'N' to SSLRequest.
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    # Seconds between reloads of the data keys: new versions, retired ones
+    # and rotation periods are seen at this pace.
+    key_refresh_seconds: float = KEY_REFRESH_SECONDS
+    # Values sealed per randomized data key in this process before the proxy
+    # creates a new version; None for no limit.
+    max_values_per_key: int | None = None
+    # JSON-lines file that records key creation and rotation; None for none.
+    audit_log: Path | None = None
 
 
 class Proxy:
@@ -45,14 +61,16 @@ class Proxy:
 
     def __init__(self, settings: ProxySettings) -> None:
         self.settings = settings
-        self._cache = KeyCache()
+        self._cache = KeyCache(max_values_per_key=settings.max_values_per_key)
+        self._rotator: KeyRotator | None = None
+        self._audit: AuditLog | None = None
         self._pool: asyncpg.Pool[asyncpg.Record] | None = None
         self._keystore: KeyStore | None = None
         self._catalogs: dict[str, Catalog] = {}
         self._column_planners: dict[str, ColumnPlanner] = {}
         self._rules = RuleSet(())
         self._reloading: asyncio.Task[None] | None = None
-        self._server: asyncio.Server | None = None
+        self._server: Listener | None = None
         self._refresher: asyncio.Task[None] | None = None
         self._watcher: asyncio.Task[None] | None = None
         self.relay: Relay | None = None
@@ -74,32 +92,42 @@ class Proxy:
 
     async def _start(self) -> None:
         settings = self.settings
+        client_tls = load_client_tls(settings.tls_cert, settings.tls_key)
         # A KMS keyring imports boto3 and builds its client, which may block.
         self.keyrings = await asyncio.to_thread(_parse_keyrings, settings.keyrings)
         rules = load_rules(settings.rules_dir)
         self._pool = await asyncpg.create_pool(
             **settings.upstream.connect_args(), min_size=1, max_size=4
         )
-        self._keystore = KeyStore(self._pool, self.keyrings, self._cache)
+        if settings.audit_log is not None:
+            self._audit = AuditLog(settings.audit_log, db_user=settings.upstream.user)
+        self._keystore = KeyStore(self._pool, self.keyrings, self._cache, self._audit)
         await self._keystore.setup()
+        self._rotator = KeyRotator(self._keystore)
+        self._cache.on_limit = self._rotator.limit_reached
         self._rules = rules
         self._catalogs = await self._load_catalogs(rules)
         await self._load_keys()
-        self.relay = Relay(settings.upstream, self._planners(), settings.max_message)
+        self.relay = Relay(
+            settings.upstream, self._planners(), settings.max_message, client_tls
+        )
         self.relay.on_catalog_change = self._catalog_changed
-        self._server = await asyncio.start_server(
-            self.relay.handle, settings.listen_host, settings.listen_port
+        self._server = await Listener.start(
+            self.relay.accept, settings.listen_host, settings.listen_port
         )
         self.port = self._server.sockets[0].getsockname()[1]
         self._refresher = asyncio.create_task(self._refresh_keys())
         if settings.rules_poll_seconds > 0:
             self._watcher = asyncio.create_task(self._watch_rules())
         log.info(
-            "pgseal listening on %s:%d, upstream %s:%d, %d ruled tables",
+            "pgseal listening on %s:%d (client TLS %s), upstream %s:%d "
+            "(sslmode %s), %d ruled tables",
             settings.listen_host,
             self.port,
+            "on" if client_tls else "off",
             settings.upstream.host,
             settings.upstream.port,
+            settings.upstream.sslmode.value,
             sum(len(c.tables) for c in self._catalogs.values()),
         )
 
@@ -147,20 +175,26 @@ class Proxy:
                 catalogs[database] = await load_catalog(conn, table_rules)
             finally:
                 await conn.close()
+        _check_write_only(catalogs, self.keyrings)
         return catalogs
 
     async def _load_keys(self) -> None:
         keystore = self.keystore
         names = []
+        columns = []
         for catalog in self._catalogs.values():
             for table in catalog.tables:
                 for column in table.encrypted.values():
                     await keystore.active_key(column.key_name, algorithm_of(column))
                     names.append(column.key_name)
+                    columns.append(column)
+        if self._rotator is not None:
+            await self._rotator.rotate_due(columns)
         await keystore.load_keys(names)
 
     def _planners(self) -> dict[str, Planner]:
-        view = KeyView(self._cache, self.keystore.store_id)
+        keystore = self.keystore
+        view = KeyView(self._cache, keystore.store_id, keystore.can_unwrap)
         for database in list(self._column_planners):
             if database not in self._catalogs:
                 del self._column_planners[database]
@@ -198,8 +232,9 @@ class Proxy:
 
     async def _refresh_keys(self) -> None:
         while True:
-            await asyncio.sleep(KEY_REFRESH_SECONDS)
+            await asyncio.sleep(self.settings.key_refresh_seconds)
             try:
+                self._cache.purge()
                 await self._load_keys()
             except (PgsealError, OSError, asyncpg.PostgresError) as exc:
                 log.warning("data key refresh failed, cached keys stay in use: %s", exc)
@@ -218,9 +253,13 @@ class Proxy:
             self._server.close()
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._server.wait_closed(), 5)
+        if self._rotator is not None:
+            await self._rotator.stop()
         if self._pool is not None:
             await self._pool.close()
         self._cache.clear()
+        if self._audit is not None:
+            self._audit.close()
         self._log_keyring_calls()
         log.info("pgseal stopped")
 
@@ -236,16 +275,46 @@ class Proxy:
                 continue
             operations = sorted(keyring.operations.items())
             log.info(
-                "keyring %s: %d unwrap calls, %d KMS calls (%s)",
+                "keyring %s: %d unwrap calls, %d %s calls (%s)",
                 keyring.name,
                 unwraps[keyring.name],
                 keyring.calls,
+                keyring.service,
                 ", ".join(f"{name} {count}" for name, count in operations) or "none",
             )
 
 
 def _parse_keyrings(specs: tuple[str, ...]) -> tuple[Keyring, ...]:
     return tuple(parse_keyring_spec(spec) for spec in specs)
+
+
+def _check_write_only(
+    catalogs: dict[str, Catalog], keyrings: tuple[Keyring, ...]
+) -> None:
+    """Reject deterministic columns when no keyring can unwrap.
+
+    A write-only proxy seals under a data key version of its own, so a value
+    it seals would not equal the same value sealed by the other proxies,
+    which breaks equality search, unique constraints and joins.
+    """
+    if any(keyring.can_unwrap for keyring in keyrings):
+        return
+    deterministic = sorted(
+        column.identity
+        for catalog in catalogs.values()
+        for table in catalog.tables
+        for column in table.encrypted.values()
+        if algorithm_of(column) is Algorithm.AES_256_SIV
+    )
+    if deterministic:
+        raise ConfigError(
+            f"deterministic columns {', '.join(deterministic)} need a keyring "
+            "that can unwrap, but every configured keyring is write-only (a "
+            "sodium key directory without its private key): a write-only proxy "
+            "seals under a data key version of its own, so equal values would no "
+            "longer seal alike. Add a keyring that can unwrap, or run this proxy "
+            "with rules that have no deterministic columns"
+        )
 
 
 def _folder_signature(folder: Path) -> tuple[tuple[str, int, int], ...]:

@@ -1,4 +1,4 @@
-"""The `pgseal` command: serve, keys init, demo."""
+"""The `pgseal` command: serve, keys (init, backup, restore), rules, demo."""
 
 from __future__ import annotations
 
@@ -8,11 +8,14 @@ import logging
 import signal
 import sys
 from pathlib import Path
+from typing import Any
 
 from proxy.app import Proxy, ProxySettings
-from proxy.crypto.keyring import SodiumKeyring
+from proxy.crypto.keyring import SodiumKeyring, parse_sodium_spec, read_passphrase
 from proxy.errors import ConfigError, PgsealError
+from proxy.keys_admin import add_key_commands, add_reencrypt_command
 from proxy.server import Upstream
+from proxy.tls import SslMode
 from proxy.wire.frames import DEFAULT_MAX_MESSAGE
 
 log = logging.getLogger("pgseal")
@@ -70,13 +73,35 @@ def _build_parser() -> argparse.ArgumentParser:
         help="seconds between checks of the rules folder for changes; 0 turns the "
         "check off, and SIGHUP still reloads",
     )
+    _add_tls_options(serve)
+    serve.add_argument(
+        "--audit-log",
+        type=Path,
+        help="file to append one JSON line per data key the proxy creates "
+        "(mode 0600)",
+    )
+    serve.add_argument(
+        "--max-values-per-key",
+        type=int,
+        help="values sealed under one randomized data key by this process "
+        "before it creates a new version (default: no limit)",
+    )
     serve.set_defaults(run=_serve)
 
     keys = commands.add_parser("keys", help="manage keys")
     key_commands = keys.add_subparsers(required=True, metavar="KEYS_COMMAND")
     init = key_commands.add_parser("init", help="write a new sodium key pair")
     _add_keyring(init, many=False)
+    init.add_argument(
+        "--passphrase-env",
+        metavar="VAR",
+        help="environment variable holding a passphrase; the private key is then "
+        "written encrypted, as private.key.enc",
+    )
     init.set_defaults(run=_keys_init)
+    add_key_commands(key_commands)
+    add_reencrypt_command(commands)
+    _add_backup_commands(key_commands)
 
     rules = commands.add_parser("rules", help="work with rule files")
     rule_commands = rules.add_subparsers(required=True, metavar="RULES_COMMAND")
@@ -97,17 +122,46 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_tls_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--tls-cert",
+        type=Path,
+        metavar="FILE",
+        help="PEM certificate chain to present to clients; with --tls-key, the "
+        "proxy accepts TLS (SSLRequest and direct TLS), TLS 1.2 or newer",
+    )
+    parser.add_argument(
+        "--tls-key",
+        type=Path,
+        metavar="FILE",
+        help="PEM private key of --tls-cert, mode 0600 (0640 if owned by root)",
+    )
+    parser.add_argument(
+        "--upstream-sslmode",
+        choices=[mode.value for mode in SslMode],
+        help="TLS to the server, as libpq's sslmode (default: the URI's "
+        "sslmode, else prefer); also used for the proxy's own connections",
+    )
+    parser.add_argument(
+        "--upstream-sslrootcert",
+        metavar="FILE",
+        help="PEM file of the CAs that may sign the server's certificate, or "
+        "'system'; makes require check the chain, as libpq does",
+    )
+
+
 def _add_keyring(parser: argparse.ArgumentParser, many: bool) -> None:
     parser.add_argument(
         "--keyring",
         required=True,
         action="append" if many else "store",
         help=(
-            "keyring spec, sodium:KEYDIR or aws-kms:KEY (a KMS key id, ARN or "
-            "alias/NAME); give it once per keyring, and data keys are wrapped "
-            "by all of them and unwrapped by the first that works, in order"
+            "keyring spec: sodium:KEYDIR[?passphrase_env=VAR], aws-kms:KEY (a "
+            "KMS key id, ARN or alias/NAME) or vault-transit:KEY_NAME; give it "
+            "once per keyring, and data keys are wrapped by all of them and "
+            "unwrapped by the first that works, in order"
             if many
-            else "keyring spec, sodium:KEYDIR"
+            else "keyring spec, sodium:KEYDIR[?passphrase_env=VAR]"
         ),
     )
 
@@ -116,14 +170,24 @@ def _serve(args: argparse.Namespace) -> int:
     host, _, port = args.listen.rpartition(":")
     if not host or not port.isdigit():
         raise ConfigError(f"--listen must be HOST:PORT, got {args.listen!r}")
+    if args.max_values_per_key is not None and args.max_values_per_key < 1:
+        raise ConfigError(
+            f"--max-values-per-key must be at least 1, got {args.max_values_per_key}"
+        )
     settings = ProxySettings(
         listen_host=host,
         listen_port=int(port),
-        upstream=Upstream.parse(args.upstream),
+        upstream=Upstream.parse(
+            args.upstream, args.upstream_sslmode, args.upstream_sslrootcert
+        ),
         rules_dir=args.rules,
         keyrings=tuple(args.keyring),
         max_message=args.max_message_size,
         rules_poll_seconds=args.rules_poll_interval,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        audit_log=args.audit_log,
+        max_values_per_key=args.max_values_per_key,
     )
     asyncio.run(_run_proxy(settings))
     return 0
@@ -167,13 +231,100 @@ def _rules_check(args: argparse.Namespace) -> int:
 
 
 def _keys_init(args: argparse.Namespace) -> int:
-    scheme, _, location = args.keyring.partition(":")
-    if scheme != "sodium" or not location:
+    spec = parse_sodium_spec(args.keyring)
+    variable = args.passphrase_env or spec.passphrase_env
+    if args.passphrase_env and spec.passphrase_env not in (None, args.passphrase_env):
         raise ConfigError(
-            f"keys init creates sodium key pairs; expected sodium:KEYDIR, got {args.keyring!r}"
+            f"--passphrase-env {args.passphrase_env} and the spec's "
+            f"passphrase_env={spec.passphrase_env} differ: give one of them"
         )
-    keyring = SodiumKeyring.create(Path(location))
-    print(f"wrote key pair {keyring.name} to {location}")
+    passphrase = read_passphrase(variable) if variable else None
+    keyring = SodiumKeyring.create(spec.keydir, passphrase=passphrase)
+    print(f"wrote key pair {keyring.name} to {spec.keydir}")
+    return 0
+
+
+def _add_backup_commands(key_commands: argparse._SubParsersAction[Any]) -> None:
+    backup = key_commands.add_parser(
+        "backup", help="write an encrypted key store backup and recovery shares"
+    )
+    backup.add_argument("--upstream", required=True, help="postgresql:// URI of the database")
+    _add_keyring(backup, many=False)
+    backup.add_argument("--shares", type=int, required=True, help="number of share files")
+    backup.add_argument(
+        "--threshold", type=int, required=True, help="shares needed to recover, at least 2"
+    )
+    backup.add_argument("--out", type=Path, required=True, help="new folder for the files")
+    backup.set_defaults(run=_keys_backup)
+
+    restore = key_commands.add_parser(
+        "restore", help="rebuild the key store and key pair from a backup"
+    )
+    restore.add_argument(
+        "--upstream", required=True, help="postgresql:// URI of a database without keys"
+    )
+    restore.add_argument(
+        "--from", dest="source", type=Path, required=True, help="the backup's folder"
+    )
+    restore.add_argument(
+        "--share", type=Path, action="append", required=True, help="a share file; repeat"
+    )
+    restore.add_argument(
+        "--keydir", type=Path, required=True, help="new folder for the sodium key pair"
+    )
+    restore.add_argument(
+        "--passphrase-env",
+        metavar="VAR",
+        help="environment variable holding a passphrase for the restored private key",
+    )
+    restore.set_defaults(run=_keys_restore)
+
+
+def _keys_backup(args: argparse.Namespace) -> int:
+    from proxy.crypto.backup import backup_key_store
+
+    keyring = parse_sodium_spec(args.keyring).load()
+    upstream = Upstream.parse(args.upstream)
+    summary = asyncio.run(
+        backup_key_store(
+            upstream.connect_args(), keyring, args.out, args.shares, args.threshold
+        )
+    )
+    print(
+        f"wrote {summary.backup_file} ({summary.data_keys} data keys, "
+        f"{summary.sodium_copies} wrapped by {keyring.name}) and "
+        f"{len(summary.share_files)} share files; any {args.threshold} shares "
+        "recover it, so keep them apart from each other and from the backup"
+    )
+    missing = summary.data_keys - summary.sodium_copies
+    if missing:
+        print(
+            f"warning: {missing} data keys have no copy under {keyring.name}, so "
+            "restoring them needs one of their other keyrings"
+        )
+    return 0
+
+
+def _keys_restore(args: argparse.Namespace) -> int:
+    from proxy.crypto.backup import restore_key_store
+
+    passphrase = read_passphrase(args.passphrase_env) if args.passphrase_env else None
+    upstream = Upstream.parse(args.upstream)
+    summary = asyncio.run(
+        restore_key_store(
+            upstream.connect_args(), args.source, args.share, args.keydir, passphrase
+        )
+    )
+    print(
+        f"restored key store {summary.store_id} with {summary.data_keys} data keys; "
+        f"{summary.keyring} in {args.keydir} unwrapped {summary.unwrapped} of them"
+    )
+    missing = summary.data_keys - summary.unwrapped
+    if missing:
+        print(
+            f"warning: {missing} data keys have no copy under {summary.keyring}; "
+            "configure one of their other keyrings to read their values"
+        )
     return 0
 
 

@@ -18,6 +18,7 @@ import socket
 import stat
 import subprocess
 import tempfile
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Literal
@@ -249,7 +250,9 @@ class Cluster:
     """A PostgreSQL cluster in `data_dir`, served on 127.0.0.1 with SCRAM auth.
 
     The password is kept out of repr, logs and error messages. When no port
-    is given, start() picks a free one.
+    is given, start() picks a free one. `extra_conf` holds server settings
+    passed as `-c name=value` at every start. `hba_lines`, when given, is the
+    whole of pg_hba.conf, written at every start.
     """
 
     def __init__(
@@ -260,6 +263,8 @@ class Cluster:
         password: str,
         superuser: str = "postgres",
         port: int | None = None,
+        extra_conf: Mapping[str, str] | None = None,
+        hba_lines: Sequence[str] | None = None,
     ) -> None:
         if not password:
             raise ValueError("password must not be empty")
@@ -268,6 +273,8 @@ class Cluster:
         self.superuser = superuser
         self.password = password
         self._port = port
+        self.extra_conf = dict(extra_conf or {})
+        self.hba_lines = list(hba_lines) if hba_lines is not None else None
         self._account: pwd.struct_passwd | None = None
         self._fallback_socket_dir: Path | None = None
 
@@ -374,6 +381,12 @@ class Cluster:
         options = (
             f"-h {LOOPBACK_HOST} -p {self._port} -k {shlex.quote(str(socket_dir))}"
         )
+        for name, value in self.extra_conf.items():
+            options += f" -c {shlex.quote(f'{name}={value}')}"
+        if self.hba_lines is not None:
+            # Rewriting the existing file keeps its owner and mode 0600.
+            hba = self.data_dir / "pg_hba.conf"
+            hba.write_text("".join(f"{line}\n" for line in self.hba_lines))
         command = [
             str(self.bin_dir / "pg_ctl"),
             "start",

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
-import yaml
-from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
+import yaml  # type: ignore[import-untyped]
+from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode  # type: ignore[import-untyped]
 
 from proxy.errors import RuleError
 from proxy.types import TYPES
@@ -34,7 +34,7 @@ class Encryption(enum.Enum):
 
 
 class OnDecryptError(enum.Enum):
-    """What a client reads when a stored value of the column fails to open."""
+    """The value a client reads when a stored value of the column fails to open."""
 
     ERROR = "error"
     NULL = "null"
@@ -43,7 +43,7 @@ class OnDecryptError(enum.Enum):
 
 @dataclass(frozen=True, slots=True)
 class Source:
-    """Where a rule was written, for error messages."""
+    """The file and line of a rule, for error messages."""
 
     path: Path
     line: int
@@ -65,6 +65,9 @@ class ColumnRule:
     # means the column's own type.
     type: str | None = None
     storage: str | None = None
+    # Seconds after which the proxy creates a new data key version for new
+    # values; randomized columns only. None means only operators rotate.
+    rotation_period: float | None = None
 
     @property
     def identity(self) -> str:
@@ -112,7 +115,16 @@ class RuleSet:
 
 
 _TABLE_KEYS = {"name", "database", "columns"}
-_COLUMN_KEYS = {"name", "encryption", "key", "on_decrypt_error", "type", "storage"}
+_COLUMN_KEYS = {
+    "name",
+    "encryption",
+    "key",
+    "on_decrypt_error",
+    "type",
+    "storage",
+    "rotation_period",
+}
+_DURATION_UNITS = {"d": 86400, "h": 3600, "m": 60, "s": 1}
 _STORAGES = ("text", "bytea")
 
 
@@ -182,9 +194,53 @@ def _column(path: Path, node: Node, schema: str, table: str) -> ColumnRule:
             f"{_source(path, mapping['on_decrypt_error'])}: column {name} has type "
             f"{logical}, which cannot carry ciphertext; use 'error' or 'null'"
         )
+    rotation_period = _rotation_period(path, mapping, name, encryption)
     return ColumnRule(
-        schema, table, name, encryption, _source(path, node), key, on_error, logical, storage
+        schema,
+        table,
+        name,
+        encryption,
+        _source(path, node),
+        key,
+        on_error,
+        logical,
+        storage,
+        rotation_period,
     )
+
+
+def _rotation_period(
+    path: Path, mapping: dict[str, Node], name: str, encryption: Encryption
+) -> float | None:
+    if "rotation_period" not in mapping:
+        return None
+    node = mapping["rotation_period"]
+    if encryption is Encryption.DETERMINISTIC:
+        raise RuleError(
+            f"{_source(path, node)}: column {name} is deterministic and sets "
+            "'rotation_period', but deterministic keys never rotate by themselves: "
+            "a new version would stop equality search, joins and unique "
+            "constraints from matching older rows; rotate it with "
+            "pgseal keys rotate and re-encrypt instead"
+        )
+    text = _scalar(path, node, "rotation_period")
+    seconds = parse_duration(text)
+    if seconds is None:
+        raise RuleError(
+            f"{_source(path, node)}: invalid rotation_period {text!r}; expected a "
+            "positive whole number followed by d, h, m or s, for example 90d"
+        )
+    return seconds
+
+
+def parse_duration(text: str) -> float | None:
+    """Return the seconds in a duration such as 90d, 12h, 30m or 45s, else None."""
+    number, unit = text[:-1], text[-1:]
+    if unit not in _DURATION_UNITS or not (number.isascii() and number.isdigit()):
+        return None
+    if int(number) == 0:
+        return None
+    return float(int(number) * _DURATION_UNITS[unit])
 
 
 def _optional_choice(

@@ -1,9 +1,11 @@
 """The asyncio listener: client and server sockets, startup, and the relay.
 
-This is the only module that owns client and server sockets. Each client
-connection gets its own upstream connection and a sans-IO Session that
-decides what to forward. Authentication is relayed unchanged: the proxy never
-logs in on a client's behalf.
+This module, with proxy.tls for the encryption negotiation that comes before
+the startup packet, is the only one that touches client and server sockets.
+Each client connection gets its own upstream connection and a sans-IO
+Session that decides what to forward. Authentication is relayed unchanged,
+except that SCRAM-SHA-256-PLUS is taken out of the server's offer (see
+ChannelBindingGuard): the proxy never logs in on a client's behalf.
 """
 
 from __future__ import annotations
@@ -12,28 +14,50 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import socket
+import ssl
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
-from urllib.parse import unquote, urlsplit
+from typing import Any
+from urllib.parse import parse_qs, unquote, urlsplit
 
 from proxy.errors import ConfigError, ProtocolError
+from proxy.tls import (
+    ChannelBindingGuard,
+    ClientLeg,
+    ClientTls,
+    ServerLeg,
+    SslMode,
+    TlsNegotiationError,
+    asyncpg_ssl,
+    check_upstream_tls,
+    open_client_leg,
+    open_server_leg,
+    upstream_context,
+)
 from proxy.wire import messages as m
 from proxy.wire.frames import (
     DEFAULT_MAX_MESSAGE,
     Frame,
     FrameReader,
-    read_startup_length,
 )
 from proxy.wire.session import Output, Planner, Session
 
 log = logging.getLogger(__name__)
 
-SSL_REQUEST = 80877103
-GSSENC_REQUEST = 80877104
 CANCEL_REQUEST = 80877102
 _MAX_STARTUP = 10_000
 _READ_SIZE = 256 * 1024
+# As asyncio.start_server: the listen backlog, and the pause after accept
+# fails, for example when the process is out of file descriptors.
+_BACKLOG = 100
+_ACCEPT_RETRY_SECONDS = 1.0
+# The URI query parameters that Upstream.parse reads. Any other is an error,
+# so that a setting such as sslcert is never silently ignored.
+_URI_PARAMETERS = ("sslmode", "sslrootcert")
+# Exceptions that end a connection in the normal course of things.
+_CONNECTION_ENDED = (ConnectionError, asyncio.IncompleteReadError, ssl.SSLError)
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,15 +69,25 @@ class Upstream:
     user: str
     database: str
     password: str = field(default="", repr=False)
+    sslmode: SslMode = SslMode.PREFER
+    # A CA file, or "system" for the system's trusted roots, as in libpq.
+    sslrootcert: str | None = None
+
+    def __post_init__(self) -> None:
+        check_upstream_tls(self.sslmode, self.sslrootcert)
 
     @classmethod
-    def parse(cls, dsn: str) -> Upstream:
+    def parse(
+        cls, dsn: str, sslmode: str | None = None, sslrootcert: str | None = None
+    ) -> Upstream:
+        """Parse a postgresql:// URI, where given arguments override its query."""
         parts = urlsplit(dsn)
         if parts.scheme not in ("postgresql", "postgres") or not parts.hostname:
             raise ConfigError(
                 "upstream must be a URI such as "
                 "postgresql://USER:PASSWORD@HOST:PORT/DBNAME"
             )
+        query = _parse_query(parts.query)
         user = unquote(parts.username or "postgres")
         database = unquote(parts.path.lstrip("/")) or user
         return cls(
@@ -62,9 +96,15 @@ class Upstream:
             user=user,
             database=database,
             password=unquote(parts.password or ""),
+            sslmode=SslMode.parse(sslmode or query.get("sslmode", "prefer")),
+            sslrootcert=sslrootcert or query.get("sslrootcert"),
         )
 
-    def connect_args(self, database: str | None = None) -> dict[str, object]:
+    def tls_context(self) -> ssl.SSLContext | None:
+        """Build the TLS context for connections to the server, or None for disable."""
+        return upstream_context(self.sslmode, self.sslrootcert)
+
+    def connect_args(self, database: str | None = None) -> dict[str, Any]:
         """Return the keyword arguments for asyncpg.connect and create_pool."""
         return {
             "host": self.host,
@@ -72,7 +112,19 @@ class Upstream:
             "user": self.user,
             "password": self.password,
             "database": database or self.database,
+            "ssl": asyncpg_ssl(self.sslmode, self.tls_context()),
         }
+
+
+def _parse_query(query: str) -> dict[str, str]:
+    values = parse_qs(query, keep_blank_values=True, strict_parsing=False)
+    unknown = sorted(set(values) - set(_URI_PARAMETERS))
+    if unknown:
+        raise ConfigError(
+            f"unsupported parameter {unknown[0]!r} in the upstream URI; "
+            f"supported: {', '.join(_URI_PARAMETERS)}"
+        )
+    return {name: found[-1] for name, found in values.items()}
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +132,88 @@ class StartupPacket:
     raw: bytes
     code: int
     params: dict[str, str]
+
+
+ConnectionHandler = Callable[[socket.socket], Coroutine[Any, Any, None]]
+
+
+class Listener:
+    """Listening sockets that pass each accepted socket to a handler.
+
+    Unlike asyncio.start_server, the handler gets the raw socket before any
+    stream reads from it. A client using direct TLS sends its TLS handshake
+    first, and those bytes must reach the TLS layer unread.
+    """
+
+    def __init__(
+        self,
+        sockets: list[socket.socket],
+        handler: ConnectionHandler,
+    ) -> None:
+        self.sockets = sockets
+        self._handler = handler
+        self._connections: set[asyncio.Task[None]] = set()
+        self._accepting = [asyncio.create_task(self._accept(sock)) for sock in sockets]
+
+    @classmethod
+    async def start(
+        cls, handler: ConnectionHandler, host: str, port: int
+    ) -> Listener:
+        """Bind every address of host and start accepting connections."""
+        loop = asyncio.get_running_loop()
+        infos = await loop.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+        sockets: list[socket.socket] = []
+        try:
+            for family, kind, proto, _, address in dict.fromkeys(infos):
+                sock = socket.socket(family, kind, proto)
+                sockets.append(sock)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6:
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                sock.bind(address)
+                sock.listen(_BACKLOG)
+                sock.setblocking(False)
+        except OSError:
+            for sock in sockets:
+                sock.close()
+            raise
+        return cls(sockets, handler)
+
+    async def _accept(self, listening: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                sock, _ = await loop.sock_accept(listening)
+            except OSError as exc:
+                log.warning(
+                    "accept failed, retrying in %gs: %s", _ACCEPT_RETRY_SECONDS, exc
+                )
+                await asyncio.sleep(_ACCEPT_RETRY_SECONDS)
+                continue
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            task = asyncio.create_task(self._handler(sock))
+            self._connections.add(task)
+            task.add_done_callback(self._connections.discard)
+
+    async def serve_forever(self) -> None:
+        """Wait until the listener is closed. Cancelling the wait closes it."""
+        try:
+            await asyncio.gather(*self._accepting)
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Stop accepting. Connections already accepted go on, as in asyncio."""
+        for task in self._accepting:
+            task.cancel()
+        for sock in self.sockets:
+            sock.close()
+
+    async def wait_closed(self) -> None:
+        await asyncio.gather(*self._accepting, return_exceptions=True)
 
 
 class Relay:
@@ -90,8 +224,11 @@ class Relay:
         upstream: Upstream,
         planners: dict[str, Planner],
         max_message: int = DEFAULT_MAX_MESSAGE,
+        client_tls: ClientTls | None = None,
     ) -> None:
         self._upstream = upstream
+        self._upstream_tls = upstream.tls_context()
+        self._client_tls = client_tls
         self._planners = planners
         self._max_message = max_message
         self._ids = itertools.count(1)
@@ -102,40 +239,101 @@ class Relay:
         """Use new planners for connections that start from now on."""
         self._planners = planners
 
-    async def handle(
-        self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter
-    ) -> None:
+    async def accept(self, sock: socket.socket) -> None:
+        """Serve one accepted client socket until either side closes."""
         conn_id = f"c{next(self._ids)}"
         self.active_connections += 1
         try:
-            await self._serve(conn_id, client_reader, client_writer)
-        except (ConnectionError, asyncio.IncompleteReadError) as exc:
+            client = await self._open_client(conn_id, sock)
+            if client is not None:
+                await self._handle(conn_id, client)
+        finally:
+            self.active_connections -= 1
+
+    async def _open_client(self, conn_id: str, sock: socket.socket) -> ClientLeg | None:
+        try:
+            return await open_client_leg(sock, self._client_tls)
+        except ProtocolError as exc:
+            log.warning("[%s] protocol violation: %s", conn_id, exc)
+        except ssl.SSLError as exc:
+            log.info("[%s] TLS handshake with the client failed: %s", conn_id, exc)
+        except (ConnectionError, TimeoutError) as exc:
+            log.debug("[%s] connection ended during negotiation: %s", conn_id, exc)
+        except BaseException:
+            sock.close()
+            raise
+        sock.close()
+        return None
+
+    async def _handle(self, conn_id: str, client: ClientLeg) -> None:
+        try:
+            await self._serve(conn_id, client)
+        except _CONNECTION_ENDED as exc:
             log.debug("[%s] connection ended: %s", conn_id, exc)
         except ProtocolError as exc:
             log.warning("[%s] protocol violation: %s", conn_id, exc)
-            await _send_fatal(client_writer, "08P01", str(exc))
+            await _send_fatal(client.writer, "08P01", str(exc))
         finally:
-            self.active_connections -= 1
-            client_writer.close()
+            client.writer.close()
             with contextlib.suppress(Exception):
-                await client_writer.wait_closed()
+                await client.writer.wait_closed()
 
-    async def _serve(
-        self,
-        conn_id: str,
-        client_reader: asyncio.StreamReader,
-        client_writer: asyncio.StreamWriter,
-    ) -> None:
-        startup = await self._read_startup(client_reader, client_writer)
-        if startup is None:
-            return
+    async def _serve(self, conn_id: str, client: ClientLeg) -> None:
+        startup = await _read_startup(client)
         if startup.code == CANCEL_REQUEST:
             await self._forward_cancel(conn_id, startup.raw)
             return
         database = startup.params.get("database") or startup.params.get("user", "")
+        server = await self._open_server(conn_id, client.writer)
+        if server is None:
+            return
+        planner = self._planners.get(database)
+        log.info(
+            "[%s] connected to database %s (%s, client %s, server %s)",
+            conn_id,
+            database,
+            "encrypting" if planner else "pass-through",
+            "TLS" if client.tls else "plaintext",
+            "TLS" if server.certificate is not None else "plaintext",
+        )
+        session = Session(planner, conn_id, startup.params.get("user", ""))
+        guard = ChannelBindingGuard(keep_plus=self._same_certificate(client, server))
+        server.writer.write(startup.raw)
         try:
-            server_reader, server_writer = await asyncio.open_connection(
-                self._upstream.host, self._upstream.port
+            await self._relay(conn_id, session, guard, database, client, server)
+        finally:
+            server.writer.close()
+            with contextlib.suppress(Exception):
+                await server.writer.wait_closed()
+            log.info("[%s] disconnected", conn_id)
+
+    def _same_certificate(self, client: ClientLeg, server: ServerLeg) -> bool:
+        """Whether the client sees the server's own certificate on the proxy.
+
+        Only then does SCRAM channel binding compute the same data on both
+        ends, and SCRAM-SHA-256-PLUS can pass through.
+        """
+        if not client.tls or self._client_tls is None:
+            return False
+        return server.certificate == self._client_tls.certificate
+
+    async def _open_server(
+        self, conn_id: str, client_writer: asyncio.StreamWriter
+    ) -> ServerLeg | None:
+        """Connect to the server, or send the client a FATAL error and return None."""
+        upstream = self._upstream
+        try:
+            return await open_server_leg(
+                upstream.host, upstream.port, upstream.sslmode, self._upstream_tls
+            )
+        except TlsNegotiationError as exc:
+            log.warning("[%s] upstream TLS failed: %s", conn_id, exc)
+            await _send_fatal(
+                client_writer,
+                "08006",
+                f"proxy could not connect to the upstream server: {exc}",
+                "Check --upstream-sslmode and --upstream-sslrootcert, and the "
+                "server's ssl settings.",
             )
         except OSError as exc:
             log.warning("[%s] upstream connection failed: %s", conn_id, exc)
@@ -145,76 +343,54 @@ class Relay:
                 "proxy could not connect to the upstream server",
                 "Check that the server named in --upstream is running.",
             )
-            return
-        planner = self._planners.get(database)
-        log.info(
-            "[%s] connected to database %s (%s)",
-            conn_id,
-            database,
-            "encrypting" if planner else "pass-through",
-        )
-        session = Session(planner, conn_id)
-        server_writer.write(startup.raw)
-        try:
-            await self._relay(
-                session, database, client_reader, client_writer, server_reader, server_writer
-            )
-        finally:
-            server_writer.close()
-            with contextlib.suppress(Exception):
-                await server_writer.wait_closed()
-            log.info("[%s] disconnected", conn_id)
-
-    async def _read_startup(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> StartupPacket | None:
-        """Read the startup packet, declining SSL and GSS encryption first."""
-        while True:
-            header = await reader.readexactly(4)
-            length = read_startup_length(header)
-            if length < 8 or length > _MAX_STARTUP:
-                raise ProtocolError(f"invalid startup packet length {length}")
-            body = await reader.readexactly(length - 4)
-            (code,) = struct.unpack_from("!I", body)
-            if code in (SSL_REQUEST, GSSENC_REQUEST):
-                # TODO: terminate TLS; until then clients fall back to plain TCP.
-                writer.write(b"N")
-                await writer.drain()
-                continue
-            if code == CANCEL_REQUEST:
-                return StartupPacket(header + body, code, {})
-            if code >> 16 != 3:
-                raise ProtocolError(f"unsupported frontend protocol {code >> 16}.{code & 0xFFFF}")
-            return StartupPacket(header + body, code, _startup_params(body[4:]))
+        return None
 
     async def _forward_cancel(self, conn_id: str, raw: bytes) -> None:
+        # The cancel key goes over TLS when the sslmode gives TLS, since
+        # anyone who reads it can cancel that session's queries.
+        upstream = self._upstream
         try:
-            _, writer = await asyncio.open_connection(self._upstream.host, self._upstream.port)
-        except OSError as exc:
+            server = await open_server_leg(
+                upstream.host, upstream.port, upstream.sslmode, self._upstream_tls
+            )
+        except (OSError, TlsNegotiationError) as exc:
             log.warning("[%s] cancel request not delivered: %s", conn_id, exc)
             return
-        writer.write(raw)
-        await writer.drain()
-        writer.close()
+        server.writer.write(raw)
+        await server.writer.drain()
+        server.writer.close()
         with contextlib.suppress(Exception):
-            await writer.wait_closed()
+            await server.writer.wait_closed()
         log.info("[%s] forwarded a cancel request", conn_id)
 
     async def _relay(
         self,
+        conn_id: str,
         session: Session,
+        guard: ChannelBindingGuard,
         database: str,
-        client_reader: asyncio.StreamReader,
-        client_writer: asyncio.StreamWriter,
-        server_reader: asyncio.StreamReader,
-        server_writer: asyncio.StreamWriter,
+        client: ClientLeg,
+        server: ServerLeg,
     ) -> None:
-        writers = (client_writer, server_writer)
+        writers = (client.writer, server.writer)
+
+        def from_client(frames: list[Frame]) -> Output:
+            if guard.active:
+                error = guard.check_client(frames)
+                if error is not None:
+                    return Output(to_client=[error], close=True)
+            return session.from_client(frames)
+
+        def from_server(frames: list[Frame]) -> Output:
+            if guard.active:
+                frames = guard.from_server(frames)
+            return session.from_server(frames)
+
         upward = asyncio.create_task(
-            self._pump(client_reader, session.from_client, writers, server_writer, database)
+            self._pump(client.reader, from_client, writers, server.writer, database)
         )
         downward = asyncio.create_task(
-            self._pump(server_reader, session.from_server, writers, client_writer, database)
+            self._pump(server.reader, from_server, writers, client.writer, database)
         )
         done, pending = await asyncio.wait(
             {upward, downward}, return_when=asyncio.FIRST_COMPLETED
@@ -227,6 +403,10 @@ class Relay:
             exc = task.exception()
             if isinstance(exc, ProtocolError):
                 raise exc
+            if exc is not None and not isinstance(exc, _CONNECTION_ENDED):
+                log.error(
+                    "[%s] relay failed, closing the connection", conn_id, exc_info=exc
+                )
 
     async def _pump(
         self,
@@ -257,6 +437,28 @@ class Relay:
                 self.on_catalog_change(database)
             if out.close:
                 return
+
+
+async def _read_startup(client: ClientLeg) -> StartupPacket:
+    """Read the startup packet or CancelRequest that follows the negotiation.
+
+    A second SSLRequest or GSSENCRequest is an error here, as in the server:
+    each may come once, and neither after TLS is established.
+    """
+    head = client.prefix or await client.reader.readexactly(8)
+    length, code = struct.unpack("!II", head)
+    if length < 8 or length > _MAX_STARTUP:
+        raise ProtocolError(f"invalid startup packet length {length}")
+    raw = head + await client.reader.readexactly(length - 8)
+    if code == CANCEL_REQUEST:
+        return StartupPacket(raw, code, {})
+    # The code of an SSLRequest or GSSENCRequest is protocol 1234.x.
+    if code >> 16 != 3:
+        raise ProtocolError(
+            f"unsupported frontend protocol {code >> 16}.{code & 0xFFFF}: "
+            "the proxy supports protocol 3"
+        )
+    return StartupPacket(raw, code, _startup_params(raw[8:]))
 
 
 def _startup_params(body: bytes) -> dict[str, str]:

@@ -14,6 +14,7 @@ import datetime as dt
 import json
 import struct
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 
@@ -83,7 +84,7 @@ def canonical_text(name: str, value: bytes) -> bytes:
     return _CANONICAL[name](text).encode()
 
 
-def _int_text(bits: int) -> object:
+def _int_text(bits: int) -> Callable[[str], str]:
     def canonical(text: str) -> str:
         number = int(text)
         if not -(2 ** (bits - 1)) <= number < 2 ** (bits - 1):
@@ -128,7 +129,7 @@ def _jsonb_text(text: str) -> str:
     return json.dumps(json.loads(text), sort_keys=True, separators=(", ", ": "))
 
 
-_CANONICAL = {
+_CANONICAL: dict[str, Callable[[str], str]] = {
     "int4": _int_text(32),
     "int8": _int_text(64),
     "numeric": _numeric_text,
@@ -154,11 +155,11 @@ def _decode_int(value: bytes, declared_oid: int) -> bytes:
     return str(reader.unpack(value)[0]).encode()
 
 
-def _decode_int_checked(bits: int) -> object:
+def _decode_int_checked(bits: int) -> Callable[[bytes, int], bytes]:
     check = _int_text(bits)
 
     def decode(value: bytes, declared_oid: int) -> bytes:
-        return check(_decode_int(value, declared_oid).decode()).encode()  # type: ignore[operator]
+        return check(_decode_int(value, declared_oid).decode()).encode()
 
     return decode
 
@@ -230,7 +231,7 @@ def _decode_jsonb(value: bytes, declared_oid: int) -> bytes:
     return _jsonb_text(text.decode()).encode()
 
 
-_DECODE_BINARY = {
+_DECODE_BINARY: dict[str, Callable[[bytes, int], bytes]] = {
     "text": lambda value, oid: value,
     "varchar": lambda value, oid: value,
     "bytea": lambda value, oid: value,
@@ -243,7 +244,7 @@ _DECODE_BINARY = {
     "jsonb": _decode_jsonb,
 }
 
-_ENCODE_BINARY = {
+_ENCODE_BINARY: dict[str, Callable[[bytes], bytes]] = {
     "text": lambda plaintext: plaintext,
     "varchar": lambda plaintext: plaintext,
     "bytea": lambda plaintext: plaintext,

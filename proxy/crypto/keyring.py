@@ -1,12 +1,15 @@
 """Keyrings: key-encryption keys that wrap and unwrap data keys.
 
-The AWS KMS keyring is in proxy.crypto.kms.
+The AWS KMS keyring is in proxy.crypto.kms, the Vault Transit keyring in
+proxy.crypto.vault.
 
 The sodium keyring keeps an X25519 key pair in a directory:
 
 - ``public.key``: the 32-byte public key as 64 lowercase hexadecimal
   characters and a newline.
-- ``private.key``: the 32-byte private key in the same encoding, mode 0600.
+- ``private.key``: the 32-byte private key in the same encoding, mode 0600;
+- or instead ``private.key.enc``: the private key encrypted under a
+  passphrase (Argon2id and XSalsa20-Poly1305), mode 0600.
 
 A directory that holds only ``public.key`` gives a write-only keyring, which
 can wrap data keys but not unwrap them.
@@ -18,24 +21,49 @@ import hashlib
 import hmac
 import logging
 import os
+import re
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections import Counter
 from typing import Protocol, runtime_checkable
+from urllib.parse import parse_qsl
 
 import nacl.exceptions
 from nacl.public import PrivateKey, PublicKey, SealedBox
 
+from proxy.crypto.keyfile import (
+    DEFAULT_MEMLIMIT,
+    DEFAULT_OPSLIMIT,
+    ENCRYPTED_PRIVATE_KEY_FILE,
+    KEY_FILES,
+    PASSPHRASE_OPTION,
+    PRIVATE_KEY_FILE,
+    PUBLIC_KEY_FILE,
+    X25519_KEY_SIZE,
+    check_limits,
+    check_passphrase,
+    encrypt_private_key,
+    load_private_key,
+    make_keydir,
+    read_key_file,
+    write_new_file,
+)
 from proxy.errors import ConfigError, KeyringError
 
-__all__ = ["Keyring", "RemoteKeyring", "SodiumKeyring", "parse_keyring_spec"]
+__all__ = [
+    "Keyring",
+    "RemoteKeyring",
+    "SodiumKeyring",
+    "SodiumSpec",
+    "context_digest",
+    "parse_keyring_spec",
+    "parse_sodium_spec",
+]
 
 logger = logging.getLogger(__name__)
 
-PUBLIC_KEY_FILE = "public.key"
-PRIVATE_KEY_FILE = "private.key"
-_X25519_KEY_SIZE = 32
 _CONTEXT_DIGEST_SIZE = hashlib.sha256().digest_size
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 class Keyring(Protocol):
@@ -71,6 +99,9 @@ class Keyring(Protocol):
 class RemoteKeyring(Keyring, Protocol):
     """A keyring that calls a remote service, such as a KMS, and counts the calls."""
 
+    service: str
+    """Name of the remote service in log lines, such as KMS or Vault."""
+
     calls: int
     """Number of remote API calls made, failed ones included."""
 
@@ -89,6 +120,7 @@ class SodiumKeyring:
     keydir: Path
     public_key: PublicKey = field(repr=False)
     private_key: PrivateKey | None = field(default=None, repr=False)
+    passphrase_protected: bool = False
 
     @property
     def name(self) -> str:
@@ -103,19 +135,36 @@ class SodiumKeyring:
     def __repr__(self) -> str:
         return (
             f"SodiumKeyring(name={self.name!r}, keydir={str(self.keydir)!r}, "
-            f"can_unwrap={self.can_unwrap})"
+            f"can_unwrap={self.can_unwrap}, "
+            f"passphrase_protected={self.passphrase_protected})"
         )
 
     @classmethod
-    def create(cls, keydir: Path) -> SodiumKeyring:
-        """Generate a key pair and write it to keydir.
+    def create(
+        cls,
+        keydir: Path,
+        *,
+        private_key: bytes | None = None,
+        passphrase: str | None = None,
+        opslimit: int = DEFAULT_OPSLIMIT,
+        memlimit: int = DEFAULT_MEMLIMIT,
+    ) -> SodiumKeyring:
+        """Write a key pair to keydir: a new one, or the given private key's.
 
-        Creates keydir with mode 0700 if missing. Raises KeyringError if
-        either key file already exists, so a key pair is never overwritten.
+        With a passphrase, the private key goes to ``private.key.enc``,
+        encrypted under a key that Argon2id derives from the passphrase with
+        opslimit passes over memlimit bytes. Creates keydir with mode 0700 if
+        missing. Raises KeyringError if a key file already exists, so a key
+        pair is never overwritten.
         """
         keydir = Path(keydir)
-        _make_keydir(keydir)
-        for file_name in (PRIVATE_KEY_FILE, PUBLIC_KEY_FILE):
+        if private_key is not None and len(private_key) != X25519_KEY_SIZE:
+            raise ValueError(f"private_key must be {X25519_KEY_SIZE} bytes")
+        if passphrase is not None:
+            check_passphrase(passphrase)
+            check_limits(opslimit, memlimit)
+        make_keydir(keydir)
+        for file_name in KEY_FILES:
             if (keydir / file_name).exists():
                 raise KeyringError(
                     f"key file {keydir / file_name} already exists, and pgseal "
@@ -123,27 +172,36 @@ class SodiumKeyring:
                     "choose another directory"
                 )
 
-        private_key = PrivateKey.generate()
-        private_path = keydir / PRIVATE_KEY_FILE
-        _write_new_file(private_path, bytes(private_key), 0o600)
+        secret = PrivateKey(private_key) if private_key else PrivateKey.generate()
+        if passphrase is None:
+            private_path = keydir / PRIVATE_KEY_FILE
+            private_text = bytes(secret).hex() + "\n"
+        else:
+            private_path = keydir / ENCRYPTED_PRIVATE_KEY_FILE
+            private_text = encrypt_private_key(
+                bytes(secret), passphrase, opslimit, memlimit
+            )
+        write_new_file(private_path, private_text, 0o600)
         try:
-            public_key = bytes(private_key.public_key)
-            _write_new_file(keydir / PUBLIC_KEY_FILE, public_key, 0o644)
+            public_text = bytes(secret.public_key).hex() + "\n"
+            write_new_file(keydir / PUBLIC_KEY_FILE, public_text, 0o644)
         except KeyringError:
             # Leave no half pair behind: a private key without its public key
             # would block the next create() and fail every load().
             private_path.unlink(missing_ok=True)
             raise
-        keyring = cls(keydir, private_key.public_key, private_key)
-        logger.info("created sodium key pair %s in %s", keyring.name, keydir)
+        keyring = cls(keydir, secret.public_key, secret, passphrase is not None)
+        logger.info("wrote sodium key pair %s to %s", keyring.name, keydir)
         return keyring
 
     @classmethod
-    def load(cls, keydir: Path) -> SodiumKeyring:
+    def load(cls, keydir: Path, *, passphrase: str | None = None) -> SodiumKeyring:
         """Read the key pair in keydir, or only its public key if that is all.
 
-        Raises KeyringError if the public key is missing or invalid, or if
-        the private key file is open to group or others.
+        A passphrase is required for ``private.key.enc`` and rejected for the
+        other layouts, so that a key believed protected is protected. Raises
+        KeyringError if the public key is missing or invalid, if the private
+        key file is open to group or others, or if the passphrase is wrong.
         """
         keydir = Path(keydir)
         public_path = keydir / PUBLIC_KEY_FILE
@@ -152,22 +210,20 @@ class SodiumKeyring:
                 f"sodium public key {public_path} not found, so create a key "
                 f"pair with: pgseal keys init --keyring sodium:{keydir}"
             )
-        public_key = PublicKey(_read_key_file(public_path))
+        public_key = PublicKey(read_key_file(public_path))
 
-        private_path = keydir / PRIVATE_KEY_FILE
-        if not private_path.exists():
+        private_bytes = load_private_key(keydir, passphrase)
+        if private_bytes is None:
             keyring = cls(keydir, public_key)
             logger.info("loaded write-only sodium keyring %s", keyring.name)
             return keyring
-
-        _check_private_mode(private_path)
-        private_key = PrivateKey(_read_key_file(private_path))
+        private_key = PrivateKey(private_bytes)
         if bytes(private_key.public_key) != bytes(public_key):
             raise KeyringError(
-                f"sodium keys in {keydir} do not match: {private_path} is not "
+                f"sodium keys in {keydir} do not match: the private key is not "
                 f"the private key of {public_path}"
             )
-        keyring = cls(keydir, public_key, private_key)
+        keyring = cls(keydir, public_key, private_key, passphrase is not None)
         logger.info("loaded sodium keyring %s", keyring.name)
         return keyring
 
@@ -177,14 +233,14 @@ class SodiumKeyring:
             raise TypeError("data_key must be bytes")
         if not data_key:
             raise ValueError("data_key must not be empty")
-        payload = _context_digest(context) + data_key
+        payload = context_digest(context) + data_key
         return SealedBox(self.public_key).encrypt(payload)
 
     def unwrap(self, wrapped: bytes, context: str) -> bytes:
         """Open a sealed data key and check that it was wrapped for context."""
         if not isinstance(wrapped, bytes):
             raise TypeError("wrapped must be bytes")
-        expected_digest = _context_digest(context)
+        expected_digest = context_digest(context)
         if self.private_key is None:
             raise KeyringError(
                 f"keyring {self.name} cannot unwrap data keys: the private key "
@@ -205,22 +261,101 @@ class SodiumKeyring:
         return data_key
 
 
+@dataclass(frozen=True)
+class SodiumSpec:
+    """The parts of ``sodium:KEYDIR[?passphrase_env=VAR]``."""
+
+    keydir: Path
+    passphrase_env: str | None = None
+
+    def load(self) -> SodiumKeyring:
+        """Load the keyring, reading the passphrase from its variable."""
+        passphrase = None
+        if self.passphrase_env is not None:
+            passphrase = read_passphrase(self.passphrase_env)
+        return SodiumKeyring.load(self.keydir, passphrase=passphrase)
+
+
 def parse_keyring_spec(spec: str) -> Keyring:
     """Load the keyring that a spec names.
 
-    The accepted forms are sodium:KEYDIR and aws-kms:KEY, where KEY is a KMS
-    key id, key ARN, alias (alias/NAME) or alias ARN. Raises ConfigError for
-    a malformed spec and KeyringError if the keys cannot be loaded.
+    The accepted forms are sodium:KEYDIR, with an optional
+    ?passphrase_env=VAR, aws-kms:KEY, where KEY is a KMS key id, key ARN,
+    alias (alias/NAME) or alias ARN, and vault-transit:KEY_NAME. Raises
+    ConfigError for a malformed spec and KeyringError if the keys cannot be
+    loaded.
     """
     scheme, separator, location = spec.partition(":")
     if scheme == "sodium" and separator and location:
-        return SodiumKeyring.load(Path(location))
+        return parse_sodium_spec(spec).load()
     if scheme == "aws-kms" and separator and location:
         return _load_aws_kms(spec, location)
+    if scheme == "vault-transit" and separator and location:
+        return _load_vault_transit(spec, location)
     raise ConfigError(
-        f"invalid keyring spec {spec!r}: expected sodium:KEYDIR or aws-kms:KEY, "
-        "for example sodium:/etc/pgseal/keys or aws-kms:alias/pgseal"
+        f"invalid keyring spec {spec!r}: expected sodium:KEYDIR, aws-kms:KEY or "
+        "vault-transit:KEY_NAME, for example sodium:/etc/pgseal/keys, "
+        "aws-kms:alias/pgseal or vault-transit:pgseal"
     )
+
+
+def parse_sodium_spec(spec: str) -> SodiumSpec:
+    """Split ``sodium:KEYDIR[?passphrase_env=VAR]`` into its parts.
+
+    Raises ConfigError for another scheme, an empty KEYDIR or an unknown
+    option.
+    """
+    scheme, _, location = spec.partition(":")
+    keydir, _, query = location.partition("?")
+    if scheme != "sodium" or not keydir:
+        raise ConfigError(
+            f"invalid sodium keyring spec {spec!r}: expected sodium:KEYDIR or "
+            f"sodium:KEYDIR?{PASSPHRASE_OPTION}=VAR"
+        )
+    if not query:
+        return SodiumSpec(Path(keydir))
+
+    try:
+        options = parse_qsl(query, keep_blank_values=True, strict_parsing=True)
+    except ValueError:
+        options = []
+    names = [name for name, _ in options]
+    if names != [PASSPHRASE_OPTION]:
+        raise ConfigError(
+            f"invalid sodium keyring spec {spec!r}: the only option is "
+            f"{PASSPHRASE_OPTION}=VAR, given once"
+        )
+    variable = options[0][1]
+    if not _ENV_NAME.fullmatch(variable):
+        raise ConfigError(
+            f"invalid sodium keyring spec {spec!r}: {PASSPHRASE_OPTION} must name "
+            f"an environment variable, got {variable!r}"
+        )
+    return SodiumSpec(Path(keydir), variable)
+
+
+def read_passphrase(variable: str) -> str:
+    """Return the passphrase in environment variable `variable`.
+
+    Raises KeyringError if the variable is unset or empty.
+    """
+    passphrase = os.environ.get(variable)
+    if not passphrase:
+        raise KeyringError(
+            f"environment variable {variable}, which should hold the passphrase "
+            "of the sodium private key, is not set or empty"
+        )
+    return passphrase
+
+
+def context_digest(context: str) -> bytes:
+    """Return sha256 of the wrap context, which keyrings without associated
+    data put in front of the data key and check on unwrap."""
+    if not isinstance(context, str):
+        raise TypeError("context must be a str")
+    if not context:
+        raise ValueError("context must not be empty")
+    return hashlib.sha256(context.encode("utf-8")).digest()
 
 
 def _load_aws_kms(spec: str, key_id: str) -> Keyring:
@@ -234,72 +369,10 @@ def _load_aws_kms(spec: str, key_id: str) -> Keyring:
         raise ConfigError(f"invalid keyring spec {spec!r}: {exc}") from None
 
 
-def _context_digest(context: str) -> bytes:
-    if not isinstance(context, str):
-        raise TypeError("context must be a str")
-    if not context:
-        raise ValueError("context must not be empty")
-    return hashlib.sha256(context.encode("utf-8")).digest()
-
-
-def _make_keydir(keydir: Path) -> None:
-    try:
-        keydir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    except OSError as exc:
-        raise KeyringError(f"cannot create key directory {keydir}: {exc}") from exc
-
-
-def _write_new_file(path: Path, key: bytes, mode: int) -> None:
-    """Write a key file that must not exist yet, created with mode from the start.
-
-    O_EXCL makes creation fail if the file (or a symbolic link) exists, and
-    passing the mode to open() means the key is never readable by others, not
-    even briefly. The process umask can only remove bits from mode.
-    """
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
-    try:
-        fd = os.open(path, flags, mode)
-    except FileExistsError:
-        raise KeyringError(
-            f"key file {path} already exists, and pgseal never overwrites a key pair"
-        ) from None
-    except OSError as exc:
-        raise KeyringError(f"cannot create key file {path}: {exc}") from exc
+def _load_vault_transit(spec: str, key_name: str) -> Keyring:
+    from proxy.crypto.vault import VaultTransitKeyring
 
     try:
-        with os.fdopen(fd, "w", encoding="ascii") as file:
-            file.write(key.hex() + "\n")
-            file.flush()
-            os.fsync(file.fileno())
-    except OSError as exc:
-        path.unlink(missing_ok=True)
-        raise KeyringError(f"cannot write key file {path}: {exc}") from exc
-
-
-def _check_private_mode(path: Path) -> None:
-    try:
-        mode = path.stat().st_mode
-    except OSError as exc:
-        raise KeyringError(f"cannot read private key file {path}: {exc}") from exc
-    if mode & 0o077:
-        raise KeyringError(
-            f"private key file {path} has mode {mode & 0o777:04o}, which lets "
-            f"group or others access it; restrict it with: chmod 600 {path}"
-        )
-
-
-def _read_key_file(path: Path) -> bytes:
-    try:
-        text = path.read_text(encoding="ascii").strip()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise KeyringError(f"cannot read key file {path}: {exc}") from exc
-    try:
-        key = bytes.fromhex(text)
-    except ValueError:
-        key = b""
-    if len(key) != _X25519_KEY_SIZE:
-        raise KeyringError(
-            f"key file {path} is invalid: expected {2 * _X25519_KEY_SIZE} "
-            "hexadecimal characters"
-        )
-    return key
+        return VaultTransitKeyring(key_name)
+    except ValueError as exc:
+        raise ConfigError(f"invalid keyring spec {spec!r}: {exc}") from None

@@ -13,20 +13,19 @@ import uuid
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from typing import Any
 
 import asyncpg
-from cachetools import TTLCache
 
+from proxy.audit import AuditLog, AuditRecord, KeyVersionRef
+from proxy.crypto.keycache import KeyCache, KeyRef
 from proxy.crypto.keyring import Keyring
 from proxy.crypto.values import STORE_ID_SIZE, Algorithm, DataKey
 from proxy.errors import ConfigError, KeyringError, KeyStoreError
 
-__all__ = ["KeyCache", "KeyStore"]
+__all__ = ["KeyCache", "KeyRef", "KeyStore", "lock_key_name"]
 
 logger = logging.getLogger(__name__)
-
-KeyRef = tuple[int, int]
-"""A data key's (key_id, version)."""
 
 # Advisory lock ids. setup() takes the one-bigint form. Key creation takes the
 # two-int4 form (class id, hashtext(key_name)). The PostgreSQL manual (advisory
@@ -65,10 +64,15 @@ CREATE TABLE IF NOT EXISTS pgseal.wrapped_keys (
     PRIMARY KEY (key_id, version, keyring),
     FOREIGN KEY (key_id, version) REFERENCES pgseal.data_keys
 );
+
+ALTER TABLE pgseal.data_keys ADD COLUMN IF NOT EXISTS retired_at timestamptz;
 """
 
+# age is in seconds, by the server's clock, so that replicas with skewed
+# clocks agree on when a rotation period has passed.
 _FIND_ACTIVE_SQL = """
-SELECT d.key_id, d.version, n.algorithm
+SELECT d.key_id, d.version, n.algorithm,
+       extract(epoch FROM now() - d.created_at)::float8 AS age
 FROM pgseal.key_names n JOIN pgseal.data_keys d USING (key_id)
 WHERE n.key_name = $1 AND d.state = 'active'
 ORDER BY d.version DESC
@@ -76,8 +80,10 @@ LIMIT 1
 """
 
 _FIND_WRAPPED_SQL = """
-SELECT n.key_name, n.algorithm, w.keyring, w.wrapped
-FROM pgseal.wrapped_keys w JOIN pgseal.key_names n USING (key_id)
+SELECT n.key_name, n.algorithm, d.state, w.keyring, w.wrapped
+FROM pgseal.wrapped_keys w
+JOIN pgseal.data_keys d USING (key_id, version)
+JOIN pgseal.key_names n USING (key_id)
 WHERE w.key_id = $1 AND w.version = $2
 """
 
@@ -88,42 +94,6 @@ WHERE n.key_name = ANY($1::text[])
 ORDER BY n.key_name, d.version
 """
 
-
-class KeyCache:
-    """Unwrapped data keys by (key_id, version), and each key name's active key.
-
-    Both maps expire entries by age. The active map expires sooner, so that a
-    new version made by another replica is picked up within active_ttl.
-    """
-
-    # NOTE: the defaults are starting points, not measured. There is no limit
-    # yet on the number of values sealed per cached key.
-    def __init__(
-        self, maxsize: int = 1000, ttl: float = 600.0, active_ttl: float = 60.0
-    ) -> None:
-        _check_positive("maxsize", maxsize)
-        _check_positive("ttl", ttl)
-        _check_positive("active_ttl", active_ttl)
-        self._keys: TTLCache[KeyRef, DataKey] = TTLCache(maxsize, ttl)
-        self._active: TTLCache[str, KeyRef] = TTLCache(maxsize, active_ttl)
-
-    def get(self, key_id: int, version: int) -> DataKey | None:
-        """Return the cached data key, or None if absent or expired."""
-        return self._keys.get((key_id, version))
-
-    def put(self, key: DataKey) -> None:
-        self._keys[(key.key_id, key.version)] = key
-
-    def active_ref(self, key_name: str) -> KeyRef | None:
-        """Return the cached (key_id, version) of the name's active key."""
-        return self._active.get(key_name)
-
-    def set_active(self, key_name: str, ref: KeyRef) -> None:
-        self._active[key_name] = ref
-
-    def clear(self) -> None:
-        self._keys.clear()
-        self._active.clear()
 
 
 class KeyStore:
@@ -138,17 +108,38 @@ class KeyStore:
         pool: asyncpg.Pool[asyncpg.Record],
         keyrings: Sequence[Keyring],
         cache: KeyCache | None = None,
+        audit: AuditLog | None = None,
     ) -> None:
         self._pool = pool
         self._keyrings = tuple(keyrings)
         self._check_keyrings()
         self._cache = cache if cache is not None else KeyCache()
+        self.audit = audit
+        """Where key creation, rotation and retirement are recorded, if anywhere."""
         self._store_id: bytes | None = None
         self._unwrap_locks: dict[KeyRef, asyncio.Lock] = {}
         self.unwrap_calls = 0
         """Number of keyring unwrap() calls made, failed ones included."""
         self.unwrap_calls_by_keyring: Counter[str] = Counter()
         """unwrap_calls per keyring name."""
+        # Write-only stores only: the data key this process created for each
+        # key name, kept for the life of the process because no keyring can
+        # unwrap it again once the cache drops it.
+        self._own_keys: dict[str, DataKey] = {}
+        self._own_keys_lock = asyncio.Lock()
+
+    @property
+    def can_unwrap(self) -> bool:
+        """False when every keyring is write-only, as with only a public key."""
+        return any(keyring.can_unwrap for keyring in self._keyrings)
+
+    @property
+    def keyrings(self) -> tuple[Keyring, ...]:
+        return self._keyrings
+
+    @property
+    def pool(self) -> asyncpg.Pool[asyncpg.Record]:
+        return self._pool
 
     @property
     def store_id(self) -> bytes:
@@ -190,8 +181,9 @@ class KeyStore:
         if not isinstance(algorithm, Algorithm):
             raise TypeError("algorithm must be an Algorithm")
 
-        # NOTE: a store whose keyrings are all write-only cannot unwrap an
-        # existing key, so it can seal only under keys that it created itself.
+        if not self.can_unwrap:
+            return await self._own_key(key_name, algorithm)
+
         ref = self._cache.active_ref(key_name)
         if ref is None:
             ref = await self._find_active(key_name, algorithm)
@@ -232,30 +224,115 @@ class KeyStore:
                 self._unwrap_locks.pop(ref, None)
 
     async def load_keys(self, key_names: Iterable[str]) -> list[DataKey]:
-        """Unwrap and cache every version of the named keys.
+        """Unwrap and cache every version of the named keys that is not retired.
 
         Names without keys are skipped: active_key() creates them on first use.
+        Retired versions are dropped from the cache, so values sealed under
+        them no longer open in this process.
         """
         names = list(key_names)
         for name in names:
             _check_key_name(name)
+        if not self.can_unwrap:
+            return self._cache_own_keys(names)
         with _database_errors("listing data keys"):
             async with self._pool.acquire() as conn:
                 rows = await conn.fetch(_LIST_VERSIONS_SQL, names)
 
         keys: list[DataKey] = []
         for row in rows:
+            if row["state"] == "retired":
+                self._cache.discard(row["key_id"], row["version"])
+                continue
             key = await self.get_key(row["key_id"], row["version"])
+            # Storing it again restarts its age, so a key in use never
+            # expires between two refreshes.
+            self._cache.put(key)
             keys.append(key)
             # Rows come in version order, so the last active one wins.
             if row["state"] == "active":
                 self._cache.set_active(row["key_name"], (key.key_id, key.version))
-        logger.info("loaded %d data keys for %d key names", len(keys), len(names))
+        logger.debug("loaded %d data keys for %d key names", len(keys), len(names))
         return keys
 
     def wrap_context(self, key_name: str, version: int) -> str:
         """Return the context that binds a wrapped data key to its place."""
         return f"{self.store_id.hex()}/{key_name}/{version}"
+
+    async def rotate(
+        self,
+        key_name: str,
+        *,
+        reason: str = "operator",
+        if_active: KeyRef | None = None,
+        older_than: float | None = None,
+    ) -> tuple[DataKey, bool]:
+        """Create a new version of key_name to seal new values.
+
+        Older versions still open the values sealed under them.
+        Without conditions the new version is always created. With if_active,
+        it is created only while the active version is still if_active, and
+        with older_than (seconds), only when the active version is older, so
+        that several replicas that see the same condition create one version.
+        Returns the active key afterwards, and whether this call created it.
+        Raises KeyStoreError if key_name has no data key yet.
+        """
+        _check_key_name(key_name)
+        if not self.can_unwrap:
+            raise ConfigError(
+                f"cannot rotate {key_name!r}: every configured keyring is "
+                "write-only, so the key store cannot unwrap the versions it has"
+            )
+        algorithm = await self.key_algorithm(key_name)
+        if algorithm is None:
+            raise KeyStoreError(
+                f"key name {key_name!r} has no data key in the key store, so "
+                "there is nothing to rotate; check the name with: pgseal keys list"
+            )
+
+        # Most periodic checks find a young key, so look before taking the lock.
+        if older_than is not None:
+            with _database_errors(f"looking up key name {key_name!r}"):
+                async with self._pool.acquire() as conn:
+                    row = await conn.fetchrow(_FIND_ACTIVE_SQL, key_name)
+            if row is not None and not _rotation_due(row, None, older_than):
+                return await self._activate(key_name, (row["key_id"], row["version"])), False
+
+        unconditional = if_active is None and older_than is None
+        result = await self._create_recorded(
+            key_name,
+            algorithm,
+            "rotate",
+            reason,
+            new_version=unconditional,
+            if_active=if_active,
+            older_than=older_than,
+        )
+        return await self._activate(key_name, result), isinstance(result, DataKey)
+
+    async def key_algorithm(self, key_name: str) -> Algorithm | None:
+        """Return the algorithm of a stored key name, or None if it is unknown."""
+        with _database_errors(f"looking up key name {key_name!r}"):
+            async with self._pool.acquire() as conn:
+                value = await conn.fetchval(
+                    "SELECT algorithm FROM pgseal.key_names WHERE key_name = $1",
+                    key_name,
+                )
+        return None if value is None else _parse_algorithm(value)
+
+    def forget(self, key_id: int, version: int) -> None:
+        """Drop a data key from this process's cache, as for a retired version."""
+        self._cache.discard(key_id, version)
+
+    async def unwrap_stored(self, key_id: int, version: int) -> DataKey:
+        """Unwrap a data key without the cache, retired versions included.
+
+        For key administration such as rewrapping. The caller owns the
+        returned key and should drop it as soon as it is done.
+        """
+        _check_int("key_id", key_id)
+        _check_int("version", version)
+        return await self._unwrap(key_id, version, allow_retired=True)
 
     def _check_keyrings(self) -> None:
         if not self._keyrings:
@@ -274,8 +351,13 @@ class KeyStore:
         return row["key_id"], row["version"]
 
     async def _create_key(self, key_name: str, algorithm: Algorithm) -> DataKey:
-        result = await self._create_key_locked(key_name, algorithm)
+        result = await self._create_recorded(
+            key_name, algorithm, "create", "no active version"
+        )
+        return await self._activate(key_name, result)
 
+    async def _activate(self, key_name: str, result: DataKey | KeyRef) -> DataKey:
+        """Make a newly created key, or the ref another process committed, active."""
         # Cache only after the commit, so the cache contains only stored keys.
         if isinstance(result, DataKey):
             key = result
@@ -285,29 +367,107 @@ class KeyStore:
         self._cache.set_active(key_name, (key.key_id, key.version))
         return key
 
+    async def _create_recorded(
+        self,
+        key_name: str,
+        algorithm: Algorithm,
+        action: str,
+        reason: str,
+        **conditions: Any,
+    ) -> DataKey | KeyRef:
+        """Run _create_key_locked() and write an audit line if it created a key."""
+        record = AuditRecord(
+            action,
+            key_names=[key_name],
+            keyrings=[keyring.name for keyring in self._keyrings],
+            details={"reason": reason, "algorithm": algorithm.name},
+        )
+        try:
+            result = await self._create_key_locked(key_name, algorithm, **conditions)
+        except Exception as exc:
+            if self.audit is not None:
+                self.audit.write(record, error=exc)
+            raise
+        if isinstance(result, DataKey) and self.audit is not None:
+            record.keys.append(KeyVersionRef(key_name, result.key_id, result.version))
+            self.audit.write(record)
+        return result
+
     async def _create_key_locked(
-        self, key_name: str, algorithm: Algorithm
+        self,
+        key_name: str,
+        algorithm: Algorithm,
+        *,
+        new_version: bool = False,
+        if_active: KeyRef | None = None,
+        older_than: float | None = None,
     ) -> DataKey | KeyRef:
         """Create the next version of key_name, unless another process just did.
 
         Returns the new key, or the ref of the active key that another process
         committed while this one waited. The advisory lock serializes creation
         of one name across processes, and the check inside it reads what the
-        previous holder committed.
+        previous holder committed. With new_version, a version is created even
+        when an active one exists. With if_active, a version is created when
+        the active one is still if_active, and with older_than (seconds), when
+        the active one is older than that.
         """
         with _database_errors(f"creating a data key for {key_name!r}"):
             async with self._pool.acquire() as conn, conn.transaction():
-                await conn.execute(
-                    "SELECT pg_advisory_xact_lock($1, hashtext($2))",
-                    _KEY_NAME_LOCK_CLASS,
-                    key_name,
-                )
+                await lock_key_name(conn, key_name)
                 row = await conn.fetchrow(_FIND_ACTIVE_SQL, key_name)
-                if row is None:
+                if row is None or new_version or _rotation_due(row, if_active, older_than):
                     return await self._insert_next_version(conn, key_name, algorithm)
 
         _check_algorithm(key_name, _parse_algorithm(row["algorithm"]), algorithm)
         return row["key_id"], row["version"]
+
+    async def _own_key(self, key_name: str, algorithm: Algorithm) -> DataKey:
+        """Return this process's data key for key_name, creating it on first use.
+
+        A write-only store cannot unwrap the versions that other processes
+        stored, so it seals under a new version of its own, wrapped by every
+        keyring and kept in memory.
+        """
+        if algorithm is Algorithm.AES_256_SIV:
+            raise ConfigError(
+                f"key name {key_name!r} is deterministic, which needs a keyring "
+                "that can unwrap: a write-only proxy would seal under a version "
+                "of its own, so equal values would no longer seal alike"
+            )
+        async with self._own_keys_lock:
+            key = self._own_keys.get(key_name)
+            if key is None:
+                created = await self._create_recorded(
+                    key_name,
+                    algorithm,
+                    "create",
+                    "write-only proxy start",
+                    new_version=True,
+                )
+                assert isinstance(created, DataKey)
+                key = self._own_keys[key_name] = created
+                logger.info(
+                    "write-only key store: sealing %r under new version %d",
+                    key_name,
+                    key.version,
+                )
+        _check_algorithm(key_name, key.algorithm, algorithm)
+        self._cache.put(key)
+        self._cache.set_active(key_name, (key.key_id, key.version))
+        return key
+
+    def _cache_own_keys(self, names: list[str]) -> list[DataKey]:
+        """Put this process's own data keys back into the cache, by name."""
+        keys = []
+        for name in names:
+            key = self._own_keys.get(name)
+            if key is None:
+                continue
+            self._cache.put(key)
+            self._cache.set_active(name, (key.key_id, key.version))
+            keys.append(key)
+        return keys
 
     async def _insert_next_version(
         self,
@@ -380,7 +540,9 @@ class KeyStore:
             wrapped.append((keyring.name, blob))
         return wrapped
 
-    async def _unwrap(self, key_id: int, version: int) -> DataKey:
+    async def _unwrap(
+        self, key_id: int, version: int, *, allow_retired: bool = False
+    ) -> DataKey:
         with _database_errors(f"reading data key {key_id} version {version}"):
             async with self._pool.acquire() as conn:
                 rows = await conn.fetch(_FIND_WRAPPED_SQL, key_id, version)
@@ -390,6 +552,12 @@ class KeyStore:
             )
 
         key_name: str = rows[0]["key_name"]
+        if rows[0]["state"] == "retired" and not allow_retired:
+            raise KeyringError(
+                f"data key {key_id} version {version} ({key_name!r}) is retired, "
+                "so values sealed under it no longer open; pgseal reencrypt "
+                "moves values to the newest version before their old one is retired"
+            )
         algorithm = _parse_algorithm(rows[0]["algorithm"])
         wrapped_by: dict[str, bytes] = {row["keyring"]: row["wrapped"] for row in rows}
         context = self.wrap_context(key_name, version)
@@ -473,8 +641,23 @@ def _check_int(name: str, value: int) -> None:
         raise TypeError(f"{name} must be an int")
 
 
-def _check_positive(name: str, value: float) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number")
-    if value <= 0:
-        raise ValueError(f"{name} must be positive, got {value}")
+async def lock_key_name(
+    conn: asyncpg.Connection[asyncpg.Record]
+    | asyncpg.pool.PoolConnectionProxy[asyncpg.Record],
+    key_name: str,
+) -> None:
+    """Take the transaction-level advisory lock that serializes changes to key_name."""
+    await conn.execute(
+        "SELECT pg_advisory_xact_lock($1, hashtext($2))",
+        _KEY_NAME_LOCK_CLASS,
+        key_name,
+    )
+
+
+def _rotation_due(
+    active: asyncpg.Record, if_active: KeyRef | None, older_than: float | None
+) -> bool:
+    if if_active is not None and (active["key_id"], active["version"]) == if_active:
+        return True
+    return older_than is not None and active["age"] > older_than
+

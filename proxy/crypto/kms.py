@@ -46,6 +46,9 @@ class AwsKmsKeyring:
     share between threads.
     """
 
+    service = "KMS"
+    """Name of the remote service in log lines."""
+
     def __init__(
         self,
         key_id: str,

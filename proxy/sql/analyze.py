@@ -55,7 +55,7 @@ CacheKey = tuple[tuple[str, ...] | None, str]
 
 @dataclass(frozen=True, slots=True)
 class StatementPlan:
-    """What to seal in one statement text before it reaches the server."""
+    """The values to seal in one statement text before it reaches the server."""
 
     params: dict[int, EncryptedColumn] = field(default_factory=dict)
     literals: tuple[LiteralSlot, ...] = ()
@@ -87,7 +87,7 @@ EMPTY_PLAN = StatementPlan()
 
 @dataclass(frozen=True, slots=True)
 class CopyPlan:
-    """Which fields of a COPY stream to seal (FROM STDIN) or open (TO STDOUT)."""
+    """The fields of a COPY stream to seal (FROM STDIN) or open (TO STDOUT)."""
 
     direction: str
     options: CopyOptions
@@ -320,9 +320,11 @@ class _Walker:
         select = body.get("selectStmt", {}).get("SelectStmt", {})
         targets = [table.encrypted.get(name) for name in columns]
         if any(targets) and "valuesLists" not in select:
-            column = next(t for t in targets if t is not None)
+            # TODO: accept a SELECT over VALUES or UNNEST of parameters, the
+            # form SQLAlchemy and Django use to batch inserts.
+            first = next(t for t in targets if t is not None)
             raise reject(
-                column,
+                first,
                 "INSERT ... SELECT would let the server compute the stored value",
                 "Insert the values with VALUES so that the proxy can seal them.",
             )
@@ -510,9 +512,9 @@ class _Walker:
         if not names:
             return None
         if len(names) == 1:
-            for table in self._scope.values():
-                if names[0] in table.encrypted:
-                    return table.encrypted[names[0]]
+            for candidate in self._scope.values():
+                if names[0] in candidate.encrypted:
+                    return candidate.encrypted[names[0]]
             return None
         table = self._scope.get(names[-2])
         return table.encrypted.get(names[-1]) if table else None
@@ -664,13 +666,15 @@ def _output_column(node: Node, targets: list[Node]) -> Node | None:
     if "A_Const" in node and "ival" in node["A_Const"]:
         position = node["A_Const"]["ival"].get("ival", 0)
         if 1 <= position <= len(targets):
-            return targets[position - 1].get("val", {}).get("ColumnRef")
+            ref: Node | None = targets[position - 1].get("val", {}).get("ColumnRef")
+            return ref
         return None
     names = _field_names(node.get("ColumnRef", {}))
     if len(names) == 1:
         for target in targets:
             if target.get("name") == names[0]:
-                return target.get("val", {}).get("ColumnRef")
+                named: Node | None = target.get("val", {}).get("ColumnRef")
+                return named
     return None
 
 

@@ -42,29 +42,45 @@ class SqlDeallocate:
 
 
 class SqlPreparedStatements:
-    """One session's SQL-level prepared statements that touch encrypted columns."""
+    """One session's SQL-level prepared statements that touch encrypted columns.
+
+    A PREPARE or DEALLOCATE takes effect only when the server reports that
+    it completed (`commit`), because a failed one changes nothing there: a
+    DEALLOCATE in an aborted transaction must not make the proxy forget which
+    arguments of a later EXECUTE to seal.
+    """
 
     def __init__(self) -> None:
         self._params: dict[str, dict[int, EncryptedColumn]] = {}
 
+    def commit(self, change: SqlPrepare | SqlDeallocate) -> None:
+        if isinstance(change, SqlPrepare):
+            self._params[change.name] = change.params
+        elif change.name is None:
+            self._params.clear()
+        else:
+            self._params.pop(change.name, None)
+
     def apply(self, plan: StatementPlan, sql: str) -> StatementPlan:
-        """Record the text's PREPAREs and DEALLOCATEs; return the plan with
-        the EXECUTE arguments that need sealing added."""
+        """Return the plan with the EXECUTE arguments that need sealing added.
+
+        A statement prepared earlier in the same text counts as well as the
+        committed ones; where both name a statement, every argument that
+        either seals is sealed, which can only err towards ciphertext.
+        """
+        if not plan.sql_executes:
+            return plan
+        pending: dict[str, dict[int, EncryptedColumn]] = {}
         for change in plan.sql_prepared:
             if isinstance(change, SqlPrepare):
-                self._params[change.name] = change.params
-            elif change.name is None:
-                self._params.clear()
-            else:
-                self._params.pop(change.name, None)
+                pending[change.name] = change.params
         params = dict(plan.params)
         literals = list(plan.literals)
         for execute in plan.sql_executes:
-            for number, column in self._params.get(execute.name, {}).items():
+            targets = {**self._params.get(execute.name, {}), **pending.get(execute.name, {})}
+            for number, column in targets.items():
                 if number <= len(execute.args):
                     _seal_argument(sql, execute.args[number - 1], column, params, literals)
-        if not plan.sql_executes:
-            return plan
         return replace(plan, params=params, literals=tuple(literals))
 
 

@@ -25,14 +25,14 @@ from proxy.errors import (
     StatementRejected,
 )
 from proxy.sql.analyze import EMPTY_PLAN, StatementPlan
-from proxy.sql.prepared import SqlPreparedStatements
+from proxy.sql.prepared import SqlDeallocate, SqlPrepare, SqlPreparedStatements
 from proxy.wire import messages as m
-from proxy.wire.copy import CopyStream
+from proxy.wire.copy_relay import CopyFailure, CopyRelay
 from proxy.wire.frames import Frame, build
 
 log = logging.getLogger(__name__)
 
-RowPlan = tuple[tuple[int, object, int], ...]
+RowPlan = tuple[tuple[int, Any, int], ...]
 
 _T = TypeVar("_T")
 
@@ -44,6 +44,11 @@ _SEAL_HINT = "Check that the proxy has loaded a data key for this column."
 # ErrorResponse for its own.
 _REJECTED_QUERY = "PGSEAL REJECTED STATEMENT"
 _REJECTED_STATEMENT = "\x01pgseal rejected statement"
+
+_PREPARE_TAGS = (b"PREPARE", b"DEALLOCATE")
+TEXT_OID = 25
+# Declared types whose values are text on the wire: varchar, bpchar, name, unknown.
+_TEXT_LIKE = frozenset({25, 1043, 1042, 19, 705})
 
 # CommandComplete tags after which relation OIDs or view definitions change.
 _DDL_TAGS = (
@@ -59,7 +64,7 @@ _DDL_TAGS = (
 
 
 class Planner(Protocol):
-    """What the session needs from the rules, the catalog and the keys."""
+    """The planning and sealing interface that the session calls."""
 
     def statement(
         self, sql: str, search_path: tuple[str, ...] | None = None
@@ -103,7 +108,7 @@ class Portal:
 
 @dataclass(slots=True)
 class Pending:
-    """A client message that still awaits the server's answer."""
+    """A client message that still awaits the server's reply."""
 
     kind: str
     name: str = ""
@@ -113,6 +118,8 @@ class Pending:
     hidden: bool = False
     rejection: StatementRejected | None = None
     plan: StatementPlan | None = None
+    # SQL-level PREPARE and DEALLOCATE of the message, applied as each completes.
+    sql_changes: deque[SqlPrepare | SqlDeallocate] = field(default_factory=deque)
 
 
 @dataclass(slots=True)
@@ -139,8 +146,7 @@ class Session:
         self._skipping = False
         self._sql_prepared = SqlPreparedStatements()
         self._query_plan: RowPlan | None = None
-        self._copy: CopyStream | None = None
-        self._copy_failed = False
+        self._copy = CopyRelay(planner, conn_id)
         self.transaction_status = "I"
         self._client_handlers = {
             ord("P"): self._parse,
@@ -201,6 +207,9 @@ class Session:
         pending = Pending("parse", msg.statement)
         try:
             plan = self._plan(msg.query)
+            # TODO: a randomized column's literal in a named statement is
+            # sealed once here; binding it as an extra parameter would give
+            # each execution a fresh nonce.
             query = self._seal_literals(msg.query, plan)
         except StatementRejected as exc:
             self._reject(pending, exc, out, m.Parse(msg.statement, _REJECTED_QUERY, ()))
@@ -229,10 +238,16 @@ class Session:
         result = list(types)
         for number, column in plan.params.items():
             index = number - 1
-            if index < len(result) and result[index] not in (0, column.storage_oid):
-                if number not in plan.arrays:
-                    declared[number] = result[index]
-                    result[index] = column.storage_oid
+            if index >= len(result) or number in plan.arrays:
+                continue
+            oid = result[index]
+            if oid in (0, column.storage_oid):
+                continue
+            if column.storage_oid == TEXT_OID and oid in _TEXT_LIKE and not column.retyped:
+                # varchar and its kin carry the armoured text as they are.
+                continue
+            declared[number] = oid
+            result[index] = column.storage_oid
         return tuple(result)
 
     def _seal_literals(self, sql: str, plan: StatementPlan) -> str:
@@ -351,14 +366,18 @@ class Session:
         portal = self._portals.get(name)
         if portal is None or not portal.described:
             # The proxy cannot unseal rows it has no description for, so it
-            # asks the server for one and keeps the answer to itself.
+            # sends a Describe of its own and drops the reply.
             if portal is None:
                 portal = Portal(None)
                 self._define_portal(name, portal)
             portal.described = True
             self._pending.append(Pending("describe-P", name, portal=portal, hidden=True))
             out.to_server.append(m.encode_describe("P", name))
-        self._pending.append(Pending("execute", name, portal=portal))
+        pending = Pending("execute", name, portal=portal)
+        self._pending.append(pending)
+        if portal.statement is not None:
+            pending.sql_changes.extend(portal.statement.plan.sql_prepared)
+            self._copy.statement_sent(portal.statement.plan.copy)
         out.to_server.append(frame.raw)
 
     def _close(self, frame: Frame, out: Output) -> None:
@@ -386,7 +405,9 @@ class Session:
             self._reject(pending, exc, out, None)
             return
         pending.plan = plan
+        pending.sql_changes.extend(plan.sql_prepared)
         self._pending.append(pending)
+        self._copy.statement_sent(plan.copy)
         if plan.literals:
             out.to_server.append(m.encode_query(sealed))
         else:
@@ -465,7 +486,13 @@ class Session:
             return
         types = list(m.decode_parameter_description(frame.payload))
         for number, column in statement.plan.params.items():
-            if column.retyped and number <= len(types) and number not in statement.plan.arrays:
+            if number > len(types) or number in statement.plan.arrays:
+                continue
+            # The server reports what the client declared; a type the proxy
+            # replaced for the server is shown as the client declared it.
+            if number in statement.declared:
+                types[number - 1] = statement.declared[number]
+            elif column.retyped:
                 types[number - 1] = column.logical.oid
         out.to_client.append(m.encode_parameter_description(tuple(types)))
 
@@ -488,7 +515,7 @@ class Session:
         out.to_client.append(frame.raw)
 
     def _described(self, front: Pending, fields: tuple[m.Field, ...]) -> RowPlan | None:
-        """Record a Describe's answer; return the row plan it implies."""
+        """Record the reply to a Describe and return the row plan it implies."""
         if front.kind == "describe-S":
             statement = front.statement
             if statement is None:
@@ -570,27 +597,9 @@ class Session:
     # COPY
 
     def _copy_response(self, frame: Frame, out: Output) -> None:
-        """Start rewriting a COPY stream when its statement's plan asks for it."""
         out.to_client.append(frame.raw)
-        assert self._planner is not None
-        planner = self._planner
-        direction = "in" if frame.type == ord("G") else "out"
         plan = self._front_plan()
-        copy = plan.copy if plan is not None else None
-        self._copy = None
-        self._copy_failed = False
-        if copy is None or copy.direction != direction:
-            return
-        fields = copy.fields
-
-        def seal(index: int, value: bytes, fmt: int) -> bytes | None:
-            return planner.seal_param(fields[index][0], value, fmt)
-
-        def open_(index: int, value: bytes, fmt: int) -> bytes | None:
-            return planner.open_value(fields[index], value, fmt)
-
-        transform = seal if direction == "in" else open_
-        self._copy = CopyStream(copy.options, set(fields), transform)
+        self._copy.server_started(frame, plan.copy if plan is not None else None)
 
     def _front_plan(self) -> StatementPlan | None:
         front = self._front()
@@ -603,69 +612,30 @@ class Session:
         return None
 
     def _client_copy_data(self, frame: Frame, out: Output) -> None:
-        if self._copy is None:
-            out.to_server.append(frame.raw)
-            return
-        if self._copy_failed:
-            return
-        try:
-            data = self._copy.feed(bytes(frame.payload))
-        except (PgsealError, ValueError) as exc:
-            self._fail_copy(exc, out)
-            return
-        if data:
-            out.to_server.append(build(b"d", data))
+        out.to_server.extend(self._copy.client_data(frame))
 
     def _client_copy_end(self, frame: Frame, out: Output) -> None:
-        copy, self._copy = self._copy, None
-        if self._copy_failed:
-            return
-        if copy is not None and frame.type == ord("c"):
-            try:
-                data = copy.finish()
-            except (PgsealError, ValueError) as exc:
-                self._fail_copy(exc, out)
-                return
-            if data:
-                out.to_server.append(build(b"d", data))
-        out.to_server.append(frame.raw)
-
-    def _fail_copy(self, exc: Exception, out: Output) -> None:
-        # CopyFail makes the server end the COPY with an ErrorResponse that
-        # carries this message, so nothing of the stream is stored.
-        message = f"pgseal could not seal the COPY data: {exc}"
-        log.info("[%s] COPY stopped: %s", self._conn_id, exc)
-        out.to_server.append(build(b"f", message.encode() + b"\0"))
-        self._copy_failed = True
+        out.to_server.extend(self._copy.client_end(frame))
 
     def _server_copy_data(self, frame: Frame, out: Output) -> None:
-        if self._copy is None:
-            out.to_client.append(frame.raw)
-            return
         try:
-            data = self._copy.feed(bytes(frame.payload))
-        except (PgsealError, ValueError) as exc:
-            self._fail_row(exc if isinstance(exc, PgsealError) else PgsealError(str(exc)), out)
-            return
-        if data:
-            out.to_client.append(build(b"d", data))
+            out.to_client.extend(self._copy.server_data(frame))
+        except CopyFailure as exc:
+            self._fail_row(exc, out)
 
     def _server_copy_done(self, frame: Frame, out: Output) -> None:
-        copy, self._copy = self._copy, None
-        if copy is not None:
-            try:
-                data = copy.finish()
-            except PgsealError as exc:
-                self._fail_row(exc, out)
-                return
-            if data:
-                out.to_client.append(build(b"d", data))
-        out.to_client.append(frame.raw)
+        try:
+            out.to_client.extend(self._copy.server_done(frame))
+        except PgsealError as exc:
+            self._fail_row(exc, out)
 
     def _command_complete(self, frame: Frame, out: Output) -> None:
-        if frame.raw[5:30].startswith(_DDL_TAGS):
+        tag = frame.raw[5:30]
+        if tag.startswith(_DDL_TAGS):
             out.catalog_changed = True
         front = self._front()
+        if front is not None and front.sql_changes and tag.startswith(_PREPARE_TAGS):
+            self._sql_prepared.commit(front.sql_changes.popleft())
         if front is None or front.kind == "query":
             self._query_plan = None
         elif front.kind == "execute":
@@ -673,8 +643,7 @@ class Session:
         out.to_client.append(frame.raw)
 
     def _error(self, frame: Frame, out: Output) -> None:
-        self._copy = None
-        self._copy_failed = False
+        self._copy.reset()
         front = self._front()
         if front is not None and front.rejection is not None:
             exc = front.rejection

@@ -11,7 +11,9 @@ import pytest
 from proxy.crypto.keyring import (
     Keyring,
     SodiumKeyring,
+    SodiumSpec,
     parse_keyring_spec,
+    parse_sodium_spec,
 )
 from proxy.errors import ConfigError, KeyringError
 
@@ -209,3 +211,29 @@ def test_parse_spec_sodium(keydir: Path, keyring: SodiumKeyring) -> None:
 def test_parse_spec_invalid(spec: str) -> None:
     with pytest.raises(ConfigError, match="sodium:KEYDIR"):
         parse_keyring_spec(spec)
+
+
+def test_parse_sodium_spec_options(keydir: Path) -> None:
+    assert parse_sodium_spec(f"sodium:{keydir}") == SodiumSpec(keydir)
+    parsed = parse_sodium_spec(f"sodium:{keydir}?passphrase_env=KEY_PASSPHRASE")
+    assert parsed == SodiumSpec(keydir, "KEY_PASSPHRASE")
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "passphrase=secret",
+        "passphrase_env=A&passphrase_env=B",
+        "passphrase_env=",
+        "passphrase_env=NOT-A-NAME",
+        "passphrase_env",
+    ],
+)
+def test_parse_sodium_spec_invalid_option(keydir: Path, query: str) -> None:
+    with pytest.raises(ConfigError, match="passphrase_env"):
+        parse_sodium_spec(f"sodium:{keydir}?{query}")
+
+
+def test_parse_spec_lists_vault_form() -> None:
+    with pytest.raises(ConfigError, match="vault-transit:KEY_NAME"):
+        parse_keyring_spec("vault:pgseal")

@@ -301,3 +301,16 @@ async def test_key_seals_across_stores(
     reloaded: DataKey = await other.get_key(key.key_id, key.version)
     opened = open_sealed(blob, reloaded, store_id=other.store_id, context="c")
     assert opened == b"alice@example.com"
+
+
+async def test_refresh_keeps_keys_past_ttl(pool: Pool, keyring: SodiumKeyring) -> None:
+    cache = KeyCache(ttl=0.6, active_ttl=0.6)
+    store = KeyStore(pool, [keyring], cache)
+    await store.setup()
+    key = await store.active_key("public.t.c", Algorithm.XCHACHA20_POLY1305)
+    for _ in range(4):
+        await asyncio.sleep(0.3)
+        await store.load_keys(["public.t.c"])
+    # 1.2 s after creation, twice the cache's age limit, the key is still there.
+    assert cache.get(key.key_id, key.version) == key
+    assert store.unwrap_calls == 0

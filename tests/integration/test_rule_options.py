@@ -124,3 +124,35 @@ def test_rule_mismatch_fails_start(
         start_proxy(fresh_db, rules)
     assert f"rule file {rules / 't.yaml'}" in str(info.value)
     assert expected in str(info.value)
+
+
+def test_rule_for_another_database(
+    fresh_db: str,
+    pg_cluster: PgServer,
+    start_proxy: Callable[..., RunningProxy],
+    tmp_path: Path,
+) -> None:
+    other = f"{fresh_db}_other"
+    with psycopg.connect(pg_cluster.dsn(), autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {other}")
+    try:
+        with psycopg.connect(pg_cluster.dsn(other), autocommit=True) as conn:
+            conn.execute("CREATE TABLE secrets (id int, value text)")
+        rules = tmp_path / "rules"
+        rules.mkdir()
+        (rules / "other.yaml").write_text(
+            f"tables:\n  - name: secrets\n    database: {other}\n"
+            "    columns:\n      - name: value\n"
+        )
+        proxy = start_proxy(fresh_db, rules)
+        dsn = proxy.dsn().replace(f"/{fresh_db}", f"/{other}")
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute("INSERT INTO secrets VALUES (1, %s)", ("other-db-secret",))
+            read = conn.execute("SELECT value FROM secrets").fetchall()
+        with psycopg.connect(pg_cluster.dsn(other)) as conn:
+            ((stored,),) = conn.execute("SELECT value FROM secrets").fetchall()
+        assert read == [("other-db-secret",)]
+        assert_sealed(stored, "other-db-secret")
+    finally:
+        with psycopg.connect(pg_cluster.dsn(), autocommit=True) as conn:
+            conn.execute(f"DROP DATABASE IF EXISTS {other} WITH (FORCE)")

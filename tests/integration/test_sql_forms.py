@@ -225,3 +225,33 @@ def test_search_path_resolves_unqualified_names(oauth_proxy: RunningProxy) -> No
     assert len(stored) == 2
     for value in stored:
         assert_sealed(value, SECRET)
+
+
+def test_failed_deallocate_keeps_sealing(oauth_proxy: RunningProxy) -> None:
+    with _connect(oauth_proxy) as conn:
+        conn.execute(
+            "PREPARE add_token(int, text) AS "
+            "INSERT INTO oauth_tokens (user_id, access_token) VALUES ($1, $2)",
+            prepare=False,
+        )
+        conn.execute("BEGIN", prepare=False)
+        with pytest.raises(psycopg.errors.DivisionByZero):
+            conn.execute("SELECT 1/0", prepare=False)
+        with pytest.raises(psycopg.errors.InFailedSqlTransaction):
+            conn.execute("DEALLOCATE add_token", prepare=False)
+        conn.execute("ROLLBACK", prepare=False)
+        conn.execute(f"EXECUTE add_token(1, '{SECRET}')", prepare=False)
+    assert_sealed(_stored(oauth_proxy)[0], SECRET)
+
+
+def test_prepare_and_execute_in_one_query(oauth_proxy: RunningProxy) -> None:
+    with _connect(oauth_proxy) as conn:
+        conn.execute(
+            "PREPARE add_token(int, text) AS "
+            "INSERT INTO oauth_tokens (user_id, access_token) VALUES ($1, $2); "
+            f"EXECUTE add_token(1, '{SECRET}')",
+            prepare=False,
+        )
+        (value,) = conn.execute("SELECT access_token FROM oauth_tokens").fetchone() or ()
+    assert value == SECRET
+    assert_sealed(_stored(oauth_proxy)[0], SECRET)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import struct
 
 import pytest
@@ -112,7 +113,7 @@ _messages = st.lists(
 def test_any_split_gives_same_frames(messages: list[bytes], cuts: list[int]) -> None:
     data = b"".join(messages)
     points = sorted({cut % (len(data) + 1) for cut in cuts} | {0, len(data)})
-    chunks = [data[start:end] for start, end in zip(points, points[1:])]
+    chunks = [data[start:end] for start, end in itertools.pairwise(points)]
     frames = _feed_all(FrameReader(), chunks)
     assert [frame.raw for frame in frames] == messages
     assert [frame.type for frame in frames] == [m[0] for m in messages]

@@ -1,0 +1,1 @@
+"""pgseal benchmark suite: `python -m bench` runs it; BENCHMARKS.md reports it."""

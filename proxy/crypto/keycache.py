@@ -1,0 +1,254 @@
+"""The in-memory cache of unwrapped data keys, bounded three ways.
+
+- age: a key leaves the cache `ttl` seconds after it was put there;
+- entry count: past `maxsize` keys, the least recently used one leaves;
+- values sealed per key (randomized columns only): once a data key has sealed
+  `max_values_per_key` values in this process, the cache calls `on_limit`,
+  and the proxy then creates a new data key version for later values.
+
+When a data key leaves the cache, the cache overwrites its material with
+zeros, unless something outside the cache still refers to the key. That is a
+best effort in CPython, not a guarantee: see "Key material in memory" in
+docs/key-store.md for the copies it cannot reach.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import sys
+import sysconfig
+from collections.abc import Callable
+from typing import Any
+
+from cachetools import Cache, TTLCache
+
+from proxy.crypto.values import DataKey
+
+__all__ = ["KeyCache", "KeyRef", "wipe_bytes"]
+
+logger = logging.getLogger(__name__)
+
+KeyRef = tuple[int, int]
+"""A data key's (key_id, version)."""
+
+LimitCallback = Callable[[str, KeyRef], None]
+
+# Overwriting a bytes object in place relies on CPython's object layout, and
+# the check that nothing else refers to it relies on exact reference counts,
+# which the free-threaded build does not keep.
+_CAN_WIPE = sys.implementation.name == "cpython" and not sysconfig.get_config_var(
+    "Py_GIL_DISABLED"
+)
+# A bytes object stores its data at the end of the object, after a header of
+# sys.getsizeof(b"") - 1 bytes (the size counts the trailing NUL byte).
+_BYTES_DATA_OFFSET = sys.getsizeof(b"") - 1
+
+
+class KeyCache:
+    """Unwrapped data keys by (key_id, version), and each key name's active key.
+
+    Both maps expire entries by age. The active map expires sooner, so that a
+    new version made by another replica is picked up within active_ttl.
+    """
+
+    # NOTE: the defaults are starting points, not measured.
+    def __init__(
+        self,
+        maxsize: int = 1000,
+        ttl: float = 600.0,
+        active_ttl: float = 60.0,
+        max_values_per_key: int | None = None,
+    ) -> None:
+        _check_positive("maxsize", maxsize)
+        _check_positive("ttl", ttl)
+        _check_positive("active_ttl", active_ttl)
+        if max_values_per_key is not None:
+            _check_positive("max_values_per_key", max_values_per_key)
+        self._keys = _WipingTTLCache(maxsize, ttl)
+        self._active: TTLCache[str, KeyRef] = TTLCache(maxsize, active_ttl)
+        self.max_values_per_key = max_values_per_key
+        self.on_limit: LimitCallback | None = None
+        """Called once per data key when it reaches max_values_per_key."""
+        self._sealed: dict[KeyRef, int] = {}
+
+    @property
+    def wiped(self) -> int:
+        """Number of evicted data keys whose material was overwritten."""
+        return self._keys.wiped
+
+    @property
+    def kept(self) -> int:
+        """Number of evicted data keys left intact, because others referred to them."""
+        return self._keys.kept
+
+    def get(self, key_id: int, version: int) -> DataKey | None:
+        """Return the cached data key, or None if absent or expired."""
+        return self._keys.get((key_id, version))
+
+    def put(self, key: DataKey) -> None:
+        self._keys[(key.key_id, key.version)] = key
+
+    def discard(self, key_id: int, version: int) -> None:
+        """Remove a data key, as for a retired version, and overwrite it."""
+        self._active_drop((key_id, version))
+        self._sealed.pop((key_id, version), None)
+        self._keys.discard((key_id, version))
+
+    def purge(self) -> None:
+        """Remove the expired data keys now rather than on the next put()."""
+        self._keys.expire()
+
+    def active_ref(self, key_name: str) -> KeyRef | None:
+        """Return the cached (key_id, version) of the name's active key."""
+        return self._active.get(key_name)
+
+    def set_active(self, key_name: str, ref: KeyRef) -> None:
+        self._active[key_name] = ref
+
+    def note_sealed(self, key_name: str, ref: KeyRef) -> None:
+        """Count one value sealed under ref, and call on_limit when it reaches the limit.
+
+        Counts are per process and start at zero for every process, so with
+        N replicas a data key may seal up to N times the limit.
+        """
+        limit = self.max_values_per_key
+        if limit is None:
+            return
+        count = self._sealed.get(ref, 0) + 1
+        self._sealed[ref] = count
+        if count == limit and self.on_limit is not None:
+            self.on_limit(key_name, ref)
+
+    def sealed_count(self, ref: KeyRef) -> int:
+        """Return the number of values this process sealed under ref."""
+        return self._sealed.get(ref, 0)
+
+    def clear(self) -> None:
+        self._keys.clear()
+        self._active.clear()
+        self._sealed.clear()
+
+    def _active_drop(self, ref: KeyRef) -> None:
+        for name, active in list(self._active.items()):
+            if active == ref:
+                del self._active[name]
+
+
+class _WipingTTLCache(TTLCache[KeyRef, DataKey]):
+    """A TTLCache that overwrites the material of each data key it drops.
+
+    Every path that drops an entry (expiry, eviction of the least recently
+    used entry, deletion, replacement, clear) first queues the dropped key.
+    The public method that started it then overwrites the queued keys, once
+    the cache's own code no longer refers to them, so that the reference
+    check in _release_removed() counts only outside references.
+    """
+
+    def __init__(self, maxsize: int, ttl: float) -> None:
+        super().__init__(maxsize, ttl)
+        self._removed: list[DataKey] = []
+        self.wiped = 0
+        self.kept = 0
+
+    def __setitem__(self, key: KeyRef, value: DataKey) -> None:
+        if Cache.__contains__(self, key) and Cache.__getitem__(self, key) is not value:
+            try:
+                del self[key]
+            except KeyError:
+                pass  # It had expired: TTLCache deletes it and then raises.
+        super().__setitem__(key, value)
+        self._release_removed()
+
+    def __delitem__(self, key: KeyRef) -> None:
+        self._removed.append(Cache.__getitem__(self, key))
+        super().__delitem__(key)
+
+    def discard(self, key: KeyRef) -> None:
+        try:
+            del self[key]
+        except KeyError:
+            pass
+        self._release_removed()
+
+    def expire(self, time: Any = None) -> list[tuple[KeyRef, DataKey]]:
+        """Remove expired entries and overwrite their keys.
+
+        Returns an empty list, unlike TTLCache, because the removed keys are
+        no longer usable. TTLCache's own callers ignore the result.
+        """
+        expired = super().expire(time)
+        self._removed.extend(value for _, value in expired)
+        del expired
+        self._release_removed()
+        return []
+
+    def clear(self) -> None:
+        self._removed.extend(Cache.__getitem__(self, k) for k in Cache.__iter__(self))
+        super().clear()
+        self._release_removed()
+
+    def _release_removed(self) -> None:
+        key_refs, material_refs = _UNSHARED_REFS
+        removed = self._removed
+        while removed:
+            key = removed.pop()
+            # Overwrite only keys that nothing else refers to, because a caller
+            # that kept one would otherwise seal under zeros from then on.
+            if _refcount(key) <= key_refs and _refcount(key.material) <= material_refs:
+                wipe_bytes(key.material)
+                self.wiped += 1
+            else:
+                self.kept += 1
+                logger.debug(
+                    "data key %d version %d left the cache while still in use "
+                    "elsewhere, so its material was not overwritten",
+                    key.key_id,
+                    key.version,
+                )
+
+
+def wipe_bytes(data: bytes) -> bool:
+    """Overwrite the contents of a bytes object with zeros, in CPython only.
+
+    The caller must make sure that nothing will read data again. Returns
+    False, and changes nothing, on other Python implementations.
+    """
+    if not isinstance(data, bytes):
+        raise TypeError("data must be bytes")
+    if not _CAN_WIPE or not data:
+        return False
+    ctypes.memset(id(data) + _BYTES_DATA_OFFSET, 0, len(data))
+    return True
+
+
+def _refcount(obj: object) -> int:
+    return sys.getrefcount(obj) if _CAN_WIPE else sys.maxsize
+
+
+class _Probe:
+    material: bytes
+
+
+def _measure_unshared_refs() -> tuple[int, int]:
+    """Count the references that _release_removed() itself holds.
+
+    The probe is held exactly as a dropped data key is there: popped from a
+    list into a local, with its material in an instance attribute. Measuring
+    instead of hard-coding keeps the check right when a CPython version
+    counts references on its stack differently.
+    """
+    holder = [_Probe()]
+    key = holder.pop()
+    key.material = bytes(bytearray(32))
+    return _refcount(key), _refcount(key.material)
+
+
+_UNSHARED_REFS = _measure_unshared_refs()
+
+
+def _check_positive(name: str, value: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number")
+    if value <= 0:
+        raise ValueError(f"{name} must be positive, got {value}")
