@@ -10,6 +10,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import asyncpg
+
 from proxy.app import Proxy, ProxySettings
 from proxy.crypto.keyring import SodiumKeyring, parse_sodium_spec, read_passphrase
 from proxy.errors import ConfigError, PgsealError
@@ -33,6 +35,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.run(args))
     except PgsealError as exc:
+        print(f"pgseal: error: {exc}", file=sys.stderr)
+        return 1
+    except (asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        print(
+            f"pgseal: error: the upstream server rejected the proxy's own "
+            f"connection: {exc}; check the login and sslmode in --upstream",
+            file=sys.stderr,
+        )
+        return 1
+    except OSError as exc:
+        # An unreachable upstream server, or a listen address already in use.
         print(f"pgseal: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

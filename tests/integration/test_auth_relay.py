@@ -118,3 +118,33 @@ def test_serve_refuses_readable_private_key(oauth_proxy: RunningProxy) -> None:
     )
     assert result.returncode == 1
     assert f"chmod 600 {private}" in result.stderr
+
+
+def test_serve_reports_unreachable_upstream(tmp_path: Path) -> None:
+    from proxy.crypto.keyring import SodiumKeyring
+    from proxy.embedded import free_port
+
+    SodiumKeyring.create(tmp_path / "keys")
+    closed = free_port()
+    result = subprocess.run(
+        [str(PGSEAL), "serve", "--listen", "127.0.0.1:0",
+         "--upstream", f"postgresql://nobody:secret@127.0.0.1:{closed}/app",
+         "--keyring", f"sodium:{tmp_path / 'keys'}"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 1
+    assert "pgseal: error:" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert "secret" not in result.stderr
+
+
+def test_serve_reports_wrong_proxy_password(oauth_proxy: RunningProxy) -> None:
+    upstream = oauth_proxy.direct_dsn().replace(oauth_proxy.server.password, "wrong-one")
+    result = subprocess.run(
+        [str(PGSEAL), "serve", "--listen", "127.0.0.1:0", "--upstream", upstream,
+         "--keyring", f"sodium:{oauth_proxy.keydir}"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 1
+    assert "rejected the proxy's own connection" in result.stderr
+    assert "Traceback" not in result.stderr
