@@ -95,6 +95,22 @@ class Keyring(Protocol):
         ...
 
 
+def check_remote_settings(
+    max_retries: int, connect_timeout: float, read_timeout: float
+) -> None:
+    """Validate the retry count and timeouts (seconds) of a remote keyring."""
+    if isinstance(max_retries, bool) or not isinstance(max_retries, int):
+        raise TypeError("max_retries must be an int")
+    if max_retries < 0:
+        raise ValueError(f"max_retries must not be negative, got {max_retries}")
+    for name, value in (
+        ("connect_timeout", connect_timeout),
+        ("read_timeout", read_timeout),
+    ):
+        if value <= 0:
+            raise ValueError(f"{name} must be positive seconds, got {value}")
+
+
 @runtime_checkable
 class RemoteKeyring(Keyring, Protocol):
     """A keyring that calls a remote service, such as a KMS, and counts the calls."""

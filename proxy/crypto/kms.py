@@ -20,6 +20,7 @@ import boto3  # type: ignore[import-untyped]
 import botocore.config  # type: ignore[import-untyped]
 import botocore.exceptions  # type: ignore[import-untyped]
 
+from proxy.crypto.keyring import check_remote_settings
 from proxy.errors import KeyringError
 
 __all__ = ["AwsKmsKeyring", "SPEC_PREFIX"]
@@ -65,7 +66,7 @@ class AwsKmsKeyring:
         or is invalid.
         """
         _check_key_id(key_id)
-        _check_settings(max_retries, connect_timeout, read_timeout)
+        check_remote_settings(max_retries, connect_timeout, read_timeout)
         self.key_id = key_id
         self.calls = 0
         """Number of KMS API calls made, failed ones included."""
@@ -209,21 +210,6 @@ def _check_key_id(key_id: str) -> None:
         raise ValueError(f"key_id must be at most {_MAX_KEY_ID_LENGTH} characters")
     if any(char.isspace() for char in key_id):
         raise ValueError(f"key_id must not contain whitespace, got {key_id!r}")
-
-
-def _check_settings(
-    max_retries: int, connect_timeout: float, read_timeout: float
-) -> None:
-    if isinstance(max_retries, bool) or not isinstance(max_retries, int):
-        raise TypeError("max_retries must be an int")
-    if max_retries < 0:
-        raise ValueError(f"max_retries must not be negative, got {max_retries}")
-    for name, value in (
-        ("connect_timeout", connect_timeout),
-        ("read_timeout", read_timeout),
-    ):
-        if value <= 0:
-            raise ValueError(f"{name} must be positive seconds, got {value}")
 
 
 def _check_context(context: str) -> None:

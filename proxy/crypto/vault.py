@@ -35,7 +35,7 @@ import requests
 import requests.adapters
 from urllib3.util.retry import Retry
 
-from proxy.crypto.keyring import context_digest
+from proxy.crypto.keyring import check_remote_settings, context_digest
 from proxy.errors import KeyringError
 
 __all__ = ["SPEC_PREFIX", "VaultSettings", "VaultTransitKeyring"]
@@ -131,16 +131,7 @@ class VaultTransitKeyring:
         names no server or token.
         """
         _check_key_name(key_name)
-        if isinstance(max_retries, bool) or not isinstance(max_retries, int):
-            raise TypeError("max_retries must be an int")
-        if max_retries < 0:
-            raise ValueError(f"max_retries must not be negative, got {max_retries}")
-        for name, value in (
-            ("connect_timeout", connect_timeout),
-            ("read_timeout", read_timeout),
-        ):
-            if value <= 0:
-                raise ValueError(f"{name} must be positive seconds, got {value}")
+        check_remote_settings(max_retries, connect_timeout, read_timeout)
 
         self.key_name = key_name
         self.settings = VaultSettings.from_environment(SPEC_PREFIX + key_name)

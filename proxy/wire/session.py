@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol, TypeVar
 
+from proxy.catalog import TEXT_OID
 from proxy.errors import (
     DecryptionError,
     KeyringError,
@@ -46,7 +47,6 @@ _REJECTED_QUERY = "PGSEAL REJECTED STATEMENT"
 _REJECTED_STATEMENT = "\x01pgseal rejected statement"
 
 _PREPARE_TAGS = (b"PREPARE", b"DEALLOCATE")
-TEXT_OID = 25
 # Declared types whose values are text on the wire: varchar, bpchar, name, unknown.
 _TEXT_LIKE = frozenset({25, 1043, 1042, 19, 705})
 
