@@ -16,11 +16,10 @@ from proxy.crypto.keystore import KeyCache
 from proxy.crypto.values import (
     Algorithm,
     DataKey,
+    ValueCipher,
     armour,
     dearmour,
-    open_sealed,
     read_key_ref,
-    seal,
 )
 from proxy.errors import DecryptionError, KeyringError, StatementRejected
 from proxy.rules import Encryption, OnDecryptError
@@ -59,6 +58,27 @@ class KeyView:
         if column.rule.encryption is Encryption.RANDOMIZED:
             self.cache.note_sealed(column.key_name, (key.key_id, key.version))
         return key
+
+    def sealer(self, column: EncryptedColumn) -> ValueCipher:
+        """Return the cipher that seals the next value of column."""
+        key_name = column.key_name
+        cipher = self.cache.sealer(key_name, self.store_id)
+        if cipher is None:
+            raise KeyringError(f"no data key is loaded for column {column.identity}")
+        if column.rule.encryption is Encryption.RANDOMIZED:
+            key = cipher.key
+            self.cache.note_sealed(key_name, (key.key_id, key.version))
+        return cipher
+
+    def opener(self, blob: bytes, context: str) -> ValueCipher:
+        """Return the cipher that opens blob under context (a key name)."""
+        if not self.can_open:
+            raise KeyringError("no configured keyring can unwrap, so no value opens")
+        cipher = self.cache.opener(blob, context, self.store_id)
+        if cipher is None:
+            key_id, version = read_key_ref(blob)
+            raise KeyringError(f"data key {key_id} version {version} is not loaded")
+        return cipher
 
     def for_value(self, blob: bytes) -> DataKey:
         if not self.can_open:
@@ -130,8 +150,7 @@ class ColumnPlanner:
         return map_text_array(value, lambda v: self.seal_param(column, v, fmt))
 
     def _seal(self, column: EncryptedColumn, plaintext: bytes) -> bytes:
-        key = self._keys.active(column)
-        return seal(key, plaintext, store_id=self._keys.store_id, context=column.key_name)
+        return self._keys.sealer(column).seal(plaintext)
 
     def row_plan(
         self, fields: tuple[Field, ...], outputs: tuple[Candidates, ...] | None = None
@@ -188,14 +207,13 @@ class ColumnPlanner:
             raise DecryptionError() from None
 
     def _open(self, columns: Candidates, blob: bytes) -> bytes:
-        key = self._keys.for_value(blob)
-        store_id = self._keys.store_id
+        keys = self._keys
         for column in columns[:-1]:
             try:
-                return open_sealed(blob, key, store_id=store_id, context=column.key_name)
+                return keys.opener(blob, column.key_name).open(blob)
             except DecryptionError:
                 continue
-        return open_sealed(blob, key, store_id=store_id, context=columns[-1].key_name)
+        return keys.opener(blob, columns[-1].key_name).open(blob)
 
 
 def _invalid_input(column: EncryptedColumn) -> StatementRejected:

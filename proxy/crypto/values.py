@@ -11,7 +11,7 @@ from __future__ import annotations
 import base64
 import binascii
 import enum
-import re
+import os
 import secrets
 import struct
 from dataclasses import dataclass, field
@@ -26,9 +26,11 @@ from proxy.errors import DecryptionError
 __all__ = [
     "ARMOUR_PREFIX",
     "FORMAT_VERSION",
+    "HEADER_SIZE",
     "MAGIC",
     "Algorithm",
     "DataKey",
+    "ValueCipher",
     "armour",
     "dearmour",
     "is_armoured",
@@ -48,9 +50,20 @@ UINT32_MAX = 2**32 - 1
 
 # Format version, algorithm, key id, key version: all big-endian.
 _HEADER = struct.Struct(">BBII")
+HEADER_SIZE = _HEADER.size
 _CONTEXT_LENGTH = struct.Struct(">I")
 _AD_LABEL = b"pgseal/value/1"
-_BASE64URL = re.compile(rb"[A-Za-z0-9_-]*")
+_BASE64URL_DIGITS = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+# Maps the URL-safe alphabet to the standard one, and the standard alphabet's
+# own '+', '/' and '=' to '!', which strict decoding rejects.
+_FROM_BASE64URL = bytes.maketrans(b"-_+/=", b"+/!!!")
+_PADDING = (b"", b"", b"==", b"=")
+# The low bits of the last digit that carry no data, by length modulo 4.
+# Only zeros there keep one armoured text per value.
+_UNUSED_BITS = (0, 0, 0x0F, 0x03)
+_DIGIT_VALUES = bytes(
+    _BASE64URL_DIGITS.index(byte) if byte in _BASE64URL_DIGITS else 0 for byte in range(256)
+)
 
 
 class Algorithm(enum.IntEnum):
@@ -122,29 +135,76 @@ class _Header:
         return _HEADER.pack(FORMAT_VERSION, self.algorithm, self.key_id, self.version)
 
 
+class ValueCipher:
+    """A data key bound to a key store and a context, which seals and opens values.
+
+    The header and the associated data depend only on the key, the store id
+    and the context, so they are built once here rather than per value.
+    """
+
+    __slots__ = ("_associated_data", "_min_size", "_prefix", "_siv", "key")
+
+    def __init__(self, key: DataKey, *, store_id: bytes, context: str) -> None:
+        _check_data_key(key)
+        header = _Header(key.algorithm, key.key_id, key.version).pack()
+        self.key = key
+        self._prefix = MAGIC + header
+        self._associated_data = _associated_data(store_id, context, header)
+        self._min_size = len(self._prefix) + key.algorithm.nonce_size + TAG_SIZE
+        self._siv: AESSIV | None = None
+        if key.algorithm is Algorithm.AES_256_SIV:
+            self._siv = AESSIV(key.material)
+
+    def __repr__(self) -> str:
+        return f"ValueCipher(key_id={self.key.key_id}, version={self.key.version})"
+
+    def seal(self, plaintext: bytes) -> bytes:
+        """Encrypt plaintext and return the binary form."""
+        if not isinstance(plaintext, bytes):
+            raise TypeError("plaintext must be bytes")
+        if self._siv is None:
+            nonce = os.urandom(NONCE_SIZE)
+            ciphertext = nacl.bindings.crypto_aead_xchacha20poly1305_ietf_encrypt(
+                plaintext, self._associated_data, nonce, self.key.material
+            )
+            return self._prefix + nonce + ciphertext
+        # AES-SIV output is the 16-byte synthetic IV (its tag), then the ciphertext.
+        return self._prefix + self._siv.encrypt(plaintext, [self._associated_data])
+
+    def open(self, blob: bytes) -> bytes:
+        """Decrypt a binary-form value sealed under this key and context.
+
+        Raises DecryptionError, with no detail, if the blob is malformed,
+        names another key or algorithm, or fails authentication.
+        """
+        prefix = self._prefix
+        if len(blob) < self._min_size or not blob.startswith(prefix):
+            raise DecryptionError()
+        start = len(prefix)
+        if self._siv is None:
+            nonce = blob[start : start + NONCE_SIZE]
+            ciphertext = blob[start + NONCE_SIZE :]
+            try:
+                return nacl.bindings.crypto_aead_xchacha20poly1305_ietf_decrypt(
+                    ciphertext, self._associated_data, nonce, self.key.material
+                )
+            except nacl.exceptions.CryptoError:
+                raise DecryptionError() from None
+        try:
+            return self._siv.decrypt(blob[start:], [self._associated_data])
+        except InvalidTag:
+            raise DecryptionError() from None
+
+
 def seal(key: DataKey, plaintext: bytes, *, store_id: bytes, context: str) -> bytes:
     """Encrypt plaintext under key and return the binary form.
 
     store_id (16 bytes) and context (the column identity, for example
     "public.users.email") go into the associated data, so the value opens
-    only with the same key store and context.
+    only with the same key store and context. Callers that seal many values
+    under one key keep a ValueCipher instead.
     """
-    _check_data_key(key)
-    if not isinstance(plaintext, bytes):
-        raise TypeError("plaintext must be bytes")
-    header = _Header(key.algorithm, key.key_id, key.version).pack()
-    associated_data = _associated_data(store_id, context, header)
-
-    if key.algorithm is Algorithm.XCHACHA20_POLY1305:
-        nonce = secrets.token_bytes(NONCE_SIZE)
-        ciphertext = nacl.bindings.crypto_aead_xchacha20poly1305_ietf_encrypt(
-            plaintext, associated_data, nonce, key.material
-        )
-        return MAGIC + header + nonce + ciphertext
-
-    # AES-SIV output is the 16-byte synthetic IV (its tag), then the ciphertext.
-    ciphertext = AESSIV(key.material).encrypt(plaintext, [associated_data])
-    return MAGIC + header + ciphertext
+    return ValueCipher(key, store_id=store_id, context=context).seal(plaintext)
 
 
 def read_key_ref(blob: bytes) -> tuple[int, int]:
@@ -162,18 +222,9 @@ def open_sealed(blob: bytes, key: DataKey, *, store_id: bytes, context: str) -> 
     Raises DecryptionError, with no detail, if the blob is malformed, names
     another key or algorithm, or fails authentication for store_id and context.
     """
-    _check_data_key(key)
-    header = _parse_header(blob)
-    expected = _Header(key.algorithm, key.key_id, key.version)
-    if header != expected:
-        raise DecryptionError()
-    header_bytes = blob[len(MAGIC) : len(MAGIC) + _HEADER.size]
-    associated_data = _associated_data(store_id, context, header_bytes)
-    body = blob[len(MAGIC) + _HEADER.size :]
-
-    if key.algorithm is Algorithm.XCHACHA20_POLY1305:
-        return _open_xchacha(body, key.material, associated_data)
-    return _open_siv(body, key.material, associated_data)
+    if not isinstance(blob, bytes):
+        raise TypeError("blob must be bytes")
+    return ValueCipher(key, store_id=store_id, context=context).open(blob)
 
 
 def armour(blob: bytes) -> bytes:
@@ -198,16 +249,16 @@ def dearmour(text: bytes) -> bytes:
     if not text.startswith(ARMOUR_PREFIX):
         raise DecryptionError()
     body = text[len(ARMOUR_PREFIX) :]
-    if not _BASE64URL.fullmatch(body) or len(body) % 4 == 1:
+    remainder = len(body) % 4
+    if remainder == 1:
         raise DecryptionError()
     try:
-        raw = base64.urlsafe_b64decode(body + b"=" * (-len(body) % 4))
+        raw = binascii.a2b_base64(
+            body.translate(_FROM_BASE64URL) + _PADDING[remainder], strict_mode=True
+        )
     except binascii.Error:
         raise DecryptionError() from None
-
-    # Unused low bits in the last character let several strings decode to the
-    # same bytes. Rejecting all but one keeps the stored text canonical.
-    if base64.urlsafe_b64encode(raw).rstrip(b"=") != body:
+    if remainder and _DIGIT_VALUES[body[-1]] & _UNUSED_BITS[remainder]:
         raise DecryptionError()
     return MAGIC + raw
 
@@ -269,24 +320,6 @@ def _encode_context(context: str) -> bytes:
         return context.encode("utf-8")
     except UnicodeEncodeError:
         raise ValueError("context must be encodable as UTF-8") from None
-
-
-def _open_xchacha(body: bytes, material: bytes, associated_data: bytes) -> bytes:
-    nonce = body[:NONCE_SIZE]
-    ciphertext = body[NONCE_SIZE:]
-    try:
-        return nacl.bindings.crypto_aead_xchacha20poly1305_ietf_decrypt(
-            ciphertext, associated_data, nonce, material
-        )
-    except nacl.exceptions.CryptoError:
-        raise DecryptionError() from None
-
-
-def _open_siv(body: bytes, material: bytes, associated_data: bytes) -> bytes:
-    try:
-        return AESSIV(material).decrypt(body, [associated_data])
-    except InvalidTag:
-        raise DecryptionError() from None
 
 
 def _check_data_key(key: DataKey) -> None:
