@@ -65,9 +65,10 @@ class KeyView:
         cipher = self.cache.sealer(key_name, self.store_id)
         if cipher is None:
             raise KeyringError(f"no data key is loaded for column {column.identity}")
-        if column.rule.encryption is Encryption.RANDOMIZED:
+        cache = self.cache
+        if cache.max_values_per_key is not None and column.rule.encryption is Encryption.RANDOMIZED:
             key = cipher.key
-            self.cache.note_sealed(key_name, (key.key_id, key.version))
+            cache.note_sealed(key_name, (key.key_id, key.version))
         return cipher
 
     def opener(self, blob: bytes, context: str) -> ValueCipher:
@@ -208,6 +209,8 @@ class ColumnPlanner:
 
     def _open(self, columns: Candidates, blob: bytes) -> bytes:
         keys = self._keys
+        if len(columns) == 1:
+            return keys.opener(blob, columns[0].key_name).open(blob)
         for column in columns[:-1]:
             try:
                 return keys.opener(blob, column.key_name).open(blob)

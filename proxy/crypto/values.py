@@ -8,7 +8,6 @@ The byte layout is described in docs/value-format.md.
 
 from __future__ import annotations
 
-import base64
 import binascii
 import enum
 import os
@@ -57,6 +56,7 @@ _BASE64URL_DIGITS = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz012345
 # Maps the URL-safe alphabet to the standard one, and the standard alphabet's
 # own '+', '/' and '=' to '!', which strict decoding rejects.
 _FROM_BASE64URL = bytes.maketrans(b"-_+/=", b"+/!!!")
+_TO_BASE64URL = bytes.maketrans(b"+/", b"-_")
 _PADDING = (b"", b"", b"==", b"=")
 # The low bits of the last digit that carry no data, by length modulo 4.
 # Only zeros there keep one armoured text per value.
@@ -233,8 +233,8 @@ def armour(blob: bytes) -> bytes:
         raise TypeError("blob must be bytes")
     if not blob.startswith(MAGIC):
         raise ValueError("blob must start with the pgseal magic bytes")
-    body = base64.urlsafe_b64encode(blob[len(MAGIC) :]).rstrip(b"=")
-    return ARMOUR_PREFIX + body
+    body = binascii.b2a_base64(blob[len(MAGIC) :], newline=False)
+    return ARMOUR_PREFIX + body.translate(_TO_BASE64URL).rstrip(b"=")
 
 
 def dearmour(text: bytes) -> bytes:
