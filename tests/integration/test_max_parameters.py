@@ -46,8 +46,7 @@ def test_insert_max_parameters(oauth_proxy: RunningProxy) -> None:
     ]
 
     stored = oauth_proxy.direct(
-        "SELECT user_id, access_token, refresh_token FROM oauth_tokens "
-        "ORDER BY user_id"
+        "SELECT user_id, access_token, refresh_token FROM oauth_tokens ORDER BY user_id"
     )
     assert len(stored) == ROWS
     for user_id, access, refresh in stored:

@@ -1,7 +1,7 @@
 """Protocol 3.0 and 3.2 through the proxy, with libpq 18 and a raw CancelRequest.
 
 PostgreSQL 18 speaks protocol 3.2 and sends a 32-byte secret key in
-BackendKeyData; older servers answer a 3.2 request with
+BackendKeyData. Older servers respond to a 3.2 request with
 NegotiateProtocolVersion and keep 4-byte keys. A Forwarder between the
 client and the proxy records what the client receives. psycopg here must
 link libpq 18, which can request 3.2 with `max_protocol_version`.
