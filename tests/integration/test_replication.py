@@ -1,11 +1,12 @@
-"""Replication connections through the proxy, with pg_recvlogical.
+"""Replication connections through the proxy, with pg_recvlogical and pg_receivewal.
 
 A client that connects with `replication=database` gets a walsender, which
 takes replication commands and plain SQL in the simple query protocol.
 The proxy relays the replication commands and the CopyBoth stream of
 START_REPLICATION unchanged, so a logical decoding consumer receives the
 encrypted columns as the table stores them: ciphertext. SQL on the same
-connection is sealed as on any other.
+connection is sealed as on any other. A physical replication connection
+(`replication=true`) streams the WAL, which contains the same ciphertext.
 
 These tests start a cluster of their own with wal_level=logical, from the
 machine's PostgreSQL, whose pg_recvlogical they run.
@@ -170,6 +171,39 @@ def test_recvlogical_streams_ciphertext(
     )
     slots = logical_proxy.direct("SELECT slot_name FROM pg_replication_slots")
     assert slots == []
+
+
+def test_receivewal_streams_ciphertext(
+    logical_cluster: Cluster, logical_proxy: RunningProxy, tmp_path: Path
+) -> None:
+    with psycopg.connect(logical_proxy.dsn(), autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO oauth_tokens (user_id, access_token) VALUES (%s, %s)",
+            (9, TOKEN),
+        )
+    ((end,),) = logical_proxy.direct("SELECT pg_current_wal_lsn()::text")
+    ((stored,),) = logical_proxy.direct("SELECT access_token FROM oauth_tokens")
+
+    # pg_receivewal adds replication=true itself: a physical replication
+    # connection, whose CopyBoth stream carries the WAL as the server wrote it.
+    wal_dir = tmp_path / "wal"
+    wal_dir.mkdir()
+    run_client(
+        logical_cluster,
+        "pg_receivewal",
+        "--dbname",
+        f"host=127.0.0.1 port={logical_proxy.port} "
+        f"user={logical_proxy.server.superuser} sslmode=disable",
+        "--directory",
+        str(wal_dir),
+        "--endpos",
+        end,
+        "--no-loop",
+    )
+    wal = b"".join(path.read_bytes() for path in sorted(wal_dir.iterdir()))
+    assert_sealed(stored, TOKEN)
+    assert stored.encode() in wal
+    assert TOKEN.encode() not in wal
 
 
 def test_walsender_sql_sealed(
