@@ -131,3 +131,21 @@ def test_cancel_invalid_key_length_dropped(
             time.sleep(0.05)
     assert reply == b""
     assert [cancel.startup for cancel in upstream.cancels()] == [marker]
+
+
+@pytest.mark.parametrize("key_size", [4, 32, 256])
+def test_cancel_valid_key_length_forwarded(
+    fresh_db: str,
+    pg_cluster: PgServer,
+    start_proxy: Callable[..., RunningProxy],
+    key_size: int,
+) -> None:
+    # The process ID matches no backend, so the server cancels nothing.
+    packet = cancel_request(4244, bytes(range(256))[:key_size])
+    with Forwarder(pg_cluster.port) as upstream:
+        proxy = proxy_through(upstream, fresh_db, pg_cluster, start_proxy)
+        reply = send_cancel(proxy.port, packet)
+    (forwarded,) = upstream.cancels()
+    assert reply == b""
+    assert forwarded.startup == packet
+    assert forwarded.cancel_done_at is not None
