@@ -47,6 +47,14 @@ from proxy.wire.session import Output, Planner, Session
 log = logging.getLogger(__name__)
 
 CANCEL_REQUEST = 80877102
+# A CancelRequest is its length, its code and the backend's process ID (4
+# bytes each), then the secret key from BackendKeyData: 4 bytes in protocol
+# 3.0, 4 to 256 bytes in 3.2 (PostgreSQL 18 sends 32).
+_CANCEL_HEADER = 12
+_CANCEL_KEY_MIN = 4
+_CANCEL_KEY_MAX = 256
+# How long the proxy waits for the server to close a cancel connection.
+_CANCEL_TIMEOUT_SECONDS = 10.0
 _MAX_STARTUP = 10_000
 _READ_SIZE = 256 * 1024
 # As asyncio.start_server: the listen backlog, and the pause after accept
@@ -346,6 +354,20 @@ class Relay:
         return None
 
     async def _forward_cancel(self, conn_id: str, raw: bytes) -> None:
+        """Pass a CancelRequest to the server and send the client nothing.
+
+        The server sends no response to a CancelRequest, so a client cannot
+        tell whether its key matched a session. The proxy keeps it so, and
+        closes the client's connection only after the server closed its own.
+        """
+        key_size = len(raw) - _CANCEL_HEADER
+        if not _CANCEL_KEY_MIN <= key_size <= _CANCEL_KEY_MAX:
+            log.warning(
+                "[%s] cancel request dropped: invalid secret key length %d",
+                conn_id,
+                key_size,
+            )
+            return
         # The cancel key goes over TLS when the sslmode gives TLS, since
         # anyone who reads it can cancel that session's queries.
         upstream = self._upstream
@@ -356,11 +378,23 @@ class Relay:
         except (OSError, TlsNegotiationError) as exc:
             log.warning("[%s] cancel request not delivered: %s", conn_id, exc)
             return
-        server.writer.write(raw)
-        await server.writer.drain()
-        server.writer.close()
-        with contextlib.suppress(Exception):
-            await server.writer.wait_closed()
+        try:
+            await _deliver_cancel(server, raw)
+        except TimeoutError:
+            log.warning(
+                "[%s] cancel request sent, but the server did not close the "
+                "connection within %gs",
+                conn_id,
+                _CANCEL_TIMEOUT_SECONDS,
+            )
+            return
+        except _CONNECTION_ENDED as exc:
+            log.warning("[%s] cancel connection to the server failed: %s", conn_id, exc)
+            return
+        finally:
+            server.writer.close()
+            with contextlib.suppress(Exception):
+                await server.writer.wait_closed()
         log.info("[%s] forwarded a cancel request", conn_id)
 
     async def _relay(
@@ -437,6 +471,21 @@ class Relay:
                 self.on_catalog_change(database)
             if out.close:
                 return
+
+
+async def _deliver_cancel(server: ServerLeg, raw: bytes) -> None:
+    """Send a CancelRequest and wait until the server closes the connection.
+
+    The server closes it once it has signalled the backend. libpq's PQcancel
+    waits for that close before it returns, because the client may send its
+    next query right after, and a late signal would cancel that query
+    instead. So the client's cancel connection stays open until then.
+    """
+    server.writer.write(raw)
+    await server.writer.drain()
+    async with asyncio.timeout(_CANCEL_TIMEOUT_SECONDS):
+        while await server.reader.read(_READ_SIZE):
+            pass
 
 
 async def _read_startup(client: ClientLeg) -> StartupPacket:

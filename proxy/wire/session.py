@@ -29,7 +29,7 @@ from proxy.sql.analyze import EMPTY_PLAN, StatementPlan
 from proxy.sql.prepared import SqlDeallocate, SqlPrepare, SqlPreparedStatements
 from proxy.wire import messages as m
 from proxy.wire.copy_relay import CopyFailure, CopyRelay
-from proxy.wire.frames import Frame, build
+from proxy.wire.frames import Frame
 
 log = logging.getLogger(__name__)
 
@@ -177,6 +177,7 @@ class Session:
             ord("S"): self._parameter_status,
             ord("G"): self._copy_response,
             ord("H"): self._copy_response,
+            ord("W"): self._copy_both_response,
             ord("d"): self._server_copy_data,
             ord("c"): self._server_copy_done,
         }
@@ -600,6 +601,17 @@ class Session:
         out.to_client.append(frame.raw)
         plan = self._front_plan()
         self._copy.server_started(frame, plan.copy if plan is not None else None)
+
+    def _copy_both_response(self, frame: Frame, out: Output) -> None:
+        """Start a replication stream, which passes both ways unchanged.
+
+        Only START_REPLICATION on a replication connection gets a
+        CopyBothResponse. The stream carries WAL or logical decoding output,
+        whose values of encrypted columns are ciphertext as stored, and the
+        proxy never opens them: no COPY plan may apply to it.
+        """
+        self._copy.reset()
+        out.to_client.append(frame.raw)
 
     def _front_plan(self) -> StatementPlan | None:
         front = self._front()
