@@ -33,7 +33,7 @@ logger = logging.getLogger(__name__)
 KeyRef = tuple[int, int]
 """A data key's (key_id, version)."""
 
-# Where a sealed value's header (format, algorithm, key id, version) sits.
+# The byte range of a sealed value's header (format, algorithm, key id, version).
 _HEADER_START = len(MAGIC)
 _HEADER_END = _HEADER_START + HEADER_SIZE
 
