@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml  # type: ignore[import-untyped]
@@ -52,10 +52,8 @@ class PgsealConfig:
 
     path: Path
     keyring_sets: Mapping[str, tuple[str, ...]]
-    """Keyring specs per set name, in the order given; always has `default`."""
+    """Keyring specs per set name, in the order given. Always contains `default`."""
     audit_file: Path | None = None
-    set_lines: Mapping[str, int] = field(default_factory=dict)
-    """The line of each set name, for error messages."""
 
     @property
     def default_set(self) -> tuple[str, ...]:
@@ -86,19 +84,16 @@ def load_config(path: Path) -> PgsealConfig:
     top = _mapping(path, root, "the document", _TOP_KEYS)
     if "keyrings" not in top:
         raise ConfigError(f"{_where(path, root)}: missing key 'keyrings'")
-    sets, lines = _keyring_sets(path, top["keyrings"][1])
+    sets = _keyring_sets(path, top["keyrings"][1])
     audit_file = None
     if "audit_file" in top:
         audit_file = Path(_scalar(path, top["audit_file"][1], "audit_file"))
-    return PgsealConfig(path, sets, audit_file, lines)
+    return PgsealConfig(path, sets, audit_file)
 
 
-def _keyring_sets(
-    path: Path, node: Node
-) -> tuple[dict[str, tuple[str, ...]], dict[str, int]]:
+def _keyring_sets(path: Path, node: Node) -> dict[str, tuple[str, ...]]:
     mapping = _mapping(path, node, "'keyrings'", None)
     sets: dict[str, tuple[str, ...]] = {}
-    lines: dict[str, int] = {}
     for name, (key_node, value_node) in mapping.items():
         if not _SET_NAME.fullmatch(name):
             raise ConfigError(
@@ -106,13 +101,12 @@ def _keyring_sets(
                 "use a letter followed by letters, digits, '_' or '-'"
             )
         sets[name] = _specs(path, name, value_node)
-        lines[name] = key_node.start_mark.line + 1
     if DEFAULT_SET not in sets:
         raise ConfigError(
             f"{_where(path, node)}: 'keyrings' has no set named '{DEFAULT_SET}', "
             "which columns without a 'keyring' in their rule use"
         )
-    return sets, lines
+    return sets
 
 
 def _specs(path: Path, name: str, node: Node) -> tuple[str, ...]:

@@ -21,7 +21,7 @@ __all__ = ["KeyringSets", "load_keyring_sets"]
 
 @dataclass(frozen=True)
 class KeyringSets:
-    """Loaded keyrings by set name; a spec named in several sets loads once."""
+    """Loaded keyrings by set name. A spec named in several sets is loaded once."""
 
     sets: Mapping[str, tuple[Keyring, ...]]
 

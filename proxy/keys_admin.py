@@ -605,7 +605,7 @@ def _print_coverage(versions: list[KeyVersion]) -> None:
 def _rule_sets(
     session: AdminSession, rules_dir: Path
 ) -> Callable[[str], tuple[Keyring, ...]]:
-    """Return the keyring set of each key name that the rules use; () for others."""
+    """Return the keyring set of each key name that the rules use, or () for others."""
     mapping = session.keyring_sets.for_rules(load_rules(rules_dir))
     return lambda key_name: mapping.get(key_name, ())
 

@@ -631,8 +631,8 @@ class KeyStore:
             logger.debug("unwrapped data key %d version %d", key_id, version)
             return _make_key(key_id, version, algorithm, material)
 
-        # Failed keyrings may work on a later try, such as a KMS that cannot
-        # be reached; without any, the configuration lacks the keyring.
+        # A keyring that failed, such as a KMS that cannot be reached, may
+        # work on a later try. Without one, no configured keyring has a copy.
         error = KeyUnavailableError if failed else KeyringError
         raise error(
             f"no configured keyring can unwrap data key {key_id} version {version} "

@@ -634,7 +634,7 @@ class Session:
         out.close = True
 
     def _fail_result(self, exc: KeyUnavailableError, out: Output) -> None:
-        """Fail the statement whose result holds a value that cannot be opened.
+        """Fail the statement whose result contains a value that cannot be opened.
 
         The client gets an ErrorResponse in place of the rest of the result,
         and the connection stays open. The server ran the statement, so the
@@ -696,8 +696,9 @@ class Session:
         # The server's transaction block is still healthy, but the client
         # saw an error, so it must be in the failed state on both sides.
         if self._pending:
-            # The client sent more while the result arrived, and the server
-            # would run that before this statement: only closing is safe.
+            # The client sent more messages while the result arrived, and the
+            # server would run them before the proxy's failing statement, so
+            # only closing is safe.
             self._fail_row(
                 KeyUnavailableError("a result value could not be opened"), out
             )

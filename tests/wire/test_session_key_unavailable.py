@@ -100,12 +100,12 @@ def test_next_statement_still_served(session: Session) -> None:
 
 def test_transaction_block_ends_failed(session: Session) -> None:
     from_client(session, build(b"Q", SELECT))
-    held = from_server(session, *result_rows(), ready("T"))
+    first = from_server(session, *result_rows(), ready("T"))
 
     # The server's transaction is still healthy, so the proxy fails it too,
     # and the client gets the ReadyForQuery of that statement.
-    assert types(held.to_client) == "TDE"
-    (sent,) = frames(*held.to_server)
+    assert types(first.to_client) == "TDE"
+    (sent,) = frames(*first.to_server)
     assert sent.type == ord("Q")
     reply = from_server(session, error("42601"), ready("E"))
     assert types(reply.to_client) == "Z"
