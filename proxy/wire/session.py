@@ -653,6 +653,9 @@ class Session:
         if front is None or not alone:
             self._fail_row(exc, out)
             return
+        # NOTE: outside a transaction block the server commits before its
+        # ReadyForQuery, so a write with RETURNING, and later statements of
+        # the same simple query, stay committed although the client sees an error.
         log.warning("[%s] statement failed: %s", self._conn_id, exc)
         out.to_client.append(
             m.encode_error(KEY_UNAVAILABLE, str(exc), _KEY_UNAVAILABLE_HINT)

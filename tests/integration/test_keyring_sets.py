@@ -4,6 +4,7 @@ critical column, sodium alone for the others, and what happens when KMS stops.
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -459,3 +460,42 @@ def test_backup_takes_config_sodium(
     assert code == 0, err
     assert "2 data keys" in out
     assert (out_dir / "share-1.txt").exists()
+
+
+def test_key_loads_when_kms_returns(
+    accounts_db: str,
+    own_kms: StoppableKms,
+    sodium_spec: str,
+    rules_dir: Path,
+    start_proxy: StartProxy,
+) -> None:
+    kms_spec = f"aws-kms:{own_kms.alias}"
+    writer = start_with_sets(
+        start_proxy, accounts_db, rules_dir, [kms_spec], [sodium_spec]
+    )
+    insert_rows(writer, ROWS)
+    own_kms.stop()
+    reader = start_proxy(
+        accounts_db,
+        rules_dir,
+        keyrings=[sodium_spec],
+        keyring_sets={"critical": (kms_spec,)},
+        key_refresh_seconds=0.2,
+    )
+    with pytest.raises(psycopg.Error) as info:
+        read_rows(reader)
+    assert info.value.sqlstate == KEY_UNAVAILABLE
+
+    # moto keeps its keys in this process, so a server on the same port
+    # serves the same KMS key again.
+    host, port = own_kms.endpoint_url.removeprefix("http://").split(":")
+    restarted = ThreadedMotoServer(ip_address=host, port=int(port), verbose=False)
+    restarted.start()
+    try:
+        deadline = time.monotonic() + 30
+        while reader.proxy.keystore.unavailable and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert reader.proxy.keystore.unavailable == set()
+        assert read_rows(reader) == ROWS
+    finally:
+        restarted.stop()
