@@ -736,7 +736,11 @@ class Session:
         try:
             out.to_client.extend(self._copy.server_data(frame))
         except CopyFailure as exc:
-            self._fail_row(exc, out)
+            if isinstance(exc.__cause__, KeyUnavailableError):
+                self._copy.reset()
+                self._fail_result(exc.__cause__, out)
+            else:
+                self._fail_row(exc, out)
 
     def _server_copy_done(self, frame: Frame, out: Output) -> None:
         try:

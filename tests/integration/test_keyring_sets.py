@@ -242,6 +242,14 @@ def test_unloaded_key_fails_statement(
         assert failed.error_field(psycopg.pq.DiagnosticField.SQLSTATE) == b"58000"
         assert conn.execute("SELECT count(*) FROM accounts").fetchone() == (len(ROWS),)
 
+        # And COPY TO STDOUT.
+        with pytest.raises(psycopg.Error) as info:
+            with conn.cursor().copy("COPY accounts (id, card) TO STDOUT") as copy:
+                for _ in copy:
+                    pass
+        assert info.value.sqlstate == KEY_UNAVAILABLE
+        assert conn.execute("SELECT count(*) FROM accounts").fetchone() == (len(ROWS),)
+
 
 def test_unloaded_key_fails_transaction(
     accounts_db: str,
