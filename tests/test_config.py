@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from proxy.app import ProxySettings
 from proxy.cli import main
 from proxy.config import keyring_options, load_config
 from proxy.crypto.keyring import SodiumKeyring
@@ -169,3 +170,41 @@ def test_spec_in_two_sets_loads_once(tmp_path: Path) -> None:
 
     assert sets.sets["critical"][0] is sets.default[0]
     assert len(sets.keyrings) == 1
+
+
+def test_serve_passes_config_sets(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    captured: list[ProxySettings] = []
+
+    async def record(settings: ProxySettings) -> None:
+        captured.append(settings)
+
+    monkeypatch.setattr("proxy.cli._run_proxy", record)
+    path = write(tmp_path, GOOD)
+    code = main(
+        ["serve", "--upstream", "postgresql://u:p@127.0.0.1:1/db", "--config", str(path)]
+    )
+
+    assert code == 0
+    (settings,) = captured
+    assert settings.keyrings == ("sodium:/etc/pgseal/keys",)
+    assert dict(settings.keyring_sets) == {
+        "critical": ("aws-kms:alias/pgseal", "sodium:/etc/pgseal/keys")
+    }
+    assert settings.audit_log == Path("/var/log/pgseal/audit.jsonl")
+
+
+def test_serve_rejects_keyring_with_config(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write(tmp_path, GOOD)
+    code = main(
+        [
+            "serve", "--upstream", "postgresql://u:p@127.0.0.1:1/db",
+            "--config", str(path), "--keyring", "sodium:/k",
+        ]
+    )
+
+    assert code == 1
+    assert "give one or the other" in capsys.readouterr().err
