@@ -16,7 +16,9 @@ from proxy.app import Proxy, ProxySettings
 from proxy.config import keyring_options, load_config
 from proxy.crypto.keyring import SodiumKeyring, parse_sodium_spec, read_passphrase
 from proxy.errors import ConfigError, PgsealError
+from proxy.keyring_sets import set_names
 from proxy.keys_admin import add_key_commands, add_reencrypt_command
+from proxy.rules import load_rules
 from proxy.server import Upstream
 from proxy.tls import SslMode
 from proxy.wire.frames import DEFAULT_MAX_MESSAGE
@@ -131,6 +133,12 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     check.add_argument("--upstream", required=True, help="postgresql:// URI of the server")
     check.add_argument("--rules", default="rules", type=Path, help="folder of *.yaml rule files")
+    check.add_argument(
+        "--config",
+        type=Path,
+        metavar="FILE",
+        help="config file whose keyring sets the rules' 'keyring' entries must name",
+    )
     check.set_defaults(run=_rules_check)
 
     demo = commands.add_parser(
@@ -245,15 +253,29 @@ def _rules_check(args: argparse.Namespace) -> int:
     from proxy.rules_check import check_rules
 
     report = asyncio.run(check_rules(Upstream.parse(args.upstream), args.rules))
+    problems = list(report.problems)
+    if args.config is not None:
+        problems.extend(_keyring_set_problems(args.config, args.rules))
     for warning in report.warnings:
         print(f"warning: {warning}")
-    for problem in report.problems:
+    for problem in problems:
         print(f"error: {problem}")
-    if report.problems:
-        print(f"{len(report.problems)} problems found in {args.rules}")
+    if problems:
+        print(f"{len(problems)} problems found in {args.rules}")
         return 1
     print(f"ok: {report.tables} tables and {report.columns} encrypted columns checked")
     return 0
+
+
+def _keyring_set_problems(config: Path, rules_dir: Path) -> list[str]:
+    """Check that every rule's keyring set is defined in the config file."""
+    sets = load_config(config).keyring_sets
+    columns = [c for table in load_rules(rules_dir).tables for c in table.columns]
+    try:
+        set_names(columns, sets)
+    except ConfigError as exc:
+        return [str(exc)]
+    return []
 
 
 def _keys_init(args: argparse.Namespace) -> int:

@@ -7,7 +7,7 @@ The set named `default` serves every column whose rule names none.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from proxy.config import DEFAULT_SET
@@ -16,7 +16,7 @@ from proxy.crypto.keystore import KeyStore
 from proxy.errors import ConfigError
 from proxy.rules import ColumnRule, RuleSet
 
-__all__ = ["KeyringSets", "load_keyring_sets"]
+__all__ = ["KeyringSets", "load_keyring_sets", "set_names"]
 
 
 @dataclass(frozen=True)
@@ -44,22 +44,8 @@ class KeyringSets:
         Raises ConfigError for a set name that is not defined, and for
         columns that share a data key but name different sets.
         """
-        chosen: dict[str, ColumnRule] = {}
-        result: dict[str, tuple[Keyring, ...]] = {}
-        for column in columns:
-            name = column.keyring or DEFAULT_SET
-            if name not in self.sets:
-                raise ConfigError(_unknown_set(column, name, self.sets))
-            other = chosen.setdefault(column.key_name, column)
-            if (other.keyring or DEFAULT_SET) != name:
-                raise ConfigError(
-                    f"{column.source}: column {column.identity} uses keyring set "
-                    f"{name!r}, but {other.identity} ({other.source}) shares its "
-                    f"data key {column.key_name!r} and uses "
-                    f"{other.keyring or DEFAULT_SET!r}; give both the same set"
-                )
-            result[column.key_name] = self.sets[name]
-        return result
+        names = set_names(columns, self.sets)
+        return {key_name: self.sets[name] for key_name, name in names.items()}
 
     def for_rules(self, rules: RuleSet) -> dict[str, tuple[Keyring, ...]]:
         """Return the keyring set of each key name of the rules."""
@@ -69,6 +55,30 @@ class KeyringSets:
         """Tell the key store which set wraps each key name of the rules."""
         mapping = self.for_rules(rules) if rules is not None else {}
         store.assign_keyrings(mapping, self.default)
+
+
+def set_names(columns: Iterable[ColumnRule], defined: Collection[str]) -> dict[str, str]:
+    """Return the keyring set name of each column's key name.
+
+    Raises ConfigError for a set name not in defined, and for columns that
+    share a data key but name different sets.
+    """
+    chosen: dict[str, ColumnRule] = {}
+    result: dict[str, str] = {}
+    for column in columns:
+        name = column.keyring or DEFAULT_SET
+        if name not in defined:
+            raise ConfigError(_unknown_set(column, name, defined))
+        other = chosen.setdefault(column.key_name, column)
+        if (other.keyring or DEFAULT_SET) != name:
+            raise ConfigError(
+                f"{column.source}: column {column.identity} uses keyring set "
+                f"{name!r}, but {other.identity} ({other.source}) shares its "
+                f"data key {column.key_name!r} and uses "
+                f"{other.keyring or DEFAULT_SET!r}; give both the same set"
+            )
+        result[column.key_name] = name
+    return result
 
 
 def load_keyring_sets(
@@ -89,9 +99,7 @@ def load_keyring_sets(
     return KeyringSets(sets)
 
 
-def _unknown_set(
-    column: ColumnRule, name: str, sets: Mapping[str, tuple[Keyring, ...]]
-) -> str:
+def _unknown_set(column: ColumnRule, name: str, sets: Collection[str]) -> str:
     if set(sets) == {DEFAULT_SET}:
         return (
             f"{column.source}: column {column.identity} names keyring set "

@@ -243,10 +243,10 @@ def test_unloaded_key_fails_statement(
         assert conn.execute("SELECT count(*) FROM accounts").fetchone() == (len(ROWS),)
 
         # And COPY TO STDOUT.
-        with pytest.raises(psycopg.Error) as info:
-            with conn.cursor().copy("COPY accounts (id, card) TO STDOUT") as copy:
-                for _ in copy:
-                    pass
+        copy_sql = "COPY accounts (id, card) TO STDOUT"
+        with pytest.raises(psycopg.Error) as info, conn.cursor().copy(copy_sql) as copy:
+            for _ in copy:
+                pass
         assert info.value.sqlstate == KEY_UNAVAILABLE
         assert conn.execute("SELECT count(*) FROM accounts").fetchone() == (len(ROWS),)
 
@@ -507,3 +507,25 @@ def test_key_loads_when_kms_returns(
         assert read_rows(reader) == ROWS
     finally:
         restarted.stop()
+
+
+def test_rules_check_reads_config(
+    accounts_db: str,
+    pg_cluster: PgServer,
+    sodium_spec: str,
+    rules_dir: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    check = ["rules", "check", "--upstream", pg_cluster.dsn(accounts_db)]
+    check += ["--rules", str(rules_dir), "--config"]
+    good = write_config(tmp_path, [sodium_spec], [sodium_spec])
+    code, out, _ = cli(capsys, *check, str(good))
+    assert code == 0, out
+
+    bad = tmp_path / "no-critical.yaml"
+    bad.write_text(f"keyrings:\n  default: [{sodium_spec}]\n")
+    code, out, _ = cli(capsys, *check, str(bad))
+    assert code == 1
+    assert "accounts.yaml line 4" in out
+    assert "'critical'" in out
