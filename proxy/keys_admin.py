@@ -22,7 +22,7 @@ import asyncpg
 
 from proxy.audit import AuditLog, AuditRecord
 from proxy.catalog import EncryptedColumn, RuledTable, load_catalog
-from proxy.config import keyring_options
+from proxy.config import DEFAULT_SET, keyring_options
 from proxy.crypto.keycache import KeyCache
 from proxy.crypto.keyring import Keyring, parse_keyring_spec
 from proxy.crypto.keystore import KeyStore
@@ -235,7 +235,10 @@ async def open_key_store(
         sets.for_rules(rules)
     specs = {
         spec: keyring
-        for name, keyring_specs in (("default", options.default), *options.named.items())
+        for name, keyring_specs in (
+            (DEFAULT_SET, options.default),
+            *options.named.items(),
+        )
         for spec, keyring in zip(keyring_specs, sets.sets[name])
     }
     audit = None

@@ -446,8 +446,9 @@ def test_rewrap_fills_grown_set(
     assert wrapped_by(writer, NOTE) == {sodium_name}
 
 
-def test_backup_takes_config_sodium(
+def test_backup_restore_take_config(
     accounts_db: str,
+    pg_cluster: PgServer,
     sodium_spec: str,
     rules_dir: Path,
     tmp_path: Path,
@@ -468,6 +469,28 @@ def test_backup_takes_config_sodium(
     assert code == 0, err
     assert "2 data keys" in out
     assert (out_dir / "share-1.txt").exists()
+
+    # Restore into another database; the key pair goes to the config's folder.
+    target = f"{accounts_db}_restored"
+    with psycopg.connect(pg_cluster.dsn(), autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{target}"')
+    try:
+        new_keydir = tmp_path / "restored-keys"
+        restored = write_config(
+            tmp_path, [f"sodium:{new_keydir}"], [f"sodium:{new_keydir}"]
+        )
+        code, out, err = cli(
+            capsys, "keys", "restore", "--upstream", pg_cluster.dsn(target),
+            "--config", str(restored), "--from", str(out_dir),
+            "--share", str(out_dir / "share-1.txt"),
+            "--share", str(out_dir / "share-3.txt"),
+        )
+        assert code == 0, err
+        assert "unwrapped 2 of them" in out
+        assert (new_keydir / "private.key").exists()
+    finally:
+        with psycopg.connect(pg_cluster.dsn(), autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{target}" WITH (FORCE)')
 
 
 def test_key_loads_when_kms_returns(
