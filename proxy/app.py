@@ -5,17 +5,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import asyncpg
 
 from proxy.audit import AuditLog
 from proxy.catalog import Catalog, load_catalog
-from proxy.crypto.keyring import Keyring, RemoteKeyring, parse_keyring_spec
+from proxy.crypto.keyring import Keyring, RemoteKeyring
 from proxy.crypto.keystore import KeyCache, KeyStore
 from proxy.crypto.values import Algorithm
-from proxy.errors import ConfigError, KeyStoreError, PgsealError
+from proxy.errors import ConfigError, KeyStoreError, KeyUnavailableError, PgsealError
+from proxy.keyring_sets import KeyringSets, load_keyring_sets
 from proxy.planner import ColumnPlanner, KeyView, algorithm_of
 from proxy.rotation import KeyRotator
 from proxy.rules import RuleSet, load_rules
@@ -37,6 +39,8 @@ class ProxySettings:
     listen_port: int
     upstream: Upstream
     rules_dir: Path
+    # The default keyring set: specs that wrap the data keys of every column
+    # whose rule names no set.
     keyrings: tuple[str, ...]
     max_message: int = DEFAULT_MAX_MESSAGE
     # Seconds between checks of the rules folder for changed files; 0 turns
@@ -54,6 +58,9 @@ class ProxySettings:
     max_values_per_key: int | None = None
     # JSON-lines file that records key creation and rotation; None for none.
     audit_log: Path | None = None
+    # Named keyring sets other than the default, from the config file, for
+    # rule columns that set 'keyring: NAME'.
+    keyring_sets: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
 
 
 class Proxy:
@@ -76,6 +83,7 @@ class Proxy:
         self.relay: Relay | None = None
         self.port = settings.listen_port
         self.keyrings: tuple[Keyring, ...] = ()
+        self.keyring_sets = KeyringSets({})
 
     @property
     def keystore(self) -> KeyStore:
@@ -94,14 +102,19 @@ class Proxy:
         settings = self.settings
         client_tls = load_client_tls(settings.tls_cert, settings.tls_key)
         # A KMS keyring imports boto3 and builds its client, which may block.
-        self.keyrings = await asyncio.to_thread(_parse_keyrings, settings.keyrings)
+        self.keyring_sets = await asyncio.to_thread(
+            load_keyring_sets, settings.keyrings, settings.keyring_sets
+        )
+        self.keyrings = self.keyring_sets.keyrings
         rules = load_rules(settings.rules_dir)
+        self.keyring_sets.for_rules(rules)
         self._pool = await asyncpg.create_pool(
             **settings.upstream.connect_args(), min_size=1, max_size=4
         )
         if settings.audit_log is not None:
             self._audit = AuditLog(settings.audit_log, db_user=settings.upstream.user)
         self._keystore = KeyStore(self._pool, self.keyrings, self._cache, self._audit)
+        self.keyring_sets.assign(self._keystore, rules)
         await self._keystore.setup()
         self._rotator = KeyRotator(self._keystore)
         self._cache.on_limit = self._rotator.limit_reached
@@ -138,11 +151,13 @@ class Proxy:
         """
         try:
             rules = load_rules(self.settings.rules_dir)
+            self.keyring_sets.for_rules(rules)
             catalogs = await self._load_catalogs(rules)
         except (PgsealError, OSError, asyncpg.PostgresError) as exc:
             log.error("new rules rejected, the rules in force stay: %s", exc)
             return False
         self._rules = rules
+        self.keyring_sets.assign(self.keystore, rules)
         self._catalogs = catalogs
         await self._load_keys()
         if self.relay is not None:
@@ -185,7 +200,12 @@ class Proxy:
         for catalog in self._catalogs.values():
             for table in catalog.tables:
                 for column in table.encrypted.values():
-                    await keystore.active_key(column.key_name, algorithm_of(column))
+                    try:
+                        await keystore.active_key(column.key_name, algorithm_of(column))
+                    except KeyUnavailableError as exc:
+                        # Statements that need this key fail until it loads,
+                        # and the other columns keep working.
+                        log.error("column %s: %s", column.identity, exc)
                     names.append(column.key_name)
                     columns.append(column)
         if self._rotator is not None:
@@ -282,10 +302,6 @@ class Proxy:
                 keyring.service,
                 ", ".join(f"{name} {count}" for name, count in operations) or "none",
             )
-
-
-def _parse_keyrings(specs: tuple[str, ...]) -> tuple[Keyring, ...]:
-    return tuple(parse_keyring_spec(spec) for spec in specs)
 
 
 def _check_write_only(

@@ -23,6 +23,15 @@ class KeyringError(PgsealError):
     """A key-encryption key that is missing, unreadable or unusable."""
 
 
+class KeyUnavailableError(KeyringError):
+    """A data key that no keyring could unwrap just now, or that is not loaded.
+
+    The keyrings that hold a copy failed, for example because the KMS could
+    not be reached, so the key may load on a later try. Statements that need
+    it fail, but the proxy keeps running.
+    """
+
+
 class KeyStoreError(PgsealError):
     """The data-key store in PostgreSQL could not be read or written."""
 

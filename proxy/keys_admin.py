@@ -22,6 +22,7 @@ import asyncpg
 
 from proxy.audit import AuditLog, AuditRecord
 from proxy.catalog import EncryptedColumn, RuledTable, load_catalog
+from proxy.config import DEFAULT_SET, keyring_options
 from proxy.crypto.keycache import KeyCache
 from proxy.crypto.keyring import Keyring, parse_keyring_spec
 from proxy.crypto.keystore import KeyStore
@@ -29,6 +30,7 @@ from proxy.crypto.keyversions import KeyVersion, describe_versions, retire_versi
 from proxy.crypto.rewrap import drop_keyrings, rewrap
 from proxy.crypto.values import Algorithm
 from proxy.errors import ConfigError, KeyStoreError
+from proxy.keyring_sets import KeyringSets, load_keyring_sets
 from proxy.planner import KeyView
 from proxy.progress import ProgressBar
 from proxy.reencrypt import ReencryptOptions, Reencryptor, count_key_versions
@@ -50,6 +52,9 @@ class AdminSession:
     upstream: Upstream
     store: KeyStore
     cache: KeyCache
+    keyring_sets: KeyringSets
+    specs: dict[str, Keyring]
+    """Each keyring spec given, by its text."""
 
 
 def add_key_commands(key_commands: Any) -> None:
@@ -95,6 +100,12 @@ def add_key_commands(key_commands: Any) -> None:
         help="keyring whose wrapped copies are deleted once the new ones are "
         "stored: a stored name such as sodium:3f9c2a7d1e0b4c65 or "
         "aws-kms:alias/old, or one of the specs given; repeatable",
+    )
+    rewrap_parser.add_argument(
+        "--rules",
+        type=Path,
+        help="folder of *.yaml rule files; with --config, every data key is "
+        "also wrapped by each keyring of its column's set that lacks a copy",
     )
     rewrap_parser.add_argument(
         "--no-verify",
@@ -176,7 +187,14 @@ def _add_connection(
         help="postgresql://USER:PASSWORD@HOST:PORT/DBNAME of the database that "
         "holds the key store",
     )
-    parser.add_argument("--keyring", required=True, action="append", help=keyring_help)
+    parser.add_argument("--keyring", action="append", help=keyring_help)
+    parser.add_argument(
+        "--config",
+        type=Path,
+        metavar="FILE",
+        help="config file of keyring sets, as for pgseal serve, instead of "
+        "--keyring; with --rules, each column's data keys use its set",
+    )
     parser.add_argument(
         "--audit-log",
         type=Path,
@@ -203,12 +221,29 @@ def _sync(
 async def open_key_store(
     args: argparse.Namespace, cache: KeyCache | None = None
 ) -> AsyncIterator[AdminSession]:
-    """Connect to the key store with the command's --upstream and --keyring."""
+    """Connect to the key store with the command's --upstream and keyrings.
+
+    The keyrings come from --keyring or --config. With --rules, each key
+    name of the rules is wrapped by its column's keyring set.
+    """
     upstream = Upstream.parse(args.upstream)
-    keyrings = await asyncio.to_thread(_parse_keyrings, args.keyring)
+    options = keyring_options(args.keyring, args.config, args.audit_log)
+    sets = await asyncio.to_thread(load_keyring_sets, options.default, options.named)
+    rules_dir = getattr(args, "rules", None)
+    rules = load_rules(rules_dir) if rules_dir is not None else None
+    if rules is not None:
+        sets.for_rules(rules)
+    specs = {
+        spec: keyring
+        for name, keyring_specs in (
+            (DEFAULT_SET, options.default),
+            *options.named.items(),
+        )
+        for spec, keyring in zip(keyring_specs, sets.sets[name])
+    }
     audit = None
-    if args.audit_log is not None:
-        audit = AuditLog(args.audit_log, db_user=upstream.user)
+    if options.audit_file is not None:
+        audit = AuditLog(options.audit_file, db_user=upstream.user)
     cache = cache if cache is not None else KeyCache()
     try:
         pool = await asyncpg.create_pool(
@@ -223,9 +258,10 @@ async def open_key_store(
             f"cannot connect to {upstream.host}:{upstream.port}: {exc}"
         ) from exc
     try:
-        store = KeyStore(pool, keyrings, cache, audit)
+        store = KeyStore(pool, sets.keyrings, cache, audit)
+        sets.assign(store, rules)
         await store.setup()
-        yield AdminSession(upstream, store, cache)
+        yield AdminSession(upstream, store, cache, sets, specs)
     finally:
         await pool.close()
         if audit is not None:
@@ -260,6 +296,11 @@ async def _rotate(args: argparse.Namespace) -> int:
     key_name = _key_name(args, rules)
     async with open_key_store(args) as session:
         store = session.store
+        if len(session.keyring_sets.sets) > 1 and rules is None:
+            raise ConfigError(
+                "the config file names several keyring sets, so give --rules: "
+                "the new version is wrapped by the keyring set of its column"
+            )
         algorithm = await store.key_algorithm(key_name)
         if algorithm is None:
             raise KeyStoreError(
@@ -298,12 +339,15 @@ async def _rotate(args: argparse.Namespace) -> int:
 
 
 async def _rewrap(args: argparse.Namespace) -> int:
-    if not args.new_keyring and not args.drop_keyring:
-        raise ConfigError("give --new-keyring SPEC, --drop-keyring NAME, or both")
+    by_sets = args.rules is not None and args.config is not None
+    if not args.new_keyring and not args.drop_keyring and not by_sets:
+        raise ConfigError(
+            "give --new-keyring SPEC, --drop-keyring NAME, or --config with --rules"
+        )
     new_keyrings = await asyncio.to_thread(_parse_keyrings, args.new_keyring)
     async with open_key_store(args) as session:
         store = session.store
-        specs = dict(zip(args.keyring, store.keyrings))
+        specs = dict(session.specs)
         specs.update(zip(args.new_keyring, new_keyrings))
         drop = _drop_names(args.drop_keyring, specs)
         kept_new = [k.name for k in new_keyrings if k.name in drop]
@@ -311,8 +355,13 @@ async def _rewrap(args: argparse.Namespace) -> int:
             raise ConfigError(
                 f"keyring {kept_new[0]} is both new and dropped; give it only once"
             )
-        if new_keyrings:
-            report = await rewrap(store, new_keyrings, verify=not args.no_verify)
+        if new_keyrings or by_sets:
+            report = await rewrap(
+                store,
+                new_keyrings,
+                verify=not args.no_verify,
+                key_sets=_rule_sets(session, args.rules) if by_sets else None,
+            )
             print(
                 f"rewrapped: {len(report.added)} wrapped copies added, "
                 f"{report.present} already present"
@@ -554,6 +603,14 @@ def _print_coverage(versions: list[KeyVersion]) -> None:
             counts[name] = counts.get(name, 0) + 1
     for name, count in sorted(counts.items()):
         print(f"keyring {name}: wraps {count} of {len(versions)} data key versions")
+
+
+def _rule_sets(
+    session: AdminSession, rules_dir: Path
+) -> Callable[[str], tuple[Keyring, ...]]:
+    """Return the keyring set of each key name that the rules use, or () for others."""
+    mapping = session.keyring_sets.for_rules(load_rules(rules_dir))
+    return lambda key_name: mapping.get(key_name, ())
 
 
 def _parse_keyrings(specs: list[str]) -> tuple[Keyring, ...]:

@@ -21,7 +21,12 @@ from proxy.crypto.values import (
     dearmour,
     read_key_ref,
 )
-from proxy.errors import DecryptionError, KeyringError, StatementRejected
+from proxy.errors import (
+    DecryptionError,
+    KeyringError,
+    KeyUnavailableError,
+    StatementRejected,
+)
 from proxy.rules import Encryption, OnDecryptError
 from proxy.sql.analyze import Analyzer, StatementPlan
 from proxy.sql.arrays import map_binary_array, map_text_array
@@ -52,7 +57,9 @@ class KeyView:
         ref = self.cache.active_ref(column.key_name)
         key = self.cache.get(*ref) if ref is not None else None
         if key is None:
-            raise KeyringError(f"no data key is loaded for column {column.identity}")
+            raise KeyUnavailableError(
+                f"no data key is loaded for column {column.identity}"
+            )
         # Each call seals one value. For randomized columns the count feeds
         # max_values_per_key, past which the proxy rolls a new version.
         if column.rule.encryption is Encryption.RANDOMIZED:
@@ -87,7 +94,9 @@ class KeyView:
         key_id, version = read_key_ref(blob)
         key = self.cache.get(key_id, version)
         if key is None:
-            raise KeyringError(f"data key {key_id} version {version} is not loaded")
+            raise KeyUnavailableError(
+                f"data key {key_id} version {version} is not loaded"
+            )
         return key
 
 

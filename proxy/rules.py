@@ -68,6 +68,9 @@ class ColumnRule:
     # Seconds after which the proxy creates a new data key version for new
     # values; randomized columns only. None means only operators rotate.
     rotation_period: float | None = None
+    # The keyring set of the config file that wraps this column's data keys;
+    # None means the set named 'default'.
+    keyring: str | None = None
 
     @property
     def identity(self) -> str:
@@ -123,6 +126,7 @@ _COLUMN_KEYS = {
     "type",
     "storage",
     "rotation_period",
+    "keyring",
 }
 _DURATION_UNITS = {"d": 86400, "h": 3600, "m": 60, "s": 1}
 _STORAGES = ("text", "bytea")
@@ -195,6 +199,9 @@ def _column(path: Path, node: Node, schema: str, table: str) -> ColumnRule:
             f"{logical}, which cannot carry ciphertext; use 'error' or 'null'"
         )
     rotation_period = _rotation_period(path, mapping, name, encryption)
+    keyring = None
+    if "keyring" in mapping:
+        keyring = _scalar(path, mapping["keyring"], "keyring")
     return ColumnRule(
         schema,
         table,
@@ -206,6 +213,7 @@ def _column(path: Path, node: Node, schema: str, table: str) -> ColumnRule:
         logical,
         storage,
         rotation_period,
+        keyring,
     )
 
 

@@ -11,7 +11,7 @@ import asyncio
 import logging
 import uuid
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -21,7 +21,7 @@ from proxy.audit import AuditLog, AuditRecord, KeyVersionRef
 from proxy.crypto.keycache import KeyCache, KeyRef
 from proxy.crypto.keyring import Keyring
 from proxy.crypto.values import STORE_ID_SIZE, Algorithm, DataKey
-from proxy.errors import ConfigError, KeyringError, KeyStoreError
+from proxy.errors import ConfigError, KeyringError, KeyStoreError, KeyUnavailableError
 
 __all__ = ["KeyCache", "KeyRef", "KeyStore", "lock_key_name"]
 
@@ -127,6 +127,12 @@ class KeyStore:
         # unwrap it again once the cache drops it.
         self._own_keys: dict[str, DataKey] = {}
         self._own_keys_lock = asyncio.Lock()
+        # The keyring set of each key name; names not listed use the default
+        # set, which is every keyring unless assign_keyrings() names another.
+        self._sets: dict[str, tuple[Keyring, ...]] = {}
+        self._default_set = self._keyrings
+        self.unavailable: set[str] = set()
+        """Key names with a version that load_keys() could not unwrap."""
 
     @property
     def can_unwrap(self) -> bool:
@@ -136,6 +142,34 @@ class KeyStore:
     @property
     def keyrings(self) -> tuple[Keyring, ...]:
         return self._keyrings
+
+    def assign_keyrings(
+        self,
+        sets: Mapping[str, Sequence[Keyring]],
+        default: Sequence[Keyring] | None = None,
+    ) -> None:
+        """Set the keyring set of each key name, and the set of all other names.
+
+        New data keys of a name are wrapped by every keyring of its set, and
+        unwrapping tries its set first, in order. Every keyring must be one of
+        the store's own.
+        """
+        own = {id(keyring) for keyring in self._keyrings}
+        default_set = tuple(default) if default is not None else self._keyrings
+        checked = {name: tuple(keyrings) for name, keyrings in sets.items()}
+        for keyrings in (default_set, *checked.values()):
+            if not keyrings:
+                raise ConfigError("a keyring set must not be empty")
+            if any(id(keyring) not in own for keyring in keyrings):
+                raise ConfigError(
+                    "a keyring set names a keyring that the key store was not given"
+                )
+        self._sets = checked
+        self._default_set = default_set
+
+    def keyrings_for(self, key_name: str) -> tuple[Keyring, ...]:
+        """Return the keyring set that wraps new data keys of key_name."""
+        return self._sets.get(key_name, self._default_set)
 
     @property
     def pool(self) -> asyncpg.Pool[asyncpg.Record]:
@@ -240,11 +274,18 @@ class KeyStore:
                 rows = await conn.fetch(_LIST_VERSIONS_SQL, names)
 
         keys: list[DataKey] = []
+        unavailable: set[str] = set()
         for row in rows:
             if row["state"] == "retired":
                 self._cache.discard(row["key_id"], row["version"])
                 continue
-            key = await self.get_key(row["key_id"], row["version"])
+            try:
+                key = await self.get_key(row["key_id"], row["version"])
+            except KeyUnavailableError as exc:
+                # The other keys still load, and the next refresh tries again.
+                unavailable.add(row["key_name"])
+                logger.error("data key not loaded: %s", exc)
+                continue
             # Storing it again restarts its age, so a key in use never
             # expires between two refreshes.
             self._cache.put(key)
@@ -252,6 +293,8 @@ class KeyStore:
             # Rows come in version order, so the last active one wins.
             if row["state"] == "active":
                 self._cache.set_active(row["key_name"], (key.key_id, key.version))
+        self.unavailable.difference_update(names)
+        self.unavailable.update(unavailable)
         logger.debug("loaded %d data keys for %d key names", len(keys), len(names))
         return keys
 
@@ -379,7 +422,7 @@ class KeyStore:
         record = AuditRecord(
             action,
             key_names=[key_name],
-            keyrings=[keyring.name for keyring in self._keyrings],
+            keyrings=[keyring.name for keyring in self.keyrings_for(key_name)],
             details={"reason": reason, "algorithm": algorithm.name},
         )
         try:
@@ -526,10 +569,10 @@ class KeyStore:
         return new_id
 
     async def _wrap_all(self, key: DataKey, key_name: str) -> list[tuple[str, bytes]]:
-        """Wrap key with every keyring. Any failure means nothing is stored."""
+        """Wrap key with every keyring of its set. Any failure means nothing is stored."""
         context = self.wrap_context(key_name, key.version)
         wrapped: list[tuple[str, bytes]] = []
-        for keyring in self._keyrings:
+        for keyring in self.keyrings_for(key_name):
             try:
                 blob = await asyncio.to_thread(keyring.wrap, key.material, context)
             except KeyringError as exc:
@@ -562,7 +605,12 @@ class KeyStore:
         wrapped_by: dict[str, bytes] = {row["keyring"]: row["wrapped"] for row in rows}
         context = self.wrap_context(key_name, version)
         failed: list[str] = []
-        for keyring in self._keyrings:
+        # The key's own set first, in its order, then any other keyring
+        # that has a copy, such as one added by pgseal keys rewrap.
+        own_set = self.keyrings_for(key_name)
+        others = [k for k in self._keyrings if all(k is not o for o in own_set)]
+        order = own_set + tuple(others)
+        for keyring in order:
             blob = wrapped_by.get(keyring.name)
             if blob is None or not keyring.can_unwrap:
                 continue
@@ -583,7 +631,10 @@ class KeyStore:
             logger.debug("unwrapped data key %d version %d", key_id, version)
             return _make_key(key_id, version, algorithm, material)
 
-        raise KeyringError(
+        # A keyring that failed, such as a KMS that cannot be reached, may
+        # work on a later try. Without one, no configured keyring has a copy.
+        error = KeyUnavailableError if failed else KeyringError
+        raise error(
             f"no configured keyring can unwrap data key {key_id} version {version} "
             f"({key_name!r}): it is wrapped for {sorted(wrapped_by)}, the "
             f"configured keyrings are {[k.name for k in self._keyrings]}, and "

@@ -21,6 +21,7 @@ from proxy.catalog import TEXT_OID
 from proxy.errors import (
     DecryptionError,
     KeyringError,
+    KeyUnavailableError,
     PgsealError,
     ProtocolError,
     StatementRejected,
@@ -38,6 +39,18 @@ RowPlan = tuple[tuple[int, Any, int], ...]
 _T = TypeVar("_T")
 
 _SEAL_HINT = "Check that the proxy has loaded a data key for this column."
+
+# SQLSTATE class 58 is for errors external to PostgreSQL itself: here a data
+# key that no keyring of its set could unwrap, such as a KMS out of reach.
+KEY_UNAVAILABLE = "58000"
+_KEY_UNAVAILABLE_HINT = (
+    "No keyring of the column's keyring set could unwrap the data key, for "
+    "example because the KMS cannot be reached; see the proxy's log. The "
+    "proxy tries again at every key refresh, and other columns keep working."
+)
+
+# Server messages passed on while the rest of a failed result is dropped.
+_KEPT_DURING_FAILURE = frozenset(b"NAS")
 
 # Sent in place of a rejected statement: it fails to parse on every server
 # version, so the server itself reports the error and skips to Sync exactly
@@ -148,6 +161,10 @@ class Session:
         self._query_plan: RowPlan | None = None
         self._copy = CopyRelay(planner, conn_id)
         self.transaction_status = "I"
+        # Set while the rest of a result whose value could not be opened is
+        # dropped: "ready" until the server's ReadyForQuery, "aborting" while
+        # the proxy's own failing statement aborts the server's transaction.
+        self._failed_result: str | None = None
         self._client_handlers = {
             ord("P"): self._parse,
             ord("B"): self._bind,
@@ -258,6 +275,12 @@ class Session:
             return sql
         try:
             return self._planner.seal_literals(sql, plan)
+        except KeyUnavailableError as exc:
+            raise StatementRejected(
+                KEY_UNAVAILABLE,
+                f"a literal could not be sealed: {exc}",
+                _KEY_UNAVAILABLE_HINT,
+            ) from exc
         except KeyringError as exc:
             raise StatementRejected(
                 "22023", f"a literal could not be sealed: {exc}", _SEAL_HINT
@@ -328,6 +351,12 @@ class Session:
                 params[index] = seal(
                     column, value, msg.param_format(index), statement.declared.get(number, 0)
                 )
+            except KeyUnavailableError as exc:
+                raise StatementRejected(
+                    KEY_UNAVAILABLE,
+                    f"parameter ${number} could not be sealed: {exc}",
+                    _KEY_UNAVAILABLE_HINT,
+                ) from exc
             except KeyringError as exc:
                 raise StatementRejected(
                     "22023",
@@ -442,7 +471,9 @@ class Session:
             return out
         for frame in frames:
             handler = self._server_handlers.get(frame.type)
-            if handler is None:
+            if self._failed_result is not None:
+                self._after_failed_value(frame, out)
+            elif handler is None:
                 out.to_client.append(frame.raw)
             else:
                 handler(frame, out)
@@ -560,6 +591,8 @@ class Session:
             out.to_client.append(self._open_row(frame, plan))
         except ProtocolError:
             raise
+        except KeyUnavailableError as exc:
+            self._fail_result(exc, out)
         except (DecryptionError, KeyringError, PgsealError) as exc:
             self._fail_row(exc, out)
 
@@ -573,8 +606,14 @@ class Session:
                     f"has more than {index}"
                 )
             value = values[index]
-            if value is not None:
+            if value is None:
+                continue
+            try:
                 values[index] = self._planner.open_value(column, value, fmt)
+            except KeyUnavailableError as exc:
+                raise KeyUnavailableError(
+                    f"{exc}, so a value of column {column[0].identity} cannot be opened"
+                ) from exc
         return m.encode_data_row(values)
 
     def _fail_row(self, exc: PgsealError, out: Output) -> None:
@@ -594,6 +633,82 @@ class Session:
             )
         )
         out.close = True
+
+    def _fail_result(self, exc: KeyUnavailableError, out: Output) -> None:
+        """Fail the statement whose result contains a value that cannot be opened.
+
+        The client gets an ErrorResponse in place of the rest of the result,
+        and the connection stays open. The server ran the statement, so the
+        proxy makes its transaction fail too, as it would for an error of its
+        own: in a transaction block the server is left in the failed state
+        ('E'), and a batch of the extended protocol whose Sync is still to
+        come is rolled back. Only when the client has already sent further
+        statements, which the server may run first, is the connection ended.
+        """
+        front = self._front()
+        rest = [pending.kind for pending in self._pending][1:]
+        alone = front is not None and (
+            (front.kind == "query" and not rest)
+            or (front.kind == "execute" and rest in ([], ["sync"]))
+        )
+        if front is None or not alone:
+            self._fail_row(exc, out)
+            return
+        # NOTE: outside a transaction block the server commits before its
+        # ReadyForQuery, so a write with RETURNING, and later statements of
+        # the same simple query, stay committed although the client sees an error.
+        log.warning("[%s] statement failed: %s", self._conn_id, exc)
+        out.to_client.append(
+            m.encode_error(KEY_UNAVAILABLE, str(exc), _KEY_UNAVAILABLE_HINT)
+        )
+        self._failed_result = "ready"
+        self._query_plan = None
+        if front.kind == "execute":
+            self._skip_to_sync()
+            if not self._pending:
+                # No Sync yet: a Parse that fails makes the server skip to
+                # the client's Sync, which then rolls the batch back.
+                failing = m.Parse(_REJECTED_STATEMENT, _REJECTED_QUERY, ())
+                out.to_server.append(failing.encode())
+
+    def _after_failed_value(self, frame: Frame, out: Output) -> None:
+        """Drop the server's messages up to the end of the failed statement."""
+        if frame.type in _KEPT_DURING_FAILURE:
+            handler = self._server_handlers.get(frame.type)
+            if handler is None:
+                out.to_client.append(frame.raw)
+            else:
+                handler(frame, out)
+            return
+        if frame.type != ord("Z"):
+            return
+        status = chr(frame.raw[5])
+        if self._failed_result == "ready":
+            if self._pending and self._pending[0].kind in ("sync", "query"):
+                self._pending.popleft()
+            if status == "T":
+                self._abort_server_transaction(out)
+                return
+        self._failed_result = None
+        self._query_plan = None
+        self.transaction_status = status
+        if status == "I":
+            self._end_portals()
+        out.to_client.append(frame.raw)
+
+    def _abort_server_transaction(self, out: Output) -> None:
+        # The server's transaction block is still healthy, but the client
+        # saw an error, so it must be in the failed state on both sides.
+        if self._pending:
+            # The client sent more messages while the result arrived, and the
+            # server would run them before the proxy's failing statement, so
+            # only closing is safe.
+            self._fail_row(
+                KeyUnavailableError("a result value could not be opened"), out
+            )
+            return
+        self._failed_result = "aborting"
+        out.to_server.append(m.encode_query(_REJECTED_QUERY))
 
     # COPY
 
@@ -633,7 +748,11 @@ class Session:
         try:
             out.to_client.extend(self._copy.server_data(frame))
         except CopyFailure as exc:
-            self._fail_row(exc, out)
+            if isinstance(exc.__cause__, KeyUnavailableError):
+                self._copy.reset()
+                self._fail_result(exc.__cause__, out)
+            else:
+                self._fail_row(exc, out)
 
     def _server_copy_done(self, frame: Frame, out: Output) -> None:
         try:
