@@ -71,7 +71,9 @@ class KeyView:
         key_name = column.key_name
         cipher = self.cache.sealer(key_name, self.store_id)
         if cipher is None:
-            raise KeyringError(f"no data key is loaded for column {column.identity}")
+            raise KeyUnavailableError(
+                f"no data key is loaded for column {column.identity}"
+            )
         cache = self.cache
         if cache.max_values_per_key is not None and column.rule.encryption is Encryption.RANDOMIZED:
             key = cipher.key
@@ -85,7 +87,9 @@ class KeyView:
         cipher = self.cache.opener(blob, context, self.store_id)
         if cipher is None:
             key_id, version = read_key_ref(blob)
-            raise KeyringError(f"data key {key_id} version {version} is not loaded")
+            raise KeyUnavailableError(
+                f"data key {key_id} version {version} is not loaded"
+            )
         return cipher
 
     def for_value(self, blob: bytes) -> DataKey:
