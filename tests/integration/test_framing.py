@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import secrets
 import socket
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import psycopg
 import pytest
 
+from proxy.embedded import make_dsn
+from proxy.wire.frames import Frame, FrameReader
 from tests.fixtures.postgres import PgServer
 from tests.fixtures.proxy import OAUTH_TABLE, RunningProxy
 from tests.integration.live_state import proxy_state, wait_for_state
@@ -46,6 +50,20 @@ class DribblingClient(RawClient):
             time.sleep(pause)
 
 
+@pytest.fixture
+def read_sizes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Sizes of the reads that the proxy's frame readers get, in order."""
+    sizes: list[int] = []
+    feed = FrameReader.feed
+
+    def recording_feed(reader: FrameReader, data: bytes) -> list[Frame]:
+        sizes.append(len(data))
+        return feed(reader, data)
+
+    monkeypatch.setattr(FrameReader, "feed", recording_feed)
+    return sizes
+
+
 def _raw_client(proxy: RunningProxy, cls: type[RawClient] = RawClient) -> RawClient:
     server = proxy.server
     return cls(
@@ -57,7 +75,9 @@ def _stored_tokens(proxy: RunningProxy) -> list[tuple[int, str | None]]:
     return proxy.direct("SELECT user_id, access_token FROM oauth_tokens ORDER BY id")
 
 
-def test_one_byte_segments_through_proxy(oauth_proxy: RunningProxy) -> None:
+def test_one_byte_segments_through_proxy(
+    oauth_proxy: RunningProxy, read_sizes: list[int]
+) -> None:
     client = _raw_client(oauth_proxy, DribblingClient)
     assert isinstance(client, DribblingClient)
     batch = b"".join(
@@ -71,18 +91,132 @@ def test_one_byte_segments_through_proxy(oauth_proxy: RunningProxy) -> None:
             SYNC,
         ]
     )
+    read_sizes.clear()
     client.dribble(batch)
     replies = client.read_until_ready()
+    one_byte_reads = read_sizes.count(1)
     client.dribble(query("SELECT 'after the split batch'"))
     after = client.read_until_ready()
     client.close()
 
+    # Most of the batch reached the proxy one byte per read.
+    assert one_byte_reads > len(batch) // 2
     assert kinds(replies) == "12C12DCZ"
     assert rows(replies) == [["7", TOKEN, None]]
     assert rows(after) == [["after the split batch"]]
     ((user_id, access),) = _stored_tokens(oauth_proxy)
     assert user_id == 7
     assert_sealed(access, TOKEN)
+
+
+class DribblingForwarder:
+    """A TCP forwarder to a server that can pass the server's bytes one at a time.
+
+    The proxy uses it as its upstream server. Client bytes pass in
+    bulk, and while `dribble` is set each server byte leaves in a send of
+    its own.
+    """
+
+    def __init__(self, target: PgServer) -> None:
+        self._target = target
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.dribble = threading.Event()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    host = "127.0.0.1"
+
+    @property
+    def port(self) -> int:
+        return int(self._listener.getsockname()[1])
+
+    @property
+    def superuser(self) -> str:
+        return self._target.superuser
+
+    @property
+    def password(self) -> str:
+        return self._target.password
+
+    def dsn(self, dbname: str = "postgres") -> str:
+        return make_dsn(self.host, self.port, self.superuser, self.password, dbname)
+
+    def close(self) -> None:
+        self._listener.close()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection((self._target.host, self._target.port))
+            client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            for source, sink, split in (
+                (client, upstream, False),
+                (upstream, client, True),
+            ):
+                thread = threading.Thread(
+                    target=self._pipe, args=(source, sink, split), daemon=True
+                )
+                thread.start()
+
+    def _pipe(self, source: socket.socket, sink: socket.socket, split: bool) -> None:
+        with contextlib.suppress(OSError):
+            while data := source.recv(65536):
+                if not (split and self.dribble.is_set()):
+                    sink.sendall(data)
+                    continue
+                for i in range(len(data)):
+                    sink.send(data[i : i + 1])
+                    time.sleep(0.0005)
+        with contextlib.suppress(OSError):
+            sink.shutdown(socket.SHUT_WR)
+
+
+@pytest.fixture
+def dribbling_proxy(
+    fresh_db: str, pg_cluster: PgServer, start_proxy: Callable[..., RunningProxy]
+) -> Iterator[tuple[RunningProxy, DribblingForwarder]]:
+    with psycopg.connect(pg_cluster.dsn(fresh_db), autocommit=True) as conn:
+        conn.execute(OAUTH_TABLE)
+    forwarder = DribblingForwarder(pg_cluster)
+    yield start_proxy(fresh_db, server=forwarder), forwarder
+    forwarder.close()
+
+
+def test_one_byte_server_segments(
+    dribbling_proxy: tuple[RunningProxy, DribblingForwarder],
+    pg_cluster: PgServer,
+    read_sizes: list[int],
+) -> None:
+    proxy, forwarder = dribbling_proxy
+    tokens = [f"{TOKEN}-{i}" for i in range(3)]
+    with psycopg.connect(proxy.dsn(), autocommit=True) as conn:
+        for i, token in enumerate(tokens):
+            conn.execute(
+                "INSERT INTO oauth_tokens (user_id, access_token) VALUES (%s, %s)",
+                (i, token),
+            )
+        forwarder.dribble.set()
+        read_sizes.clear()
+        read = conn.execute(
+            "SELECT user_id, access_token FROM oauth_tokens WHERE user_id >= %s "
+            "ORDER BY user_id",
+            (0,),
+        ).fetchall()
+        forwarder.dribble.clear()
+        one_byte_reads = read_sizes.count(1)
+        bytes_read = sum(read_sizes)
+
+    # Most of the replies reached the proxy one byte per read.
+    assert one_byte_reads > bytes_read // 2
+    assert read == list(enumerate(tokens))
+    with psycopg.connect(pg_cluster.dsn(proxy.database)) as conn:
+        stored = conn.execute(
+            "SELECT access_token FROM oauth_tokens ORDER BY user_id"
+        ).fetchall()
+    for (value,), token in zip(stored, tokens, strict=True):
+        assert_sealed(value, token)
 
 
 def test_many_messages_in_one_read(oauth_proxy: RunningProxy) -> None:
