@@ -12,6 +12,7 @@ import psycopg
 import pytest
 
 from tests.fixtures.proxy import RunningProxy
+from tests.fixtures.tls import TlsFiles
 from tests.integration.live_state import proxy_state, wait_for_state
 
 STARTUP_TIMEOUT = 0.5
@@ -50,6 +51,42 @@ def test_stalled_client_dropped(quick_timeout_proxy: RunningProxy, sent: str) ->
         waited = time.monotonic() - started
 
     assert waited >= STARTUP_TIMEOUT * 0.8
+    assert wait_for_state(proxy, baseline) == baseline
+
+
+@pytest.fixture
+def quick_timeout_tls_proxy(
+    fresh_db: str,
+    start_proxy: Callable[..., RunningProxy],
+    tmp_path: Path,
+    tls_files: TlsFiles,
+) -> RunningProxy:
+    rules = tmp_path / "rules"
+    rules.mkdir()
+    return start_proxy(
+        fresh_db,
+        rules=rules,
+        startup_timeout=STARTUP_TIMEOUT,
+        tls_cert=tls_files.proxy.cert,
+        tls_key=tls_files.proxy.key,
+    )
+
+
+@pytest.mark.parametrize("direct_tls", [False, True], ids=["ssl_request", "direct"])
+def test_stalled_tls_handshake_dropped(
+    quick_timeout_tls_proxy: RunningProxy, direct_tls: bool
+) -> None:
+    proxy = quick_timeout_tls_proxy
+    baseline = proxy_state(proxy)
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as sock:
+        if direct_tls:
+            # The first bytes of a TLS record header, and then nothing.
+            sock.sendall(b"\x16\x03\x01")
+        else:
+            sock.sendall(SSL_REQUEST)
+            assert sock.recv(1) == b"S"
+        assert sock.recv(1024) == b""
+
     assert wait_for_state(proxy, baseline) == baseline
 
 
