@@ -524,6 +524,9 @@ class Relay:
                 client_writer.write(b"".join(out.to_client))
             if out.to_server:
                 server_writer.write(b"".join(out.to_server))
+            # NOTE: a peer that stops reading blocks this drain without a time
+            # limit. Its connection stays open, even after the other side has
+            # ended the session, until it reads again or its socket fails.
             await destination.drain()
             if out.catalog_changed:
                 self.on_catalog_change(database)
