@@ -14,7 +14,7 @@ from proxy.errors import MessageTooLarge, ProtocolError
 
 _LENGTH = struct.Struct("!I")
 
-# The largest message the proxy buffers unless configured otherwise. The
+# The largest message the proxy buffers unless configured otherwise.
 # PostgreSQL allows a field value of up to 1 GB, so this is a limit of the
 # proxy's memory, not of the protocol. 256 MiB fits a 100 MiB bytea value
 # read back in hex text format, or a 100 MiB text value sealed and armoured.
