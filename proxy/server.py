@@ -47,9 +47,6 @@ from proxy.wire.session import Output, Planner, Session
 log = logging.getLogger(__name__)
 
 CANCEL_REQUEST = 80877102
-# Seconds a client has from connecting to sending its whole startup packet,
-# TLS negotiation included. As PostgreSQL's authentication_timeout default.
-DEFAULT_STARTUP_TIMEOUT = 60.0
 _MAX_STARTUP = 10_000
 _READ_SIZE = 256 * 1024
 # As asyncio.start_server: the listen backlog, and the pause after accept
@@ -61,6 +58,9 @@ _ACCEPT_RETRY_SECONDS = 1.0
 _URI_PARAMETERS = ("sslmode", "sslrootcert")
 # Exceptions that end a connection in the normal course of things.
 _CONNECTION_ENDED = (ConnectionError, asyncio.IncompleteReadError, ssl.SSLError)
+# Seconds a client has from connecting to sending its whole startup packet,
+# TLS negotiation included. As PostgreSQL's authentication_timeout default.
+DEFAULT_STARTUP_TIMEOUT = 60.0
 # After a FATAL protocol error, how long the proxy reads and discards what the
 # client still sends. Closing a socket with unread input sends a TCP reset,
 # which can destroy the error before the client reads it.
