@@ -21,7 +21,7 @@ from proxy.keyring_sets import KeyringSets, load_keyring_sets
 from proxy.planner import ColumnPlanner, KeyView, algorithm_of
 from proxy.rotation import KeyRotator
 from proxy.rules import RuleSet, load_rules
-from proxy.server import Listener, Relay, Upstream
+from proxy.server import DEFAULT_STARTUP_TIMEOUT, Listener, Relay, Upstream
 from proxy.tls import load_client_tls
 from proxy.wire.frames import DEFAULT_MAX_MESSAGE
 from proxy.wire.session import Planner
@@ -43,6 +43,8 @@ class ProxySettings:
     # whose rule names no set.
     keyrings: tuple[str, ...]
     max_message: int = DEFAULT_MAX_MESSAGE
+    # Seconds a client has to send its startup packet after it connects.
+    startup_timeout: float = DEFAULT_STARTUP_TIMEOUT
     # Seconds between checks of the rules folder for changed files; 0 turns
     # the check off, leaving SIGHUP as the way to reload.
     rules_poll_seconds: float = 1.0
@@ -122,7 +124,11 @@ class Proxy:
         self._catalogs = await self._load_catalogs(rules)
         await self._load_keys()
         self.relay = Relay(
-            settings.upstream, self._planners(), settings.max_message, client_tls
+            settings.upstream,
+            self._planners(),
+            settings.max_message,
+            client_tls,
+            startup_timeout=settings.startup_timeout,
         )
         self.relay.on_catalog_change = self._catalog_changed
         self._server = await Listener.start(

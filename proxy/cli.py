@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import math
 import signal
 import sys
 from pathlib import Path
@@ -19,11 +20,16 @@ from proxy.errors import ConfigError, PgsealError
 from proxy.keyring_sets import set_names
 from proxy.keys_admin import add_key_commands, add_reencrypt_command
 from proxy.rules import load_rules
-from proxy.server import Upstream
+from proxy.server import DEFAULT_STARTUP_TIMEOUT, Upstream
 from proxy.tls import SslMode
 from proxy.wire.frames import DEFAULT_MAX_MESSAGE
 
 log = logging.getLogger("pgseal")
+
+# The smallest --max-message-size. PostgreSQL limits the messages it expects
+# to be short, such as a SASL response, to 10000 bytes (PQ_SMALL_MESSAGE_LIMIT
+# in src/include/libpq/libpq.h), so every session fits under this.
+MIN_MAX_MESSAGE = 65536
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -87,7 +93,16 @@ def _build_parser() -> argparse.ArgumentParser:
         "--max-message-size",
         type=int,
         default=DEFAULT_MAX_MESSAGE,
-        help="largest protocol message accepted, in bytes",
+        help="largest protocol message accepted from the client or the server, in "
+        f"bytes (default: {DEFAULT_MAX_MESSAGE}, at least {MIN_MAX_MESSAGE}); a "
+        "larger one ends that connection with a FATAL error",
+    )
+    serve.add_argument(
+        "--startup-timeout",
+        type=float,
+        default=DEFAULT_STARTUP_TIMEOUT,
+        help="seconds a client has from connecting to sending its startup packet, "
+        f"TLS negotiation included (default: {DEFAULT_STARTUP_TIMEOUT:g})",
     )
     serve.add_argument(
         "--rules-poll-interval",
@@ -206,6 +221,16 @@ def _serve(args: argparse.Namespace) -> int:
         raise ConfigError(
             f"--max-values-per-key must be at least 1, got {args.max_values_per_key}"
         )
+    if args.max_message_size < MIN_MAX_MESSAGE:
+        raise ConfigError(
+            f"--max-message-size must be at least {MIN_MAX_MESSAGE} bytes, "
+            f"got {args.max_message_size}"
+        )
+    if not 0 < args.startup_timeout < math.inf:
+        raise ConfigError(
+            "--startup-timeout must be more than 0 seconds and finite, "
+            f"got {args.startup_timeout}"
+        )
     keys = keyring_options(args.keyring, args.config, args.audit_log)
     settings = ProxySettings(
         listen_host=host,
@@ -217,6 +242,7 @@ def _serve(args: argparse.Namespace) -> int:
         keyrings=keys.default,
         keyring_sets=keys.named,
         max_message=args.max_message_size,
+        startup_timeout=args.startup_timeout,
         rules_poll_seconds=args.rules_poll_interval,
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,

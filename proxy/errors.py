@@ -51,6 +51,19 @@ class ProtocolError(PgsealError):
     """A peer sent bytes that break the PostgreSQL v3 protocol."""
 
 
+class MessageTooLarge(ProtocolError):
+    """A peer announced a message longer than the proxy's maximum message size."""
+
+    def __init__(self, source: str, size: int, limit: int) -> None:
+        super().__init__(
+            f"message of {size} bytes from the {source} exceeds the maximum "
+            f"message size of {limit} bytes"
+        )
+        self.source = source
+        self.size = size
+        self.limit = limit
+
+
 class StatementRejected(PgsealError):
     """A statement that cannot run on encrypted columns, sent back as an error.
 

@@ -10,13 +10,14 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
-from proxy.errors import ProtocolError
+from proxy.errors import MessageTooLarge, ProtocolError
 
 _LENGTH = struct.Struct("!I")
 
-# The largest message the proxy buffers unless configured otherwise. The
-# server itself accepts about 1 GiB for a single field, so this is a limit of
-# the proxy's memory, not of the protocol.
+# The largest message the proxy buffers unless configured otherwise.
+# PostgreSQL allows a field value of up to 1 GB, so this is a limit of the
+# proxy's memory, not of the protocol. 256 MiB fits a 100 MiB bytea value
+# read back in hex text format, or a 100 MiB text value sealed and armoured.
 DEFAULT_MAX_MESSAGE = 256 * 1024 * 1024
 
 
@@ -37,14 +38,24 @@ class FrameReader:
 
     A partial message is kept until the rest arrives. Its pieces are kept in a
     list and joined once, so a large message arriving in many small reads
-    costs linear time.
+    costs linear time. A message longer than `max_message` raises
+    MessageTooLarge as soon as its header arrives, before its body is read.
+    `source` names the sending side in that error.
     """
 
-    def __init__(self, max_message: int = DEFAULT_MAX_MESSAGE) -> None:
+    def __init__(
+        self, max_message: int = DEFAULT_MAX_MESSAGE, source: str = "peer"
+    ) -> None:
         self._max_message = max_message
+        self._source = source
         self._pending: list[bytes] = []
         self._pending_size = 0
         self._expected = 0
+
+    @property
+    def pending_bytes(self) -> int:
+        """Bytes of an incomplete message held until the rest arrives."""
+        return self._pending_size
 
     def feed(self, data: bytes) -> list[Frame]:
         if self._pending:
@@ -81,10 +92,7 @@ class FrameReader:
                 f"{chr(msg_type)!r}"
             )
         if length + 1 > self._max_message:
-            raise ProtocolError(
-                f"message of {length + 1} bytes exceeds the maximum message "
-                f"size of {self._max_message} bytes"
-            )
+            raise MessageTooLarge(self._source, length + 1, self._max_message)
 
     def _keep_partial(self, data: bytes, offset: int) -> None:
         rest = data[offset:]

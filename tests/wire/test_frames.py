@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from proxy.errors import ProtocolError
+from proxy.errors import MessageTooLarge, ProtocolError
 from proxy.wire.frames import Frame, FrameReader, build
 
 
@@ -96,6 +96,33 @@ def test_over_max_message_rejected_from_header() -> None:
 def test_message_at_max_size_accepted() -> None:
     message = build(b"D", b"x" * (1024 - 5))
     assert FrameReader(max_message=1024).feed(message) == [Frame(ord("D"), message)]
+
+
+def test_over_max_message_names_source() -> None:
+    reader = FrameReader(max_message=1024, source="server")
+    with pytest.raises(MessageTooLarge) as failure:
+        reader.feed(b"D" + struct.pack("!I", 2000) + b"x" * 100)
+    assert failure.value.size == 2001
+    assert failure.value.limit == 1024
+    assert "from the server" in str(failure.value)
+
+
+def test_over_max_message_after_whole_ones() -> None:
+    reader = FrameReader(max_message=1024)
+    with pytest.raises(MessageTooLarge):
+        reader.feed(build(b"Z", b"I") + b"D" + struct.pack("!I", 1024))
+
+
+def test_pending_bytes_counts_partial_message() -> None:
+    message = build(b"D", b"x" * 100)
+    reader = FrameReader()
+    assert reader.pending_bytes == 0
+    reader.feed(message[:3])
+    assert reader.pending_bytes == 3
+    reader.feed(message[3:50])
+    assert reader.pending_bytes == 50
+    reader.feed(message[50:] + message[:10])
+    assert reader.pending_bytes == 10
 
 
 _messages = st.lists(
