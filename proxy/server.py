@@ -496,6 +496,9 @@ class Relay:
                 frames = guard.from_server(frames)
             return session.from_server(frames)
 
+        def forwards_unchanged() -> bool:
+            return session.passes_through and not guard.active
+
         upward = asyncio.create_task(
             self._pump(
                 client.reader,
@@ -504,6 +507,7 @@ class Relay:
                 writers,
                 server.writer,
                 database,
+                forwards_unchanged,
             )
         )
         downward = asyncio.create_task(
@@ -514,6 +518,7 @@ class Relay:
                 writers,
                 client.writer,
                 database,
+                forwards_unchanged,
             )
         )
         done, pending = await asyncio.wait(
@@ -540,6 +545,7 @@ class Relay:
         writers: tuple[asyncio.StreamWriter, asyncio.StreamWriter],
         destination: asyncio.StreamWriter,
         database: str,
+        forwards_unchanged: Callable[[], bool],
     ) -> None:
         """Read one side, pass its messages through the session, write the result.
 
@@ -547,12 +553,23 @@ class Relay:
         slow reader on one side never stops the other direction. Waiting for
         that drain before the next read bounds what the proxy buffers for a
         slow reader: asyncio's StreamReader then stops reading the socket.
+
+        Once forwards_unchanged() holds at a message boundary (a session
+        without rules, after authentication), every later read goes on as it
+        was read: only the message lengths are checked, and no message is
+        split out or copied.
         """
         client_writer, server_writer = writers
+        unchanged = False
         while True:
             data = await reader.read(_READ_SIZE)
             if not data:
                 return
+            if unchanged:
+                frames.scan(data)
+                destination.write(data)
+                await destination.drain()
+                continue
             out = step(frames.feed(data))
             if out.to_client:
                 client_writer.write(b"".join(out.to_client))
@@ -566,6 +583,7 @@ class Relay:
                 self.on_catalog_change(database)
             if out.close:
                 return
+            unchanged = frames.pending_bytes == 0 and forwards_unchanged()
 
 
 async def _deliver_cancel(server: ServerLeg, raw: bytes) -> None:

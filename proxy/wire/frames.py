@@ -51,6 +51,10 @@ class FrameReader:
         self._pending: list[bytes] = []
         self._pending_size = 0
         self._expected = 0
+        # For scan(): the start of a header cut off at the end of the last
+        # read, and the bytes of the current message still to come.
+        self._header_start = b""
+        self._to_skip = 0
 
     @property
     def pending_bytes(self) -> int:
@@ -67,6 +71,35 @@ class FrameReader:
             self._pending.clear()
             self._pending_size = 0
         return self._split(data)
+
+    def scan(self, data: bytes) -> None:
+        """Check the lengths of the messages in data without splitting it out.
+
+        For a stream whose bytes pass on unchanged. Start scanning at a
+        message boundary (pending_bytes is 0) and do not feed() afterwards.
+        Raises as feed() does for an invalid or too long message.
+        """
+        end = len(data)
+        offset = self._to_skip
+        if self._header_start:
+            missing = 5 - len(self._header_start)
+            if end < missing:
+                self._header_start += data
+                return
+            header = self._header_start + data[:missing]
+            (length,) = _LENGTH.unpack_from(header, 1)
+            self._check_length(header[0], length)
+            offset = length + 1 - len(self._header_start)
+            self._header_start = b""
+        while end - offset >= 5:
+            (length,) = _LENGTH.unpack_from(data, offset + 1)
+            self._check_length(data[offset], length)
+            offset += length + 1
+        if offset < end:
+            self._header_start = data[offset:]
+            self._to_skip = 0
+        else:
+            self._to_skip = offset - end
 
     def _split(self, data: bytes) -> list[Frame]:
         frames: list[Frame] = []

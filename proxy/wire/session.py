@@ -201,6 +201,11 @@ class Session:
 
     # Client to server
 
+    @property
+    def passes_through(self) -> bool:
+        """Tell whether every message passes unchanged: no rules apply here."""
+        return self._planner is None
+
     def from_client(self, frames: list[Frame]) -> Output:
         out = Output()
         if self._planner is None:

@@ -367,3 +367,21 @@ def test_oversized_message_sent_whole(small_limit_proxy: RunningProxy) -> None:
     assert errors([reply]) == ["08P01"]
     with pytest.raises(ConnectionError):
         client.read()
+
+
+def test_oversized_message_fatal_without_rules(
+    small_limit_proxy: RunningProxy, pg_cluster: PgServer
+) -> None:
+    # The postgres database has no rules, so its sessions forward reads
+    # unsplit after authentication and only scan the message lengths.
+    proxy = small_limit_proxy
+    dsn = make_dsn(
+        "127.0.0.1", proxy.port, pg_cluster.superuser, pg_cluster.password, "postgres"
+    )
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        assert conn.execute("SELECT repeat('z', 1000)").fetchone() == ("z" * 1000,)
+        with pytest.raises(psycopg.errors.ProtocolViolation) as failure:
+            conn.execute("SELECT %s::text", ("x" * (2 * MIB),))
+    assert failure.value.sqlstate == "08P01"
+    message = failure.value.diag.message_primary or ""
+    assert f"from the client exceeds the maximum message size of {MIB}" in message
