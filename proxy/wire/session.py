@@ -26,6 +26,7 @@ from proxy.errors import (
     StatementRejected,
 )
 from proxy.sql.analyze import EMPTY_PLAN, StatementPlan
+from proxy.sql.arrays import storage_array_type
 from proxy.sql.prepared import SqlDeallocate, SqlPrepare, SqlPreparedStatements
 from proxy.wire import messages as m
 from proxy.wire.copy_relay import CopyFailure, CopyRelay
@@ -238,9 +239,15 @@ class Session:
         result = list(types)
         for number, column in plan.params.items():
             index = number - 1
-            if index >= len(result) or number in plan.arrays:
+            if index >= len(result):
                 continue
             oid = result[index]
+            if number in plan.arrays:
+                stored = storage_array_type(oid, column.storage_oid)
+                if stored != oid:
+                    declared[number] = oid
+                    result[index] = stored
+                continue
             if oid in (0, column.storage_oid):
                 continue
             if column.storage_oid == TEXT_OID and oid in _TEXT_LIKE and not column.retyped:
@@ -486,13 +493,13 @@ class Session:
             return
         types = list(m.decode_parameter_description(frame.payload))
         for number, column in statement.plan.params.items():
-            if number > len(types) or number in statement.plan.arrays:
+            if number > len(types):
                 continue
             # The server reports what the client declared; a type the proxy
             # replaced for the server is shown as the client declared it.
             if number in statement.declared:
                 types[number - 1] = statement.declared[number]
-            elif column.retyped:
+            elif column.retyped and number not in statement.plan.arrays:
                 types[number - 1] = column.logical.oid
         out.to_client.append(m.encode_parameter_description(tuple(types)))
 
