@@ -267,6 +267,8 @@ class _Walker:
             self._literals.append(find_literal_span(self._sql, const, column))
 
     def _prepare(self, body: Node) -> None:
+        # TODO: literals of an SQL-level PREPARE are sealed once, so each
+        # EXECUTE stores the same ciphertext in a randomized column.
         inner = _Walker(self._catalog, self._sql, self._search_path)
         inner.statement(body["query"])
         self._literals.extend(inner._literals)
