@@ -10,8 +10,8 @@ columns seal alike every time, so they are still sealed once at Parse.
 
 from __future__ import annotations
 
+import functools
 import json
-from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -59,8 +59,11 @@ class HiddenParams:
         return padded + tuple(_storage_type(slot) for slot in self.slots)
 
 
+# Clients parse the same texts again and again, and the rewrite parses the
+# new text, so results are kept like the analyzer's plans.
+@functools.lru_cache(maxsize=1024)
 def hide_randomized_literals(
-    sql: str, literals: Sequence[LiteralSlot], declared_count: int
+    sql: str, literals: tuple[LiteralSlot, ...], declared_count: int
 ) -> HiddenParams | None:
     """Replace each randomized literal of `sql` by a new parameter, or return None.
 
