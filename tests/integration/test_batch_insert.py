@@ -116,13 +116,18 @@ def test_unnest_array_literals_simple_query(oauth_proxy: RunningProxy) -> None:
     _check_rows(oauth_proxy)
 
 
-def test_unnest_quoted_elements(oauth_proxy: RunningProxy) -> None:
-    awkward = ['with "quotes", commas', "back\\slash", "NULL", ""]
+@pytest.mark.parametrize("client_binding", [False, True], ids=["server", "client"])
+def test_unnest_quoted_elements(
+    oauth_proxy: RunningProxy, client_binding: bool
+) -> None:
+    # Client-side binding sends the arrays as literals such as E'{...}'.
+    awkward = ['with "quotes", commas', "back\\slash", "NULL", "", "it's"]
     with _connect(oauth_proxy) as conn:
-        conn.execute(
+        cursor = psycopg.ClientCursor(conn) if client_binding else conn.cursor()
+        cursor.execute(
             "INSERT INTO oauth_tokens (user_id, access_token) "
             "SELECT * FROM UNNEST(%s::int[], %s::text[])",
-            (list(range(4)), awkward),
+            (list(range(5)), awkward),
         )
 
     assert [access for _, access, _ in _read(oauth_proxy)] == awkward
