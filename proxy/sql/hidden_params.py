@@ -35,6 +35,9 @@ _KINDS = frozenset(
         "DeclareCursorStmt",
     }
 )
+# Bind carries the parameter count as a 16-bit unsigned integer.
+_MAX_PARAMS = 65535
+_LIMIT_EXCEEDED = "54000"
 _UNSUPPORTED = "0A000"
 _INVALID_TEXT = "22P02"
 
@@ -81,6 +84,13 @@ def hide_randomized_literals(
     if not hidden:
         return None
     client_count = max(declared_count, _max_param_number(sql))
+    if client_count + len(hidden) > _MAX_PARAMS:
+        raise StatementRejected(
+            _LIMIT_EXCEEDED,
+            f"column {hidden[0].column.identity} is encrypted: its literal needs a "
+            f"parameter of its own, and the statement has {client_count} already",
+            f"A statement can have at most {_MAX_PARAMS} parameters; split it.",
+        )
     numbers = {id(slot): client_count + i + 1 for i, slot in enumerate(hidden)}
     pieces = []
     sealed_at_parse = []
@@ -88,7 +98,9 @@ def hide_randomized_literals(
     shift = 0
     for slot in sorted(literals, key=lambda s: s.start):
         if id(slot) not in numbers:
-            sealed_at_parse.append(replace(slot, start=slot.start + shift, end=slot.end + shift))
+            sealed_at_parse.append(
+                replace(slot, start=slot.start + shift, end=slot.end + shift)
+            )
             continue
         placeholder = f"${numbers[id(slot)]}"
         pieces.append(sql[position : slot.start])

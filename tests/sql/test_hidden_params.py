@@ -113,3 +113,11 @@ def test_sql_prepare_literals_not_hidden() -> None:
         )
         is None
     )
+
+
+def test_parameter_limit_rejected() -> None:
+    with pytest.raises(StatementRejected) as info:
+        _hide("INSERT INTO accounts (owner, token) VALUES ($1, 'tok')", 65535)
+    assert info.value.sqlstate == "54000"
+    assert "public.accounts.token" in info.value.message
+    assert "65535" in info.value.hint
