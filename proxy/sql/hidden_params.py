@@ -24,7 +24,8 @@ from proxy.sql.arrays import STORAGE_ARRAY_OIDS, parse_text_array
 from proxy.sql.literals import LiteralSlot
 from proxy.types import TEXT_FORMAT
 
-# Statements whose $n are the Bind parameters; others keep literals sealed at Parse.
+# Statements whose $n are the Bind parameters. Others keep their literals
+# sealed once at Parse.
 _KINDS = frozenset(
     {
         "InsertStmt",
@@ -57,7 +58,7 @@ class HiddenParams:
     sealed_at_parse: tuple[LiteralSlot, ...]
 
     def param_types(self, types: tuple[int, ...]) -> tuple[int, ...]:
-        """Return the Parse parameter types with the hidden parameters' appended."""
+        """Return the client's Parse types, padded to its count, and the hidden ones."""
         padded = types + (0,) * (self.client_count - len(types))
         return padded + tuple(_storage_type(slot) for slot in self.slots)
 
