@@ -29,7 +29,12 @@ from proxy.errors import (
 )
 from proxy.rules import Encryption, OnDecryptError
 from proxy.sql.analyze import Analyzer, StatementPlan
-from proxy.sql.arrays import map_binary_array, map_text_array
+from proxy.sql.arrays import (
+    TEXT_LIKE_OIDS,
+    binary_element_type,
+    map_binary_array,
+    map_text_array,
+)
 from proxy.sql.literals import LiteralSlot, quote_literal, replace_literals
 from proxy.wire.messages import BINARY_FORMAT, TEXT_FORMAT, Field
 
@@ -125,6 +130,8 @@ class ColumnPlanner:
 
     def _seal_literal(self, slot: LiteralSlot) -> str:
         column = slot.column
+        if slot.array:
+            return self._seal_array_literal(slot)
         try:
             plaintext = column.logical.from_wire(slot.value.encode("utf-8"), TEXT_FORMAT)
         except (ValueError, UnicodeError):
@@ -133,6 +140,14 @@ class ColumnPlanner:
         if column.storage is Storage.BYTEA:
             return quote_literal("\\x" + sealed.hex())
         return quote_literal(armour(sealed).decode("ascii"))
+
+    def _seal_array_literal(self, slot: LiteralSlot) -> str:
+        try:
+            literal = slot.value.encode("utf-8")
+            sealed = self.seal_array_param(slot.column, literal, TEXT_FORMAT)
+        except (ValueError, UnicodeError):
+            raise _invalid_input(slot.column) from None
+        return quote_literal(sealed.decode("ascii"))
 
     def seal_param(
         self, column: EncryptedColumn, value: bytes, fmt: int, declared_oid: int = 0
@@ -157,11 +172,19 @@ class ColumnPlanner:
         """Seal every element of an array parameter, as for `col = ANY($1)`.
 
         Elements are read as the column's logical type; `declared_oid` is the
-        array's own type and is not used.
+        array's own type and is not used. A binary array reads its elements
+        by the element type in its header, and leaves with the storage type
+        there unless its elements are already text-like for a text column.
         """
-        if fmt == BINARY_FORMAT:
-            return map_binary_array(value, lambda v: self.seal_param(column, v, fmt))
-        return map_text_array(value, lambda v: self.seal_param(column, v, fmt))
+        if fmt != BINARY_FORMAT:
+            return map_text_array(value, lambda v: self.seal_param(column, v, fmt))
+        element_oid = binary_element_type(value)
+        stored_oid = column.storage_oid
+        if column.storage is Storage.TEXT and element_oid in TEXT_LIKE_OIDS:
+            stored_oid = element_oid
+        return map_binary_array(
+            value, lambda v: self.seal_param(column, v, fmt, element_oid), stored_oid
+        )
 
     def _seal(self, column: EncryptedColumn, plaintext: bytes) -> bytes:
         return self._keys.sealer(column).seal(plaintext)

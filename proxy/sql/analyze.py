@@ -20,6 +20,7 @@ from pglast import parser
 from proxy.catalog import Catalog, EncryptedColumn, RuledTable
 from proxy.errors import StatementRejected
 from proxy.rules import Encryption
+from proxy.sql.batch_insert import UnsealableSelect, plan_batch_insert
 from proxy.sql.literals import LiteralSlot, find_literal_span
 from proxy.sql.outputs import Trace, passes_through, trace_select
 from proxy.sql.prepared import SqlDeallocate, SqlExecute, SqlPrepare
@@ -266,6 +267,8 @@ class _Walker:
             self._literals.append(find_literal_span(self._sql, const, column))
 
     def _prepare(self, body: Node) -> None:
+        # TODO: literals of an SQL-level PREPARE are sealed once, so each
+        # EXECUTE stores the same ciphertext in a randomized column.
         inner = _Walker(self._catalog, self._sql, self._search_path)
         inner.statement(body["query"])
         self._literals.extend(inner._literals)
@@ -320,20 +323,37 @@ class _Walker:
         select = body.get("selectStmt", {}).get("SelectStmt", {})
         targets = [table.encrypted.get(name) for name in columns]
         if any(targets) and "valuesLists" not in select:
-            # TODO: accept a SELECT over VALUES or UNNEST of parameters, the
-            # form SQLAlchemy and Django use to batch inserts.
-            first = next(t for t in targets if t is not None)
-            raise reject(
-                first,
-                "INSERT ... SELECT would let the server compute the stored value",
-                "Insert the values with VALUES so that the proxy can seal them.",
-            )
+            self._insert_select(select, targets, handled)
         for row in select.get("valuesLists", []):
             for value, column in zip(_only(row)[1]["items"], targets):
                 if column is not None:
                     self._value(value, column, table, handled)
         conflict = body.get("onConflictClause", {})
         self._assignments(conflict.get("targetList", []), table, handled)
+
+    def _insert_select(
+        self, select: Node, targets: list[EncryptedColumn | None], handled: set[int]
+    ) -> None:
+        """Seal the cells of a batch INSERT ... SELECT over VALUES or UNNEST."""
+        try:
+            batch = plan_batch_insert(select, targets)
+        except UnsealableSelect as exc:
+            raise reject(
+                exc.column,
+                exc.reason,
+                "Insert the values with VALUES, or select them from VALUES or "
+                "UNNEST of parameters, so that the proxy can seal them.",
+            ) from None
+        handled.update(id(ref) for ref in batch.refs)
+        for value in batch.values:
+            kind, body = _only(value.node)
+            if kind == "ParamRef":
+                self._param(body["number"], value.column)
+                if value.array:
+                    self._arrays.add(body["number"])
+            elif not body.get("isnull"):
+                slot = find_literal_span(self._sql, body, value.column)
+                self._literals.append(replace(slot, array=value.array))
 
     def _update(self, body: Node, handled: set[int]) -> None:
         table = self._table_of(body["relation"])
@@ -354,6 +374,8 @@ class _Walker:
     ) -> None:
         """Accept a value bound for an encrypted column, or reject it."""
         kind, body = _only(node)
+        # TODO: a cast with a length, such as $1::varchar(10), cuts the
+        # sealed value; reject it as plan_batch_insert does.
         if kind == "TypeCast" and _cast_name(body) in _TEXT_CASTS:
             kind, body = _only(body["arg"])
         if kind == "ParamRef":

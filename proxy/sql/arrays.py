@@ -17,6 +17,27 @@ _INT32 = struct.Struct("!i")
 
 Transform = Callable[[bytes], bytes]
 
+# Element types whose values are text on the wire: text, varchar, bpchar, name.
+TEXT_LIKE_OIDS = frozenset({25, 1043, 1042, 19})
+# Their array types: text[], varchar[], bpchar[], name[].
+_TEXT_LIKE_ARRAY_OIDS = frozenset({1009, 1015, 1014, 1003})
+# The array type of each storage type: text[] for text, bytea[] for bytea.
+STORAGE_ARRAY_OIDS = {25: 1009, 17: 1001}
+
+
+def storage_array_type(declared_oid: int, storage_oid: int) -> int:
+    """Return the array type to declare to the server for an array of sealed values.
+
+    A declared type that already fits the stored form is kept, and so is
+    0, which leaves the server to infer the type.
+    """
+    storage_array = STORAGE_ARRAY_OIDS[storage_oid]
+    if declared_oid in (0, storage_array):
+        return declared_oid
+    if storage_oid == 25 and declared_oid in _TEXT_LIKE_ARRAY_OIDS:
+        return declared_oid
+    return storage_array
+
 
 def map_text_array(value: bytes, transform: Transform) -> bytes:
     """Apply `transform` to every non-NULL element of a text-format array."""
@@ -82,13 +103,26 @@ def _next_element(body: bytes, i: int) -> tuple[bytes, int, bool]:
     return bytes(out), i, False
 
 
-def map_binary_array(value: bytes, transform: Transform) -> bytes:
-    """Apply `transform` to every non-NULL element of a binary-format array."""
-    dimensions, flags, element_type = _HEADER.unpack_from(value, 0)
+def binary_element_type(value: bytes) -> int:
+    """Return the element type OID in the header of a binary-format array."""
+    _, _, element_type = _HEADER.unpack_from(value, 0)
+    return int(element_type)
+
+
+def map_binary_array(
+    value: bytes, transform: Transform, element_type: int | None = None
+) -> bytes:
+    """Apply `transform` to every non-NULL element of a binary-format array.
+
+    `element_type`, when given, replaces the element type OID of the header.
+    """
+    dimensions, flags, old_type = _HEADER.unpack_from(value, 0)
     if dimensions > 1:
         raise ValueError("only one-dimensional arrays can be sealed")
+    if element_type is None:
+        element_type = old_type
     pos = _HEADER.size
-    parts = [value[:pos]]
+    parts = [_HEADER.pack(dimensions, flags, element_type)]
     count = 0
     if dimensions == 1:
         count, _ = _DIMENSION.unpack_from(value, pos)

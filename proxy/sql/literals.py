@@ -29,6 +29,8 @@ class LiteralSlot:
     end: int
     value: str
     column: EncryptedColumn
+    # True for an array literal whose elements are each sealed.
+    array: bool = False
 
 
 def find_literal_span(

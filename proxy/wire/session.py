@@ -27,6 +27,8 @@ from proxy.errors import (
     StatementRejected,
 )
 from proxy.sql.analyze import EMPTY_PLAN, StatementPlan
+from proxy.sql.arrays import storage_array_type
+from proxy.sql.hidden_params import HiddenParams, hide_randomized_literals
 from proxy.sql.prepared import SqlDeallocate, SqlPrepare, SqlPreparedStatements
 from proxy.wire import messages as m
 from proxy.wire.copy_relay import CopyFailure, CopyRelay
@@ -107,6 +109,9 @@ class Statement:
     # Parameter types the client declared in Parse for encrypted columns,
     # which the proxy replaced by the storage type.
     declared: dict[int, int] = field(default_factory=dict)
+    # Randomized literals sent to the server as parameters after the
+    # client's own, and sealed at each Bind.
+    hidden: HiddenParams | None = None
 
 
 @dataclass(slots=True)
@@ -230,15 +235,25 @@ class Session:
         pending = Pending("parse", msg.statement)
         try:
             plan = self._plan(msg.query)
-            # TODO: a randomized column's literal in a named statement is
-            # sealed once here; binding it as an extra parameter would give
-            # each execution a fresh nonce.
-            query = self._seal_literals(msg.query, plan)
+            # A statement may be executed many times, so randomized literals
+            # become hidden parameters, sealed afresh at every Bind.
+            hidden = None
+            if plan.literals:
+                hidden = hide_randomized_literals(
+                    msg.query, plan.literals, len(msg.param_types)
+                )
+            if hidden is None:
+                query = self._seal_literals(msg.query, plan)
+            else:
+                parse_plan = replace(plan, literals=hidden.sealed_at_parse)
+                query = self._seal_literals(hidden.sql, parse_plan)
         except StatementRejected as exc:
             self._reject(pending, exc, out, m.Parse(msg.statement, _REJECTED_QUERY, ()))
             return
-        statement = Statement(plan)
+        statement = Statement(plan, hidden=hidden)
         types = self._storage_types(msg.param_types, plan, statement.declared)
+        if hidden is not None:
+            types = hidden.param_types(types)
         pending.undo = self._define_statement(msg.statement, statement)
         self._pending.append(pending)
         if query is msg.query and types == msg.param_types:
@@ -261,9 +276,15 @@ class Session:
         result = list(types)
         for number, column in plan.params.items():
             index = number - 1
-            if index >= len(result) or number in plan.arrays:
+            if index >= len(result):
                 continue
             oid = result[index]
+            if number in plan.arrays:
+                stored = storage_array_type(oid, column.storage_oid)
+                if stored != oid:
+                    declared[number] = oid
+                    result[index] = stored
+                continue
             if oid in (0, column.storage_oid):
                 continue
             if column.storage_oid == TEXT_OID and oid in _TEXT_LIKE and not column.retyped:
@@ -319,7 +340,9 @@ class Session:
         pending = Pending("bind", portal_name, portal=portal)
         raw = frame.raw
         if statement is not None and (
-            statement.plan.params or statement.fields is not None
+            statement.plan.params
+            or statement.fields is not None
+            or statement.hidden is not None
         ):
             msg = m.Bind.decode(payload)
             portal.result_formats = msg.result_formats
@@ -328,7 +351,7 @@ class Session:
                     statement.fields, msg.result_formats, statement.plan.outputs
                 )
                 portal.described = True
-            if statement.plan.params:
+            if statement.plan.params or statement.hidden is not None:
                 try:
                     raw = self._seal_params(msg, statement)
                 except StatementRejected as exc:
@@ -374,10 +397,44 @@ class Session:
                 raise StatementRejected(
                     "22P02", f"parameter ${number} is not valid {kind} input"
                 ) from exc
+        formats = msg.param_formats
+        if statement.hidden is not None:
+            hidden = self._seal_hidden(statement.hidden)
+            if formats:
+                # Hidden parameters are sent in text format, so the codes
+                # are spelled out for every parameter.
+                own = tuple(msg.param_format(i) for i in range(len(params)))
+                formats = own + (m.TEXT_FORMAT,) * len(hidden)
+            params.extend(hidden)
         sealed = m.Bind(
-            msg.portal, msg.statement, msg.param_formats, tuple(params), msg.result_formats
+            msg.portal, msg.statement, formats, tuple(params), msg.result_formats
         )
         return sealed.encode()
+
+    def _seal_hidden(self, hidden: HiddenParams) -> list[bytes | None]:
+        """Seal each hidden literal afresh, in text format."""
+        assert self._planner is not None
+        values: list[bytes | None] = []
+        for slot in hidden.slots:
+            seal = self._planner.seal_param
+            if slot.array:
+                seal = self._planner.seal_array_param
+            literal = slot.value.encode("utf-8")
+            try:
+                values.append(seal(slot.column, literal, m.TEXT_FORMAT))
+            except KeyringError as exc:
+                raise StatementRejected(
+                    "22023", f"a literal could not be sealed: {exc}", _SEAL_HINT
+                ) from exc
+            except ValueError as exc:
+                # Parse checked the literal already. The error's text may
+                # quote part of the value, so it stays out.
+                raise StatementRejected(
+                    "22P02",
+                    f"a literal for encrypted column {slot.column.identity} is not "
+                    f"valid {slot.column.logical.name} input",
+                ) from exc
+        return values
 
     def _define_portal(self, name: str, portal: Portal) -> Callable[[], None]:
         return _replace(self._portals, name, portal)
@@ -518,19 +575,24 @@ class Session:
         """Show encrypted parameters with their logical type, not the storage type."""
         front = self._front()
         statement = front.statement if front is not None else None
-        if statement is None or not statement.plan.params:
+        if statement is None or (
+            not statement.plan.params and statement.hidden is None
+        ):
             out.to_client.append(frame.raw)
             return
         types = list(m.decode_parameter_description(frame.payload))
         for number, column in statement.plan.params.items():
-            if number > len(types) or number in statement.plan.arrays:
+            if number > len(types):
                 continue
             # The server reports what the client declared; a type the proxy
             # replaced for the server is shown as the client declared it.
             if number in statement.declared:
                 types[number - 1] = statement.declared[number]
-            elif column.retyped:
+            elif column.retyped and number not in statement.plan.arrays:
                 types[number - 1] = column.logical.oid
+        if statement.hidden is not None:
+            # The client sees only its own parameters, as the server would show.
+            del types[statement.hidden.client_count :]
         out.to_client.append(m.encode_parameter_description(tuple(types)))
 
     def _parameter_status(self, frame: Frame, out: Output) -> None:

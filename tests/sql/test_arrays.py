@@ -8,7 +8,13 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from proxy.sql.arrays import map_binary_array, map_text_array, parse_text_array
+from proxy.sql.arrays import (
+    binary_element_type,
+    map_binary_array,
+    map_text_array,
+    parse_text_array,
+    storage_array_type,
+)
 
 
 def _binary_array(elements: list[bytes | None]) -> bytes:
@@ -55,3 +61,29 @@ def test_text_array_round_trip(values: list[bytes | None]) -> None:
 def test_binary_array_round_trip(values: list[bytes | None]) -> None:
     mapped = map_binary_array(_binary_array(values), lambda v: b"<" + v + b">")
     assert mapped == _binary_array([None if v is None else b"<" + v + b">" for v in values])
+
+
+def test_binary_array_element_type_replaced() -> None:
+    value = _binary_array([b"\x00\x05", None])
+    sealed = map_binary_array(value, lambda v: b"sealed", element_type=17)
+
+    assert binary_element_type(value) == 25
+    assert binary_element_type(sealed) == 17
+    assert sealed == struct.pack("!iiI", 1, 1, 17) + value[12:20] + (
+        struct.pack("!i", 6) + b"sealed" + struct.pack("!i", -1)
+    )
+
+
+@pytest.mark.parametrize(
+    ("declared", "storage", "expected"),
+    [
+        (0, 25, 0),
+        (1009, 25, 1009),
+        (1015, 25, 1015),
+        (1007, 25, 1009),
+        (1009, 17, 1001),
+        (1001, 17, 1001),
+    ],
+)
+def test_storage_array_type(declared: int, storage: int, expected: int) -> None:
+    assert storage_array_type(declared, storage) == expected

@@ -13,7 +13,9 @@ from typing import Any
 import pytest
 
 from proxy.errors import DecryptionError, KeyringError, ProtocolError, StatementRejected
+from proxy.rules import Encryption
 from proxy.sql.analyze import EMPTY_PLAN, StatementPlan
+from proxy.sql.literals import LiteralSlot
 from proxy.wire import messages as m
 from proxy.wire.frames import Frame, FrameReader, build
 from proxy.wire.session import Output, Session
@@ -23,6 +25,8 @@ PREFIX = b"sealed:"
 
 INSERT = "INSERT INTO tokens (secret) VALUES ($1)"
 INSERT_LITERAL = "INSERT INTO tokens (secret) VALUES ('x')"
+# A literal bound for a randomized column, after the client's parameter $1.
+INSERT_NOTE = "INSERT INTO notes (user_id, body) VALUES ($1, 'x')"
 REJECTED = "SELECT * FROM tokens WHERE secret = $1"
 
 
@@ -31,16 +35,34 @@ class TextType:
     oid = 25
     size = -1
 
+    def from_wire(self, value: bytes, fmt: int, declared_oid: int = 0) -> bytes:
+        return value
+
+
+class FakeRule:
+    def __init__(self, encryption: Encryption) -> None:
+        self.encryption = encryption
+
 
 class FakeColumn:
     """An encrypted text column whose logical type is text too."""
 
-    identity = "public.tokens.secret"
     logical = TextType()
     retyped = False
+    storage_oid = 25
+
+    def __init__(self, identity: str, encryption: Encryption) -> None:
+        self.identity = identity
+        self.rule = FakeRule(encryption)
 
 
-COLUMN = FakeColumn()
+COLUMN = FakeColumn("public.tokens.secret", Encryption.DETERMINISTIC)
+NOTE_COLUMN = FakeColumn("public.notes.body", Encryption.RANDOMIZED)
+
+
+def _literal(sql: str, column: FakeColumn) -> LiteralSlot:
+    start = sql.index("'x'")
+    return LiteralSlot(start, start + 3, "x", column)  # type: ignore[arg-type]
 
 
 class FakePlanner:
@@ -56,7 +78,9 @@ class FakePlanner:
         if sql == INSERT:
             return StatementPlan(params={1: COLUMN})  # type: ignore[dict-item]
         if sql.startswith(INSERT_LITERAL[:-5]):
-            return StatementPlan(literals=("x",))  # type: ignore[arg-type]
+            return StatementPlan(literals=(_literal(sql, COLUMN),))
+        if sql == INSERT_NOTE:
+            return StatementPlan(literals=(_literal(sql, NOTE_COLUMN),))
         return EMPTY_PLAN
 
     def seal_literals(self, sql: str, plan: StatementPlan) -> str:
@@ -230,6 +254,45 @@ def test_literal_sealed_in_parse(session: Session) -> None:
     assert m.Parse.decode(frame.payload).query == INSERT_LITERAL.replace(
         "'x'", "'sealed:x'"
     )
+
+
+def test_randomized_literal_becomes_parameter(session: Session) -> None:
+    out = from_client(session, parse("s", INSERT_NOTE), SYNC)
+
+    (frame, _) = frames(*out.to_server)
+    sent = m.Parse.decode(frame.payload)
+    assert sent.query == INSERT_NOTE.replace("'x'", "$2")
+    assert sent.param_types == (0, 25)
+
+
+def test_hidden_parameter_sealed_at_each_bind(session: Session) -> None:
+    _define(session, "s", INSERT_NOTE)
+
+    for _ in range(2):
+        out = from_client(
+            session,
+            m.Bind("", "s", (1,), (b"\0\0\0\7",), ()).encode(),
+            execute(),
+            SYNC,
+        )
+        sent = sent_bind(out)
+        assert sent.params == (b"\0\0\0\7", b"sealed:x")
+        assert sent.param_formats == (1, 0)
+
+
+def test_hidden_parameter_not_described(session: Session) -> None:
+    from_client(session, parse("s", INSERT_NOTE), describe("S", "s"), SYNC)
+
+    reply = from_server(
+        session,
+        PARSE_COMPLETE,
+        m.encode_parameter_description((23, 25)),
+        NO_DATA,
+        ready(),
+    )
+
+    (_, frame, _, _) = frames(*reply.to_client)
+    assert m.decode_parameter_description(frame.payload) == (23,)
 
 
 def test_literal_sealed_in_query(session: Session) -> None:
