@@ -422,6 +422,12 @@ class Session:
             literal = slot.value.encode("utf-8")
             try:
                 values.append(seal(slot.column, literal, m.TEXT_FORMAT))
+            except KeyUnavailableError as exc:
+                raise StatementRejected(
+                    KEY_UNAVAILABLE,
+                    f"a literal could not be sealed: {exc}",
+                    _KEY_UNAVAILABLE_HINT,
+                ) from exc
             except KeyringError as exc:
                 raise StatementRejected(
                     "22023", f"a literal could not be sealed: {exc}", _SEAL_HINT
