@@ -374,9 +374,15 @@ class _Walker:
     ) -> None:
         """Accept a value bound for an encrypted column, or reject it."""
         kind, body = _only(node)
-        # TODO: a cast with a length, such as $1::varchar(10), cuts the
-        # sealed value; reject it as plan_batch_insert does.
         if kind == "TypeCast" and _cast_name(body) in _TEXT_CASTS:
+            if body.get("typeName", {}).get("typmods"):
+                # An explicit cast to varchar(n) truncates without an error.
+                raise reject(
+                    column,
+                    "a cast with a length would cut the sealed value",
+                    "Cast to text or varchar without a length, or send the "
+                    "parameter without a cast.",
+                )
             kind, body = _only(body["arg"])
         if kind == "ParamRef":
             self._param(body["number"], column)

@@ -124,6 +124,7 @@ def test_deterministic_group_by_allowed(analyzer: Analyzer) -> None:
         ("INSERT INTO accounts (token) VALUES (upper($1))", "computed by the server"),
         ("INSERT INTO accounts (token) SELECT owner FROM accounts", "INSERT ... SELECT"),
         ("UPDATE accounts SET token = token || 'x'", "computed by the server"),
+        ("INSERT INTO accounts (token) VALUES ($1::varchar(10))", "with a length"),
         ("COPY accounts FROM '/srv/accounts.csv'", "COPY FROM a server file"),
         ("MERGE INTO accounts a USING (VALUES (1)) v(x) ON a.id = v.x "
          "WHEN MATCHED THEN UPDATE SET token = 'x'", "MERGE"),
