@@ -14,6 +14,7 @@ import enum
 import re
 import secrets
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import nacl.bindings
@@ -49,6 +50,9 @@ UINT32_MAX = 2**32 - 1
 # Format version, algorithm, key id, key version: all big-endian.
 _HEADER = struct.Struct(">BBII")
 _CONTEXT_LENGTH = struct.Struct(">I")
+_UINT32 = struct.Struct(">I")
+# The length field of a NULL associated value. Real lengths stay below it.
+_NULL_MARKER = _UINT32.pack(UINT32_MAX)
 _AD_LABEL = b"pgseal/value/1"
 _BASE64URL = re.compile(rb"[A-Za-z0-9_-]*")
 
@@ -122,18 +126,27 @@ class _Header:
         return _HEADER.pack(FORMAT_VERSION, self.algorithm, self.key_id, self.version)
 
 
-def seal(key: DataKey, plaintext: bytes, *, store_id: bytes, context: str) -> bytes:
+def seal(
+    key: DataKey,
+    plaintext: bytes,
+    *,
+    store_id: bytes,
+    context: str,
+    associated: Sequence[bytes | None] = (),
+) -> bytes:
     """Encrypt plaintext under key and return the binary form.
 
     store_id (16 bytes) and context (the column identity, for example
     "public.users.email") go into the associated data, so the value opens
-    only with the same key store and context.
+    only with the same key store and context. `associated` contains the
+    canonical text of other columns of the row (None for NULL); the value
+    then opens only with the same values in the same order.
     """
     _check_data_key(key)
     if not isinstance(plaintext, bytes):
         raise TypeError("plaintext must be bytes")
     header = _Header(key.algorithm, key.key_id, key.version).pack()
-    associated_data = _associated_data(store_id, context, header)
+    associated_data = _associated_data(store_id, context, header, associated)
 
     if key.algorithm is Algorithm.XCHACHA20_POLY1305:
         nonce = secrets.token_bytes(NONCE_SIZE)
@@ -156,11 +169,19 @@ def read_key_ref(blob: bytes) -> tuple[int, int]:
     return header.key_id, header.version
 
 
-def open_sealed(blob: bytes, key: DataKey, *, store_id: bytes, context: str) -> bytes:
+def open_sealed(
+    blob: bytes,
+    key: DataKey,
+    *,
+    store_id: bytes,
+    context: str,
+    associated: Sequence[bytes | None] = (),
+) -> bytes:
     """Decrypt a binary-form value and return its plaintext.
 
     Raises DecryptionError, with no detail, if the blob is malformed, names
-    another key or algorithm, or fails authentication for store_id and context.
+    another key or algorithm, or fails authentication for store_id, context
+    and the associated column values.
     """
     _check_data_key(key)
     header = _parse_header(blob)
@@ -168,7 +189,7 @@ def open_sealed(blob: bytes, key: DataKey, *, store_id: bytes, context: str) -> 
     if header != expected:
         raise DecryptionError()
     header_bytes = blob[len(MAGIC) : len(MAGIC) + _HEADER.size]
-    associated_data = _associated_data(store_id, context, header_bytes)
+    associated_data = _associated_data(store_id, context, header_bytes, associated)
     body = blob[len(MAGIC) + _HEADER.size :]
 
     if key.algorithm is Algorithm.XCHACHA20_POLY1305:
@@ -246,18 +267,48 @@ def _parse_header(blob: bytes) -> _Header:
     return _Header(algorithm, key_id, version)
 
 
-def _associated_data(store_id: bytes, context: str, header: bytes) -> bytes:
-    """Build the associated data: label, store id, context, then the header.
+def _associated_data(
+    store_id: bytes,
+    context: str,
+    header: bytes,
+    associated: Sequence[bytes | None] = (),
+) -> bytes:
+    """Build the associated data: label, store id, context, header, row values.
 
-    The label and store id have fixed sizes and the context carries its
-    length, so no two different inputs give the same bytes.
+    The label, store id and header have fixed sizes, the context carries its
+    length, and so do the row values, so no two different inputs give the
+    same bytes. Without row values nothing follows the header, which keeps
+    values sealed before a rule named associated columns opening as before.
     """
     if not isinstance(store_id, bytes):
         raise TypeError("store_id must be bytes")
     if len(store_id) != STORE_ID_SIZE:
         raise ValueError(f"store_id must be {STORE_ID_SIZE} bytes")
     encoded = _encode_context(context)
-    return _AD_LABEL + store_id + _CONTEXT_LENGTH.pack(len(encoded)) + encoded + header
+    data = _AD_LABEL + store_id + _CONTEXT_LENGTH.pack(len(encoded)) + encoded + header
+    if associated:
+        data += _encode_associated(associated)
+    return data
+
+
+def _encode_associated(values: Sequence[bytes | None]) -> bytes:
+    """Encode row values as a count, then each as a length and its bytes.
+
+    NULL is the length field 0xffffffff with no bytes, so it differs from
+    the empty string, whose length is 0.
+    """
+    parts = [_UINT32.pack(len(values))]
+    for value in values:
+        if value is None:
+            parts.append(_NULL_MARKER)
+            continue
+        if not isinstance(value, bytes):
+            raise TypeError("associated values must be bytes or None")
+        if len(value) >= UINT32_MAX:
+            raise ValueError(f"associated values must be shorter than {UINT32_MAX} bytes")
+        parts.append(_UINT32.pack(len(value)))
+        parts.append(value)
+    return b"".join(parts)
 
 
 def _encode_context(context: str) -> bytes:
