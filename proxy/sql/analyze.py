@@ -10,7 +10,7 @@ ciphertext, raises StatementRejected instead.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -20,6 +20,7 @@ from pglast import parser
 from proxy.catalog import Catalog, EncryptedColumn, RuledTable
 from proxy.errors import StatementRejected
 from proxy.rules import Encryption
+from proxy.sql import associated as assoc
 from proxy.sql.literals import LiteralSlot, find_literal_span
 from proxy.sql.outputs import Trace, passes_through, trace_select
 from proxy.sql.prepared import SqlDeallocate, SqlExecute, SqlPrepare
@@ -68,6 +69,12 @@ class StatementPlan:
     # Parameters that are arrays whose elements are each sealed (= ANY($1)).
     arrays: frozenset[int] = frozenset()
     search_path: SearchPathChange | None = None
+    # Per parameter sealed for a column with associated columns, where the
+    # statement gives those columns' values in the same row.
+    bindings: dict[int, assoc.Sources] = field(default_factory=dict)
+    # Per output column of a bound column, the output columns that hold its
+    # associated values from the same row.
+    associations: dict[int, tuple[int, ...]] = field(default_factory=dict)
 
     @property
     def is_empty(self) -> bool:
@@ -92,6 +99,8 @@ class CopyPlan:
     direction: str
     options: CopyOptions
     fields: dict[int, Trace]
+    # Per field of a bound column, the fields that hold its associated values.
+    associated: dict[int, tuple[int, ...]] = field(default_factory=dict)
 
 
 class Analyzer:
@@ -176,6 +185,8 @@ class _Walker:
         self._sql_executes: list[SqlExecute] = []
         self._copies: list[CopyPlan] = []
         self._arrays: set[int] = set()
+        self._bindings: dict[int, assoc.Sources] = {}
+        self._associations: list[dict[int, tuple[int, ...]]] = []
 
     def result(self) -> StatementPlan:
         outputs = self._outputs[0] if len(self._outputs) == 1 else None
@@ -190,11 +201,54 @@ class _Walker:
             self._copies[0] if len(self._copies) == 1 else None,
             frozenset(self._arrays),
             self._search_path_change,
+            dict(self._bindings),
+            self._associations[0] if outputs is not None and self._associations else {},
         )
+        self._check_binding_params()
+        self._check_several_bound_results()
         return EMPTY_PLAN if plan.is_empty else plan
+
+    def _check_several_bound_results(self) -> None:
+        """Reject a text of several statements that returns a bound column.
+
+        Its outputs are traced for a text of one statement only, so without
+        this its values would fail to open when the rows arrive.
+        """
+        # TODO: keep one output trace per statement and follow the session
+        # through the results of a multi-statement query.
+        if len(self._associations) < 2:
+            return
+        for associations, outputs in zip(self._associations, self._outputs):
+            if associations and outputs is not None:
+                column = outputs[next(iter(associations))][0]
+                raise reject(
+                    column,
+                    "a query of several statements returns it, and only a query "
+                    "of one statement can open a column bound to associated columns",
+                    "Send the statement that reads it on its own.",
+                )
+
+    def _check_binding_params(self) -> None:
+        """Reject a parameter that is both sealed and bound as an associated value.
+
+        The server would store the sealed value in the associated column,
+        so its stored value would differ from the one bound into the seal.
+        """
+        for number, sources in self._bindings.items():
+            for source in sources:
+                column = self._params.get(source.param or 0)
+                if column is not None:
+                    raise reject(
+                        self._params[number],
+                        f"parameter ${source.param} is both sealed for "
+                        f"{column.identity} and the value of associated column "
+                        f"{source.column.name}",
+                        "Pass the associated column's value as its own parameter.",
+                    )
 
     def statement(self, stmt: Node) -> None:
         self._outputs.append(None)
+        self._associations.append({})
         kind, body = _only(stmt)
         if kind == "ExecuteStmt":
             self._sql_executes.append(SqlExecute(body["name"], tuple(body.get("params", []))))
@@ -232,17 +286,31 @@ class _Walker:
         for select in _selects(stmt):
             self._check_positions(select)
         self._outputs[-1] = self._trace_outputs(stmt)
+        self._associations[-1] = self._associate_outputs(stmt)
 
     # Outputs
 
     def _trace_outputs(self, stmt: Node) -> tuple[Trace, ...] | None:
+        select = self._output_select(stmt)
+        return self._trace_select(select) if select is not None else None
+
+    def _output_select(self, stmt: Node) -> Node | None:
+        """Return the SELECT whose output list a statement returns, if any."""
         kind, body = _only(stmt)
         if kind == "SelectStmt":
-            return trace_select(body, self._resolve, self._expand_star, self._seal_literal)
+            return body
         returning = body.get("returningClause", {}).get("exprs") or body.get("returningList")
         if not returning:
             return None
-        select = {"targetList": returning, "fromClause": [{"RangeVar": body["relation"]}]}
+        return {"targetList": returning, "fromClause": [{"RangeVar": body["relation"]}]}
+
+    def _associate_outputs(self, stmt: Node) -> dict[int, tuple[int, ...]]:
+        select = self._output_select(stmt)
+        if select is None:
+            return {}
+        return assoc.associate_outputs(select, self._trace_select, self._table_of)
+
+    def _trace_select(self, select: Node) -> tuple[Trace, ...] | None:
         return trace_select(select, self._resolve, self._expand_star, self._seal_literal)
 
     def _expand_star(self, ref: Node, select: Node) -> list[Trace] | None:
@@ -268,6 +336,17 @@ class _Walker:
     def _prepare(self, body: Node) -> None:
         inner = _Walker(self._catalog, self._sql, self._search_path)
         inner.statement(body["query"])
+        if inner._bindings:
+            # TODO: carry the bindings to EXECUTE, whose arguments give the
+            # associated values, as SqlPrepare carries the sealed parameters.
+            number, sources = next(iter(inner._bindings.items()))
+            raise reject(
+                inner._params[number],
+                "SQL-level PREPARE of a statement that seals it with associated "
+                f"column {sources[0].column.name} is not supported yet",
+                "Use the protocol's prepared statements (a driver's parameters), "
+                "or literals.",
+            )
         self._literals.extend(inner._literals)
         self._sql_prepared.append(SqlPrepare(body["name"], dict(inner._params)))
 
@@ -286,7 +365,8 @@ class _Walker:
                 )
             return
         options = CopyOptions.from_options(_copy_options(body.get("options", [])))
-        self._copies.append(CopyPlan(direction, options, fields))
+        associated = self._copy_associated(body, fields)
+        self._copies.append(CopyPlan(direction, options, fields, associated))
 
     def _copy_fields(self, body: Node) -> dict[int, Trace]:
         if "query" in body:
@@ -301,11 +381,41 @@ class _Walker:
         table = self._table_of(body["relation"])
         if table is None:
             return {}
-        names = [item["String"]["sval"] for item in body.get("attlist", [])]
-        names = names or list(table.columns)
+        names = self._copy_names(body, table)
         return {
             i: (table.encrypted[name],) for i, name in enumerate(names) if name in table.encrypted
         }
+
+    @staticmethod
+    def _copy_names(body: Node, table: RuledTable) -> list[str]:
+        names = [item["String"]["sval"] for item in body.get("attlist", [])]
+        return names or list(table.columns)
+
+    def _copy_associated(
+        self, body: Node, fields: dict[int, Trace]
+    ) -> dict[int, tuple[int, ...]]:
+        """Map each field of a bound column to the fields of its associated values."""
+        if "query" in body:
+            kind, select = _only(body["query"])
+            if kind != "SelectStmt":
+                return {}
+            return assoc.associate_outputs(select, self._trace_select, self._table_of)
+        table = self._table_of(body["relation"])
+        if table is None:
+            return {}
+        names = self._copy_names(body, table)
+        result = {}
+        for index, (column,) in fields.items():
+            missing = [a.name for a in column.associated if a.name not in names]
+            if missing:
+                raise reject(
+                    column,
+                    f"the COPY column list lacks its associated column {missing[0]}, "
+                    "whose value its sealed values bind",
+                    f"Add {', '.join(missing)} to the COPY column list.",
+                )
+            result[index] = tuple(names.index(a.name) for a in column.associated)
+        return result
 
     # Writes
 
@@ -313,6 +423,7 @@ class _Walker:
         table = self._table_of(body["relation"])
         if table is None:
             return
+        self._check_view_write(table)
         if "cols" in body:
             columns = [_only(col)[1]["name"] for col in body["cols"]]
         else:
@@ -328,39 +439,150 @@ class _Walker:
                 "INSERT ... SELECT would let the server compute the stored value",
                 "Insert the values with VALUES so that the proxy can seal them.",
             )
-        for row in select.get("valuesLists", []):
-            for value, column in zip(_only(row)[1]["items"], targets):
+        rows = [_only(row)[1]["items"] for row in select.get("valuesLists", [])]
+        for items in rows:
+            values = dict(zip(columns, items))
+            for value, column in zip(items, targets):
                 if column is not None:
-                    self._value(value, column, table, handled)
+                    sources = assoc.row_sources(column, values, "the INSERT")
+                    self._value(value, column, table, handled, sources)
         conflict = body.get("onConflictClause", {})
-        self._assignments(conflict.get("targetList", []), table, handled)
+        if conflict.get("targetList"):
+            single = dict(zip(columns, rows[0])) if len(rows) == 1 else None
+            self._conflict_update(conflict, table, handled, single)
+
+    def _conflict_update(
+        self,
+        conflict: Node,
+        table: RuledTable,
+        handled: set[int],
+        inserted: dict[str, Node] | None,
+    ) -> None:
+        """Check ON CONFLICT DO UPDATE, whose sealed values take the inserted row's.
+
+        A value sealed there binds the inserted row's associated values, so
+        the updated row must end with those: the column is in the conflict
+        target, or DO UPDATE sets it from EXCLUDED.
+        """
+        targets = conflict["targetList"]
+        updates = assoc.set_values(targets)
+        inferred = assoc.inference_columns(conflict)
+
+        def keeps_inserted(name: str) -> bool:
+            return name in inferred or assoc.is_excluded(updates.get(name, {}), name)
+
+        def unkept(column: EncryptedColumn) -> str | None:
+            for associated in column.associated:
+                if not keeps_inserted(associated.name):
+                    return (
+                        f"DO UPDATE would seal it with the inserted row's "
+                        f"{associated.name}, but the updated row may keep another; "
+                        f"name {associated.name} in the conflict target or set it "
+                        "from EXCLUDED"
+                    )
+            return None
+
+        def sources_of(column: EncryptedColumn) -> assoc.Sources | str:
+            reason = unkept(column)
+            if reason is not None:
+                return reason
+            if inserted is None:
+                return (
+                    "DO UPDATE of an INSERT of several rows cannot tell which row's "
+                    "values to bind"
+                )
+            return assoc.row_sources(column, inserted, "the INSERT")
+
+        self._assignments(targets, table, handled, sources_of)
+        for column in table.encrypted.values():
+            changed = [
+                a.name for a in column.associated if a.name in updates and a.name not in inferred
+            ]
+            node = updates.get(column.name)
+            if node is not None and assoc.is_excluded(node, column.name):
+                # EXCLUDED carries the value sealed with the inserted row's values.
+                reason = unkept(column)
+                if reason is not None:
+                    raise reject(column, reason, _BOUND_HINT)
+            elif changed and (node is None or "ColumnRef" in node):
+                raise reject(column, _changed_reason(changed[0], column), _BOUND_HINT)
 
     def _update(self, body: Node, handled: set[int]) -> None:
         table = self._table_of(body["relation"])
-        if table is not None:
-            self._assignments(body.get("targetList", []), table, handled)
+        if table is None:
+            return
+        self._check_view_write(table)
+        targets = body.get("targetList", [])
+        updates = assoc.set_values(targets)
+        relation = body["relation"]
+        names = (relation.get("alias", {}).get("aliasname") or relation["relname"],)
+        pins = assoc.where_pins(body.get("whereClause"), names)
+
+        def sources_of(column: EncryptedColumn) -> assoc.Sources | str:
+            values = {**pins, **updates}
+            return assoc.row_sources(column, values, "the UPDATE")
+
+        self._assignments(targets, table, handled, sources_of)
+        for column in table.encrypted.values():
+            changed = [a.name for a in column.associated if a.name in updates]
+            node = updates.get(column.name)
+            if changed and (node is None or "ColumnRef" in node):
+                raise reject(column, _changed_reason(changed[0], column), _BOUND_HINT)
+
+    @staticmethod
+    def _check_view_write(table: RuledTable) -> None:
+        # TODO: map a view's column names to the base table's to check
+        # writes through updatable views; until then they are rejected.
+        bound = [c for c in table.encrypted.values() if c.associated]
+        if table.is_view and bound:
+            raise reject(
+                bound[0],
+                f"writes through view {table.qualified_name} to a column bound to "
+                "associated columns are not supported yet",
+                f"Write to table {bound[0].rule.schema}.{bound[0].rule.table} itself.",
+            )
 
     def _assignments(
-        self, targets: list[Node], table: RuledTable, handled: set[int]
+        self,
+        targets: list[Node],
+        table: RuledTable,
+        handled: set[int],
+        sources_of: Callable[[EncryptedColumn], assoc.Sources | str],
     ) -> None:
         for item in targets:
             target = _only(item)[1]
             column = table.encrypted.get(target.get("name", ""))
             if column is not None:
-                self._value(target["val"], column, table, handled)
+                sources = sources_of(column) if column.associated else ()
+                self._value(target["val"], column, table, handled, sources)
 
     def _value(
-        self, node: Node, column: EncryptedColumn, table: RuledTable, handled: set[int]
+        self,
+        node: Node,
+        column: EncryptedColumn,
+        table: RuledTable,
+        handled: set[int],
+        sources: assoc.Sources | str = (),
     ) -> None:
-        """Accept a value bound for an encrypted column, or reject it."""
+        """Accept a value bound for an encrypted column, or reject it.
+
+        `sources` gives the associated values of the row, or the reason
+        they are unknown; it matters only when the value is sealed.
+        """
         kind, body = _only(node)
         if kind == "TypeCast" and _cast_name(body) in _TEXT_CASTS:
             kind, body = _only(body["arg"])
+        sealed = kind == "ParamRef" or (kind == "A_Const" and not body.get("isnull"))
+        if sealed and isinstance(sources, str):
+            raise reject(column, sources, _BOUND_HINT)
         if kind == "ParamRef":
+            assert not isinstance(sources, str)
             self._param(body["number"], column)
+            self._bind_sources(body["number"], column, sources)
         elif kind == "A_Const":
             if not body.get("isnull"):
-                self._literals.append(find_literal_span(self._sql, body, column))
+                assert not isinstance(sources, str)
+                self._literal(body, column, sources)
         elif kind == "SetToDefault":
             return
         elif kind == "ColumnRef" and self._is_same_column(body, column, table):
@@ -372,6 +594,32 @@ class _Walker:
                 "Send the value as a parameter or a literal so that the proxy "
                 "can seal it.",
             )
+
+    def _bind_sources(
+        self, number: int, column: EncryptedColumn, sources: assoc.Sources
+    ) -> None:
+        if not column.associated:
+            return
+        known = self._bindings.get(number)
+        if known is not None and known != sources:
+            raise reject(
+                column,
+                f"parameter ${number} is sealed for rows with different associated "
+                "values",
+                "Pass each row's value as its own parameter.",
+            )
+        self._bindings[number] = sources
+
+    def _literal(self, const: Node, column: EncryptedColumn, sources: assoc.Sources) -> None:
+        if any(source.param is not None for source in sources):
+            raise reject(
+                column,
+                "a literal for it is sealed when the statement is parsed, but its "
+                "associated column's value is a parameter that arrives later",
+                "Send both values as parameters, or both as literals.",
+            )
+        slot = find_literal_span(self._sql, const, column)
+        self._literals.append(replace(slot, associated=sources))
 
     def _param(self, number: int, column: EncryptedColumn) -> None:
         known = self._params.get(number)
@@ -567,6 +815,20 @@ class _Walker:
             f"{what} on table {table.qualified_name} is not supported yet",
             "Use INSERT, UPDATE and SELECT with parameters for this table.",
         )
+
+
+_BOUND_HINT = (
+    "Give the associated columns' values in the same statement: in INSERT as "
+    "parameters or literals, in UPDATE by setting them or by a top-level "
+    "`col = value` in WHERE."
+)
+
+
+def _changed_reason(name: str, column: EncryptedColumn) -> str:
+    return (
+        f"the statement changes its associated column {name} without sealing "
+        f"{column.name} again, so the stored value would no longer open"
+    )
 
 
 def _only(node: Node) -> tuple[str, Node]:

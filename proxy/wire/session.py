@@ -33,7 +33,7 @@ from proxy.wire.frames import Frame, build
 
 log = logging.getLogger(__name__)
 
-RowPlan = tuple[tuple[int, Any, int], ...]
+RowPlan = tuple[tuple[int, Any, int, Any], ...]
 
 _T = TypeVar("_T")
 
@@ -73,7 +73,12 @@ class Planner(Protocol):
     def seal_literals(self, sql: str, plan: StatementPlan) -> str: ...
 
     def seal_param(
-        self, column: Any, value: bytes, fmt: int, declared_oid: int = 0
+        self,
+        column: Any,
+        value: bytes,
+        fmt: int,
+        declared_oid: int = 0,
+        associated: tuple[bytes | None, ...] = (),
     ) -> bytes: ...
 
     def seal_array_param(
@@ -81,10 +86,16 @@ class Planner(Protocol):
     ) -> bytes: ...
 
     def row_plan(
-        self, fields: tuple[m.Field, ...], outputs: tuple[Any, ...] | None = None
+        self,
+        fields: tuple[m.Field, ...],
+        outputs: tuple[Any, ...] | None = None,
+        formats: tuple[int, ...] = (),
+        associations: dict[int, tuple[int, ...]] | None = None,
     ) -> RowPlan | None: ...
 
-    def open_value(self, column: Any, value: bytes, fmt: int) -> bytes | None: ...
+    def open_value(
+        self, column: Any, value: bytes, fmt: int, associated: Any = ()
+    ) -> bytes | None: ...
 
 
 @dataclass(slots=True)
@@ -94,6 +105,8 @@ class Statement:
     # Parameter types the client declared in Parse for encrypted columns,
     # which the proxy replaced by the storage type.
     declared: dict[int, int] = field(default_factory=dict)
+    # Parameter types as the client declared them in Parse.
+    param_types: tuple[int, ...] = ()
 
 
 @dataclass(slots=True)
@@ -214,7 +227,7 @@ class Session:
         except StatementRejected as exc:
             self._reject(pending, exc, out, m.Parse(msg.statement, _REJECTED_QUERY, ()))
             return
-        statement = Statement(plan)
+        statement = Statement(plan, param_types=msg.param_types)
         types = self._storage_types(msg.param_types, plan, statement.declared)
         pending.undo = self._define_statement(msg.statement, statement)
         self._pending.append(pending)
@@ -296,7 +309,7 @@ class Session:
             portal.result_formats = msg.result_formats
             if statement.fields is not None:
                 portal.row_plan = self._row_plan(
-                    statement.fields, msg.result_formats, statement.plan.outputs
+                    statement.fields, msg.result_formats, statement.plan
                 )
                 portal.described = True
             if statement.plan.params:
@@ -320,13 +333,18 @@ class Session:
                 continue
             value = params[index]
             assert value is not None
-            seal = self._planner.seal_param
-            if number in plan.arrays:
-                seal = self._planner.seal_array_param
+            fmt = msg.param_format(index)
+            declared = statement.declared.get(number, 0)
             try:
-                params[index] = seal(
-                    column, value, msg.param_format(index), statement.declared.get(number, 0)
-                )
+                if number in plan.arrays:
+                    params[index] = self._planner.seal_array_param(
+                        column, value, fmt, declared
+                    )
+                else:
+                    associated = self._associated_params(msg, statement, number)
+                    params[index] = self._planner.seal_param(
+                        column, value, fmt, declared, associated
+                    )
             except KeyringError as exc:
                 raise StatementRejected(
                     "22023",
@@ -343,6 +361,38 @@ class Session:
             msg.portal, msg.statement, msg.param_formats, tuple(params), msg.result_formats
         )
         return sealed.encode()
+
+    @staticmethod
+    def _associated_params(
+        msg: m.Bind, statement: Statement, number: int
+    ) -> tuple[bytes | None, ...]:
+        """Return the canonical associated values that sealing parameter `number` binds.
+
+        Raises StatementRejected when one of them is not valid input for its
+        column, which the server would reject too.
+        """
+        values = []
+        for source in statement.plan.bindings.get(number, ()):
+            if source.param is None:
+                literal = source.literal
+                raw = None if literal is None else literal.encode("utf-8")
+                fmt, declared = m.TEXT_FORMAT, 0
+            else:
+                index = source.param - 1
+                raw = msg.params[index] if index < len(msg.params) else None
+                fmt = msg.param_format(index)
+                types = statement.param_types
+                declared = types[index] if index < len(types) else 0
+            try:
+                values.append(source.column.canonical(raw, fmt, declared))
+            except (ValueError, UnicodeError, struct.error) as exc:
+                where = f"parameter ${source.param}" if source.param else "a literal"
+                raise StatementRejected(
+                    "22P02",
+                    f"{where} for column {source.column.name} is not valid "
+                    f"{source.column.type.name} input",
+                ) from exc
+        return tuple(values)
 
     def _define_portal(self, name: str, portal: Portal) -> Callable[[], None]:
         return _replace(self._portals, name, portal)
@@ -461,8 +511,7 @@ class Session:
         front = self._front()
         fields = m.decode_row_description(frame.payload)
         if front is None or front.kind == "query":
-            outputs = front.plan.outputs if front and front.plan else None
-            self._query_plan = self._row_plan(fields, (), outputs)
+            self._query_plan = self._row_plan(fields, (), front.plan if front else None)
             out.to_client.append(_with_logical_types(frame, fields, self._query_plan))
             return
         if not front.kind.startswith("describe"):
@@ -521,14 +570,14 @@ class Session:
             if statement is None:
                 return None
             statement.fields = fields
-            return self._row_plan(fields, (), statement.plan.outputs)
+            return self._row_plan(fields, (), statement.plan)
         portal = front.portal
         if portal is None:
             return None
         # A portal's RowDescription already carries its result formats.
-        outputs = portal.statement.plan.outputs if portal.statement else None
+        plan = portal.statement.plan if portal.statement else None
         formats = tuple(f.format for f in fields)
-        portal.row_plan = self._row_plan(fields, formats, outputs)
+        portal.row_plan = self._row_plan(fields, formats, plan)
         portal.described = True
         return portal.row_plan
 
@@ -536,14 +585,13 @@ class Session:
         self,
         fields: tuple[m.Field, ...],
         formats: tuple[int, ...],
-        outputs: tuple[Any, ...] | None,
+        statement: StatementPlan | None,
     ) -> RowPlan | None:
         assert self._planner is not None
-        plan = self._planner.row_plan(fields, outputs)
-        if plan is None or not formats:
-            return plan
-        return tuple(
-            (index, column, m.format_code(formats, index)) for index, column, _ in plan
+        if statement is None:
+            return self._planner.row_plan(fields, None, formats)
+        return self._planner.row_plan(
+            fields, statement.outputs, formats, statement.associations
         )
 
     def _data_row(self, frame: Frame, out: Output) -> None:
@@ -565,15 +613,23 @@ class Session:
     def _open_row(self, frame: Frame, plan: RowPlan) -> bytes:
         assert self._planner is not None
         values = m.decode_data_row(frame.payload)
-        for index, column, fmt in plan:
+        for index, column, fmt, associated_fields in plan:
             if index >= len(values):
                 raise ProtocolError(
                     f"DataRow has {len(values)} columns but its RowDescription "
                     f"has more than {index}"
                 )
             value = values[index]
-            if value is not None:
-                values[index] = self._planner.open_value(column, value, fmt)
+            if value is None:
+                continue
+            associated = None
+            if associated_fields is not None:
+                # Associated columns are plain, so these are the server's values.
+                associated = tuple(
+                    (values[i] if i < len(values) else None, f)
+                    for i, f in associated_fields
+                )
+            values[index] = self._planner.open_value(column, value, fmt, associated)
         return m.encode_data_row(values)
 
     def _fail_row(self, exc: PgsealError, out: Output) -> None:
@@ -738,7 +794,7 @@ def _with_logical_types(
         return frame.raw
     retyped = list(fields)
     changed = False
-    for index, columns, _ in plan:
+    for index, columns, _, _ in plan:
         logical = columns[0].logical
         if columns[0].retyped and fields[index].type_oid != logical.oid:
             retyped[index] = replace(
