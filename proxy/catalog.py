@@ -286,8 +286,9 @@ def _associated(
     logical = _TYPES_BY_OID.get(row["atttypid"])
     if logical is None:
         raise RuleError(
-            f"{where}: column {name} has a type the proxy cannot put in canonical "
-            f"form; use one of: {', '.join(TYPES)}"
+            f"{where}: column {name} has a type (OID {row['atttypid']}) that the "
+            "proxy cannot put in canonical form; use a column of one of these "
+            f"types: {', '.join(TYPES)}"
         )
     if row["atttypmod"] >= 0:
         raise RuleError(

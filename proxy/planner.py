@@ -222,7 +222,7 @@ class ColumnPlanner:
         """Open a result value, or apply the column's on_decrypt_error setting.
 
         `associated` contains the row's values of the column's associated
-        columns; None means the row lacks them, so the value cannot open.
+        columns. None means the row lacks them, so the value cannot open.
         Raises DecryptionError or KeyringError only for `error`, the default.
         """
         try:

@@ -21,6 +21,7 @@ from proxy.catalog import Catalog, EncryptedColumn, RuledTable
 from proxy.errors import StatementRejected
 from proxy.rules import Encryption
 from proxy.sql import associated as assoc
+from proxy.sql.bound_outputs import associate_outputs
 from proxy.sql.literals import LiteralSlot, find_literal_span
 from proxy.sql.outputs import Trace, passes_through, trace_select
 from proxy.sql.prepared import SqlDeallocate, SqlExecute, SqlPrepare
@@ -72,8 +73,8 @@ class StatementPlan:
     # Per parameter sealed for a column with associated columns, where the
     # statement gives those columns' values in the same row.
     bindings: dict[int, assoc.Sources] = field(default_factory=dict)
-    # Per output column of a bound column, the output columns that hold its
-    # associated values from the same row.
+    # Per output column of a bound column, the output columns that contain
+    # its associated values from the same row.
     associations: dict[int, tuple[int, ...]] = field(default_factory=dict)
 
     @property
@@ -99,7 +100,7 @@ class CopyPlan:
     direction: str
     options: CopyOptions
     fields: dict[int, Trace]
-    # Per field of a bound column, the fields that hold its associated values.
+    # Per field of a bound column, the fields that contain its associated values.
     associated: dict[int, tuple[int, ...]] = field(default_factory=dict)
 
 
@@ -204,47 +205,9 @@ class _Walker:
             dict(self._bindings),
             self._associations[0] if outputs is not None and self._associations else {},
         )
-        self._check_binding_params()
-        self._check_several_bound_results()
+        assoc.check_bindings(self._bindings, self._params)
+        assoc.check_single_bound_result(self._associations, self._outputs)
         return EMPTY_PLAN if plan.is_empty else plan
-
-    def _check_several_bound_results(self) -> None:
-        """Reject a text of several statements that returns a bound column.
-
-        Its outputs are traced for a text of one statement only, so without
-        this its values would fail to open when the rows arrive.
-        """
-        # TODO: keep one output trace per statement and follow the session
-        # through the results of a multi-statement query.
-        if len(self._associations) < 2:
-            return
-        for associations, outputs in zip(self._associations, self._outputs):
-            if associations and outputs is not None:
-                column = outputs[next(iter(associations))][0]
-                raise reject(
-                    column,
-                    "a query of several statements returns it, and only a query "
-                    "of one statement can open a column bound to associated columns",
-                    "Send the statement that reads it on its own.",
-                )
-
-    def _check_binding_params(self) -> None:
-        """Reject a parameter that is both sealed and bound as an associated value.
-
-        The server would store the sealed value in the associated column,
-        so its stored value would differ from the one bound into the seal.
-        """
-        for number, sources in self._bindings.items():
-            for source in sources:
-                column = self._params.get(source.param or 0)
-                if column is not None:
-                    raise reject(
-                        self._params[number],
-                        f"parameter ${source.param} is both sealed for "
-                        f"{column.identity} and the value of associated column "
-                        f"{source.column.name}",
-                        "Pass the associated column's value as its own parameter.",
-                    )
 
     def statement(self, stmt: Node) -> None:
         self._outputs.append(None)
@@ -308,7 +271,7 @@ class _Walker:
         select = self._output_select(stmt)
         if select is None:
             return {}
-        return assoc.associate_outputs(select, self._trace_select, self._table_of)
+        return associate_outputs(select, self._trace_select, self._table_of)
 
     def _trace_select(self, select: Node) -> tuple[Trace, ...] | None:
         return trace_select(select, self._resolve, self._expand_star, self._seal_literal)
@@ -399,23 +362,11 @@ class _Walker:
             kind, select = _only(body["query"])
             if kind != "SelectStmt":
                 return {}
-            return assoc.associate_outputs(select, self._trace_select, self._table_of)
+            return associate_outputs(select, self._trace_select, self._table_of)
         table = self._table_of(body["relation"])
         if table is None:
             return {}
-        names = self._copy_names(body, table)
-        result = {}
-        for index, (column,) in fields.items():
-            missing = [a.name for a in column.associated if a.name not in names]
-            if missing:
-                raise reject(
-                    column,
-                    f"the COPY column list lacks its associated column {missing[0]}, "
-                    "whose value its sealed values bind",
-                    f"Add {', '.join(missing)} to the COPY column list.",
-                )
-            result[index] = tuple(names.index(a.name) for a in column.associated)
-        return result
+        return assoc.copy_associated(fields, self._copy_names(body, table))
 
     # Writes
 
@@ -423,7 +374,7 @@ class _Walker:
         table = self._table_of(body["relation"])
         if table is None:
             return
-        self._check_view_write(table)
+        assoc.check_view_write(table)
         if "cols" in body:
             columns = [_only(col)[1]["name"] for col in body["cols"]]
         else:
@@ -448,70 +399,16 @@ class _Walker:
                     self._value(value, column, table, handled, sources)
         conflict = body.get("onConflictClause", {})
         if conflict.get("targetList"):
-            single = dict(zip(columns, rows[0])) if len(rows) == 1 else None
-            self._conflict_update(conflict, table, handled, single)
-
-    def _conflict_update(
-        self,
-        conflict: Node,
-        table: RuledTable,
-        handled: set[int],
-        inserted: dict[str, Node] | None,
-    ) -> None:
-        """Check ON CONFLICT DO UPDATE, whose sealed values take the inserted row's.
-
-        A value sealed there binds the inserted row's associated values, so
-        the updated row must end with those: the column is in the conflict
-        target, or DO UPDATE sets it from EXCLUDED.
-        """
-        targets = conflict["targetList"]
-        updates = assoc.set_values(targets)
-        inferred = assoc.inference_columns(conflict)
-
-        def keeps_inserted(name: str) -> bool:
-            return name in inferred or assoc.is_excluded(updates.get(name, {}), name)
-
-        def unkept(column: EncryptedColumn) -> str | None:
-            for associated in column.associated:
-                if not keeps_inserted(associated.name):
-                    return (
-                        f"DO UPDATE would seal it with the inserted row's "
-                        f"{associated.name}, but the updated row may keep another; "
-                        f"name {associated.name} in the conflict target or set it "
-                        "from EXCLUDED"
-                    )
-            return None
-
-        def sources_of(column: EncryptedColumn) -> assoc.Sources | str:
-            reason = unkept(column)
-            if reason is not None:
-                return reason
-            if inserted is None:
-                return (
-                    "DO UPDATE of an INSERT of several rows cannot tell which row's "
-                    "values to bind"
-                )
-            return assoc.row_sources(column, inserted, "the INSERT")
-
-        self._assignments(targets, table, handled, sources_of)
-        for column in table.encrypted.values():
-            changed = [
-                a.name for a in column.associated if a.name in updates and a.name not in inferred
-            ]
-            node = updates.get(column.name)
-            if node is not None and assoc.is_excluded(node, column.name):
-                # EXCLUDED carries the value sealed with the inserted row's values.
-                reason = unkept(column)
-                if reason is not None:
-                    raise reject(column, reason, _BOUND_HINT)
-            elif changed and (node is None or "ColumnRef" in node):
-                raise reject(column, _changed_reason(changed[0], column), _BOUND_HINT)
+            inserted = dict(zip(columns, rows[0])) if len(rows) == 1 else None
+            update = assoc.ConflictUpdate(conflict, inserted)
+            self._assignments(conflict["targetList"], table, handled, update.sources)
+            update.check(table)
 
     def _update(self, body: Node, handled: set[int]) -> None:
         table = self._table_of(body["relation"])
         if table is None:
             return
-        self._check_view_write(table)
+        assoc.check_view_write(table)
         targets = body.get("targetList", [])
         updates = assoc.set_values(targets)
         relation = body["relation"]
@@ -523,24 +420,7 @@ class _Walker:
             return assoc.row_sources(column, values, "the UPDATE")
 
         self._assignments(targets, table, handled, sources_of)
-        for column in table.encrypted.values():
-            changed = [a.name for a in column.associated if a.name in updates]
-            node = updates.get(column.name)
-            if changed and (node is None or "ColumnRef" in node):
-                raise reject(column, _changed_reason(changed[0], column), _BOUND_HINT)
-
-    @staticmethod
-    def _check_view_write(table: RuledTable) -> None:
-        # TODO: map a view's column names to the base table's to check
-        # writes through updatable views; until then they are rejected.
-        bound = [c for c in table.encrypted.values() if c.associated]
-        if table.is_view and bound:
-            raise reject(
-                bound[0],
-                f"writes through view {table.qualified_name} to a column bound to "
-                "associated columns are not supported yet",
-                f"Write to table {bound[0].rule.schema}.{bound[0].rule.table} itself.",
-            )
+        assoc.check_update(table, updates)
 
     def _assignments(
         self,
@@ -567,14 +447,14 @@ class _Walker:
         """Accept a value bound for an encrypted column, or reject it.
 
         `sources` gives the associated values of the row, or the reason
-        they are unknown; it matters only when the value is sealed.
+        they are unknown. It matters only when the value is sealed.
         """
         kind, body = _only(node)
         if kind == "TypeCast" and _cast_name(body) in _TEXT_CASTS:
             kind, body = _only(body["arg"])
         sealed = kind == "ParamRef" or (kind == "A_Const" and not body.get("isnull"))
         if sealed and isinstance(sources, str):
-            raise reject(column, sources, _BOUND_HINT)
+            raise reject(column, sources, assoc.BOUND_HINT)
         if kind == "ParamRef":
             assert not isinstance(sources, str)
             self._param(body["number"], column)
@@ -815,20 +695,6 @@ class _Walker:
             f"{what} on table {table.qualified_name} is not supported yet",
             "Use INSERT, UPDATE and SELECT with parameters for this table.",
         )
-
-
-_BOUND_HINT = (
-    "Give the associated columns' values in the same statement: in INSERT as "
-    "parameters or literals, in UPDATE by setting them or by a top-level "
-    "`col = value` in WHERE."
-)
-
-
-def _changed_reason(name: str, column: EncryptedColumn) -> str:
-    return (
-        f"the statement changes its associated column {name} without sealing "
-        f"{column.name} again, so the stored value would no longer open"
-    )
 
 
 def _only(node: Node) -> tuple[str, Node]:

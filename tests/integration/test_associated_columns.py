@@ -200,9 +200,11 @@ def test_moved_value_fails_to_open(bound: RunningProxy) -> None:
 def test_changed_user_id_fails_to_open(bound: RunningProxy) -> None:
     _insert_rows(bound, 1)
     bound.direct("UPDATE tokens SET user_id = 9 WHERE id = 1")
-    with psycopg.connect(bound.dsn(), autocommit=True) as conn:
-        with pytest.raises(psycopg.errors.DataCorrupted):
-            conn.execute("SELECT user_id, access_token FROM tokens").fetchall()
+    with (
+        psycopg.connect(bound.dsn(), autocommit=True) as conn,
+        pytest.raises(psycopg.errors.DataCorrupted),
+    ):
+        conn.execute("SELECT user_id, access_token FROM tokens").fetchall()
 
 
 async def test_moved_value_fails_asyncpg(bound: RunningProxy) -> None:
@@ -263,13 +265,17 @@ def test_moved_to_same_user_opens(bound: RunningProxy) -> None:
         ("UPDATE tokens SET access_token = %s WHERE id = 1 AND 1 = user_id", (TOKEN,)),
         ("UPDATE tokens t SET access_token = %s WHERE t.user_id = '1'", (TOKEN,)),
         (
-            "UPDATE tokens SET access_token = %s, user_id = %s, spare_token = %s, "
-            "tenant = %s WHERE id = 1",
+            (
+                "UPDATE tokens SET access_token = %s, user_id = %s, spare_token = %s, "
+                "tenant = %s WHERE id = 1"
+            ),
             (TOKEN, 1, "spare-1", "acme"),
         ),
         (
-            f"UPDATE tokens SET user_id = 1, access_token = '{TOKEN}', "
-            "spare_token = 'spare-1' WHERE id = 1 AND tenant = 'acme'",
+            (
+                f"UPDATE tokens SET user_id = 1, access_token = '{TOKEN}', "
+                "spare_token = 'spare-1' WHERE id = 1 AND tenant = 'acme'"
+            ),
             (),
         ),
     ],
@@ -326,9 +332,11 @@ def test_update_rejected(
 ) -> None:
     _insert_rows(bound, 1)
     before = _stored(bound)
-    with psycopg.connect(bound.dsn(), autocommit=True) as conn:
-        with pytest.raises(psycopg.errors.FeatureNotSupported) as info:
-            conn.execute(statement, params)
+    with (
+        psycopg.connect(bound.dsn(), autocommit=True) as conn,
+        pytest.raises(psycopg.errors.FeatureNotSupported) as info,
+    ):
+        conn.execute(statement, params)
     assert info.value.diag.sqlstate == "0A000"
     assert "public.tokens." in str(info.value)
     assert reason in str(info.value)
@@ -339,9 +347,11 @@ def test_update_rejected(
 def test_update_in_simple_query_rejected(bound: RunningProxy) -> None:
     _insert_rows(bound, 1)
     before = _stored(bound)
-    with psycopg.connect(bound.dsn(), autocommit=True) as conn:
-        with pytest.raises(psycopg.errors.FeatureNotSupported):
-            conn.execute(f"UPDATE tokens SET access_token = '{TOKEN}' WHERE id = 1", prepare=False)
+    with (
+        psycopg.connect(bound.dsn(), autocommit=True) as conn,
+        pytest.raises(psycopg.errors.FeatureNotSupported),
+    ):
+        conn.execute(f"UPDATE tokens SET access_token = '{TOKEN}' WHERE id = 1", prepare=False)
     assert _stored(bound) == before
 
 
@@ -437,13 +447,15 @@ def test_upsert_rejected(bound: RunningProxy, update: str) -> None:
     _insert_rows(bound, 1)
     before = _stored(bound)
     params: tuple[object, ...] = (1, 2, TOKEN) + ((TOKEN,) if "%s" in update else ())
-    with psycopg.connect(bound.dsn(), autocommit=True) as conn:
-        with pytest.raises(psycopg.errors.FeatureNotSupported) as info:
-            conn.execute(
-                "INSERT INTO tokens (id, user_id, access_token) VALUES (%s, %s, %s) "
-                f"ON CONFLICT (id) DO UPDATE SET {update}",
-                params,
-            )
+    with (
+        psycopg.connect(bound.dsn(), autocommit=True) as conn,
+        pytest.raises(psycopg.errors.FeatureNotSupported) as info,
+    ):
+        conn.execute(
+            "INSERT INTO tokens (id, user_id, access_token) VALUES (%s, %s, %s) "
+            f"ON CONFLICT (id) DO UPDATE SET {update}",
+            params,
+        )
     assert info.value.diag.sqlstate == "0A000"
     assert _stored(bound) == before
 
@@ -458,8 +470,10 @@ def test_upsert_rejected(bound: RunningProxy, update: str) -> None:
         "SELECT id, access_token, tenant FROM tokens",
         "SELECT a.access_token, b.user_id FROM tokens a JOIN tokens b ON b.id = a.id",
         "SELECT coalesce(access_token, 'none'), user_id FROM tokens",
-        "SELECT user_id, access_token FROM tokens UNION ALL "
-        "SELECT access_token, user_id FROM tokens",
+        (
+            "SELECT user_id, access_token FROM tokens UNION ALL "
+            "SELECT access_token, user_id FROM tokens"
+        ),
     ],
 )
 def test_select_without_associated_rejected(bound: RunningProxy, query: str) -> None:
@@ -503,13 +517,15 @@ def test_select_forms_accepted(bound: RunningProxy) -> None:
 
 
 def test_returning_without_associated_rejected(bound: RunningProxy) -> None:
-    with psycopg.connect(bound.dsn(), autocommit=True) as conn:
-        with pytest.raises(psycopg.errors.FeatureNotSupported):
-            conn.execute(
-                "INSERT INTO tokens (id, user_id, access_token) VALUES (1, %s, %s) "
-                "RETURNING access_token",
-                (1, TOKEN),
-            )
+    with (
+        psycopg.connect(bound.dsn(), autocommit=True) as conn,
+        pytest.raises(psycopg.errors.FeatureNotSupported),
+    ):
+        conn.execute(
+            "INSERT INTO tokens (id, user_id, access_token) VALUES (1, %s, %s) "
+            "RETURNING access_token",
+            (1, TOKEN),
+        )
     assert bound.direct("SELECT count(*) FROM tokens") == [(0,)]
 
 
@@ -569,11 +585,13 @@ def test_copy_in_and_out(bound: RunningProxy, fmt: str) -> None:
 
 def test_copy_out_query(bound: RunningProxy) -> None:
     _insert_rows(bound, 1)
-    with psycopg.connect(bound.dsn(), autocommit=True) as conn:
-        with conn.cursor().copy(
-            "COPY (SELECT user_id, access_token FROM tokens) TO STDOUT"
-        ) as copy:
-            copied = [tuple(row) for row in copy.rows()]
+    with (
+        psycopg.connect(bound.dsn(), autocommit=True) as conn,
+        conn.cursor().copy(
+        "COPY (SELECT user_id, access_token FROM tokens) TO STDOUT"
+        ) as copy,
+    ):
+        copied = [tuple(row) for row in copy.rows()]
     assert copied == [("1", _token(1))]
 
 
@@ -586,22 +604,24 @@ def test_copy_out_query(bound: RunningProxy) -> None:
     ],
 )
 def test_copy_without_associated_rejected(bound: RunningProxy, statement: str) -> None:
-    with psycopg.connect(bound.dsn(), autocommit=True) as conn:
-        with pytest.raises(psycopg.errors.FeatureNotSupported) as info:
-            with conn.cursor().copy(statement) as copy:
-                if "FROM" in statement:
-                    copy.write_row((1, TOKEN))
+    with (
+        psycopg.connect(bound.dsn(), autocommit=True) as conn,
+        pytest.raises(psycopg.errors.FeatureNotSupported) as info,
+        conn.cursor().copy(statement) as copy,
+    ):
+        if "FROM" in statement:
+            copy.write_row((1, TOKEN))
     assert info.value.diag.sqlstate == "0A000"
     assert bound.direct("SELECT count(*) FROM tokens") == [(0,)]
 
 
 def test_copy_in_invalid_user_id(bound: RunningProxy) -> None:
-    with psycopg.connect(bound.dsn(), autocommit=True) as conn:
-        with pytest.raises(psycopg.errors.QueryCanceled):
-            with conn.cursor().copy(
-                "COPY tokens (id, user_id, access_token) FROM STDIN"
-            ) as copy:
-                copy.write(b"1\tnot-a-number\tsecret-token\n")
+    with (
+        psycopg.connect(bound.dsn(), autocommit=True) as conn,
+        pytest.raises(psycopg.errors.QueryCanceled),
+        conn.cursor().copy("COPY tokens (id, user_id, access_token) FROM STDIN") as copy,
+    ):
+        copy.write(b"1\tnot-a-number\tsecret-token\n")
     assert bound.direct("SELECT count(*) FROM tokens") == [(0,)]
 
 

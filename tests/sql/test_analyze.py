@@ -6,7 +6,13 @@ from pathlib import Path
 
 import pytest
 
-from proxy.catalog import AssociatedColumn, Catalog, EncryptedColumn, RuledTable, Storage
+from proxy.catalog import (
+    AssociatedColumn,
+    Catalog,
+    EncryptedColumn,
+    RuledTable,
+    Storage,
+)
 from proxy.errors import StatementRejected
 from proxy.rules import ColumnRule, Encryption, Source
 from proxy.sql.analyze import Analyzer
