@@ -33,6 +33,11 @@ tables:
       - name: spare_token
         associated_columns: [user_id, tenant]
         on_decrypt_error: null
+  - name: public.notes
+    columns:
+      - name: body
+        associated_columns: [owner]
+        on_decrypt_error: ciphertext
 """
 TABLE = """
 CREATE TABLE tokens (
@@ -41,7 +46,8 @@ CREATE TABLE tokens (
     tenant text,
     access_token text,
     spare_token text
-)
+);
+CREATE TABLE notes (id int PRIMARY KEY, owner uuid, body text);
 """
 TOKEN = "gho_bound_" + "Hq4pW" * 6
 
@@ -242,6 +248,28 @@ def test_moved_value_reads_null(bound: RunningProxy) -> None:
         ).fetchall()
     assert rows == [(1, "spare-1", "acme", 1), (2, None, "acme", 2)]
     assert binary == rows
+
+
+def test_moved_value_reads_ciphertext(bound: RunningProxy) -> None:
+    owners = ["0b7c3a52-7d0e-4c55-9a43-0f2e62c9a001", "0b7c3a52-7d0e-4c55-9a43-0f2e62c9a002"]
+    with psycopg.connect(bound.dsn(), autocommit=True) as conn:
+        for row_id, owner in enumerate(owners, start=1):
+            conn.execute(
+                "INSERT INTO notes (id, owner, body) VALUES (%s, %s, %s)",
+                (row_id, owner.upper(), f"note-{row_id}"),
+            )
+    bound.direct("UPDATE notes SET body = (SELECT body FROM notes WHERE id = 1) WHERE id = 2")
+    ((moved,),) = bound.direct("SELECT body FROM notes WHERE id = 2")
+    with psycopg.connect(bound.dsn(), autocommit=True) as conn:
+        rows = conn.execute("SELECT id, owner, body FROM notes ORDER BY id").fetchall()
+        binary = conn.cursor(binary=True).execute(
+            "SELECT id, owner, body FROM notes ORDER BY id"
+        ).fetchall()
+    # The owner was sent in upper case and binds in canonical (lower) case.
+    expected = [(1, owners[0], "note-1"), (2, owners[1], moved)]
+    assert [(row[0], str(row[1]), row[2]) for row in rows] == expected
+    assert [(row[0], str(row[1]), row[2]) for row in binary] == expected
+    assert_sealed(moved, "note-1")
 
 
 def test_moved_to_same_user_opens(bound: RunningProxy) -> None:
