@@ -307,7 +307,7 @@ def _canonical_associated(
     set of values is read from the row.
     """
     expected = columns[0].associated
-    if any(column.associated != expected for column in columns):
+    if len(columns) > 1 and any(c.associated != expected for c in columns[1:]):
         raise DecryptionError()
     if not expected:
         return ()

@@ -197,18 +197,18 @@ class ConflictUpdate:
 
     A value sealed there binds the inserted row's associated values, so the
     updated row must end with those: each associated column is in the
-    conflict target, or DO UPDATE sets it from EXCLUDED.
+    conflict target, or DO UPDATE sets it from EXCLUDED. `inserted` maps
+    column names to the inserted row's value nodes, or is None for an INSERT
+    of several rows.
     """
 
     def __init__(self, conflict: Node, inserted: dict[str, Node] | None) -> None:
-        """`inserted` maps column names to the inserted row's value nodes, or is
-        None for an INSERT of several rows."""
         self.updates = set_values(conflict["targetList"])
         self._inferred = inference_columns(conflict)
         self._inserted = inserted
 
     def sources(self, column: EncryptedColumn) -> Sources | str:
-        """Return the values that a value DO UPDATE sets binds, or why they are unknown."""
+        """Return the associated values a value set by DO UPDATE binds, or why unknown."""
         reason = self._unkept(column)
         if reason is not None:
             return reason

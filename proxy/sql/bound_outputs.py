@@ -1,9 +1,9 @@
 """Bound output columns: where a result row carries a sealed value's associated values.
 
 A value of a bound column (one with `associated_columns`) opens only with
-the values of its associated columns in the same row, so the result must
-contain them, traced by the analysis to the same range entry of the same
-table. A self-join returns both columns from one table, but from different
+the values of its associated columns in the same row. The result must
+therefore contain them, and the analysis must trace them to the same range
+entry of the same table. A self-join returns both columns from one table, but from different
 rows, which is why the table OIDs of RowDescription are not enough.
 """
 
@@ -89,6 +89,8 @@ def _associated_outputs(
             None,
         )
         if match is None:
+            # TODO: append the missing column to the output list as a hidden
+            # column, and drop it from RowDescription and every DataRow.
             raise reject_bound(
                 column,
                 f"the result does not contain its associated column {associated_name} "

@@ -622,9 +622,11 @@ class Session:
             value = values[index]
             if value is None:
                 continue
-            associated = None
-            if associated_fields is not None:
-                # Associated columns are plain, so these are the server's values.
+            # () for a column without associated columns, None when the row
+            # lacks them. Associated columns are plain, so values[i] is the
+            # server's value.
+            associated = associated_fields
+            if associated_fields:
                 associated = tuple(
                     (values[i] if i < len(values) else None, f)
                     for i, f in associated_fields
