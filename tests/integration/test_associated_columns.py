@@ -781,3 +781,29 @@ def test_reencrypt_binds_existing_values(
     with psycopg.connect(bound.dsn(), autocommit=True) as conn:
         rows = conn.execute("SELECT user_id, access_token FROM tokens").fetchall()
     assert rows == [(5, TOKEN)]
+
+
+def test_reencrypt_reports_moved_value(
+    bound: RunningProxy, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    _insert_rows(bound, 1, 2)
+    bound.direct(
+        "UPDATE tokens SET access_token = (SELECT access_token FROM tokens WHERE id = 1) "
+        "WHERE id = 2"
+    )
+    before = _stored(bound)
+    connection = ["--upstream", bound.direct_dsn(), "--keyring", f"sodium:{bound.keydir}"]
+    code, out, err = _cli(
+        capsys,
+        "reencrypt",
+        *connection,
+        "--table",
+        "public.tokens",
+        "--rules",
+        str(tmp_path / "rules"),
+    )
+    assert code == 1
+    assert "1 skipped" in out
+    assert "public.tokens.access_token" in err
+    assert "does not open" in err
+    assert _stored(bound) == before
