@@ -22,7 +22,12 @@ from proxy.crypto.values import (
     read_key_ref,
     seal,
 )
-from proxy.errors import DecryptionError, KeyringError, StatementRejected
+from proxy.errors import (
+    AssociatedValuesMissing,
+    DecryptionError,
+    KeyringError,
+    StatementRejected,
+)
 from proxy.rules import Encryption, OnDecryptError
 from proxy.sql.analyze import Analyzer, StatementPlan
 from proxy.sql.arrays import map_binary_array, map_text_array
@@ -311,7 +316,9 @@ def _canonical_associated(
         raise DecryptionError()
     if not expected:
         return ()
-    if associated is None or len(associated) != len(expected):
+    if associated is None:
+        raise AssociatedValuesMissing(columns[0].identity)
+    if len(associated) != len(expected):
         raise DecryptionError()
     try:
         return tuple(

@@ -19,6 +19,7 @@ from typing import Any, Protocol, TypeVar
 
 from proxy.catalog import TEXT_OID
 from proxy.errors import (
+    AssociatedValuesMissing,
     DecryptionError,
     KeyringError,
     PgsealError,
@@ -642,14 +643,15 @@ class Session:
         # on_decrypt_error to null or ciphertext never get here.
         log.warning("[%s] closing connection: a result value failed to open (%s)",
                     self._conn_id, type(exc).__name__)
-        out.to_client.append(
-            m.encode_error(
-                "XX001",
-                "an encrypted value in the result could not be opened",
-                "Check that the proxy has the keyring that sealed this value.",
-                severity="FATAL",
+        message = "an encrypted value in the result could not be opened"
+        hint = "Check that the proxy has the keyring that sealed this value."
+        if isinstance(exc, AssociatedValuesMissing):
+            message = f"a value of encrypted column {exc.column} could not be opened: {exc}"
+            hint = (
+                "Select its associated columns beside it from the table itself, "
+                "not through a subquery or a WITH query."
             )
-        )
+        out.to_client.append(m.encode_error("XX001", message, hint, severity="FATAL"))
         out.close = True
 
     # COPY

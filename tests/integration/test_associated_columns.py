@@ -544,6 +544,36 @@ def test_select_forms_accepted(bound: RunningProxy) -> None:
     assert returned == [("fresh", 1)]
 
 
+def test_read_through_with_rejected(bound: RunningProxy) -> None:
+    _insert_rows(bound, 1)
+    with (
+        psycopg.connect(bound.dsn(), autocommit=True) as conn,
+        pytest.raises(psycopg.errors.FeatureNotSupported) as info,
+    ):
+        conn.execute("WITH t AS (SELECT * FROM tokens) SELECT user_id, access_token FROM t")
+    assert info.value.diag.sqlstate == "0A000"
+    assert "public.tokens.access_token" in str(info.value)
+
+
+def test_untraced_read_fails_closed(bound: RunningProxy) -> None:
+    _insert_rows(bound, 1)
+    query = (
+        "SELECT s.id, s.user_id, s.tenant, s.spare_token, s.access_token "
+        "FROM (SELECT * FROM tokens) s"
+    )
+    with psycopg.connect(bound.dsn(), autocommit=True) as conn:
+        with pytest.raises(psycopg.errors.DataCorrupted) as info:
+            conn.execute(query).fetchall()
+        assert conn.closed or conn.broken
+    assert "public.tokens.access_token" in str(info.value)
+    assert "associated columns" in str(info.value)
+    assert info.value.diag.message_hint
+    # spare_token reads NULL by its on_decrypt_error, never plaintext.
+    with psycopg.connect(bound.dsn(), autocommit=True) as conn:
+        rows = conn.execute(query.replace(", s.access_token", "")).fetchall()
+    assert rows == [(1, 1, "acme", None)]
+
+
 def test_returning_without_associated_rejected(bound: RunningProxy) -> None:
     with (
         psycopg.connect(bound.dsn(), autocommit=True) as conn,
