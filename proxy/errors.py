@@ -47,6 +47,23 @@ class DecryptionError(PgsealError):
         super().__init__("sealed value could not be opened")
 
 
+class AssociatedValuesMissing(DecryptionError):
+    """A value of a bound column in a result row that lacks its associated columns.
+
+    The analysis could not trace the row's associated values, as for a
+    column read through a subquery, so the value cannot be opened. It names
+    the column because no cryptographic check ran.
+    """
+
+    def __init__(self, column: str) -> None:
+        PgsealError.__init__(
+            self,
+            f"the result does not contain the associated columns of {column} "
+            "from the same row",
+        )
+        self.column = column
+
+
 class ProtocolError(PgsealError):
     """A peer sent bytes that break the PostgreSQL v3 protocol."""
 

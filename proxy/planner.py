@@ -22,6 +22,7 @@ from proxy.crypto.values import (
     read_key_ref,
 )
 from proxy.errors import (
+    AssociatedValuesMissing,
     DecryptionError,
     KeyringError,
     KeyUnavailableError,
@@ -36,10 +37,15 @@ from proxy.sql.arrays import (
     map_text_array,
 )
 from proxy.sql.literals import LiteralSlot, quote_literal, replace_literals
-from proxy.wire.messages import BINARY_FORMAT, TEXT_FORMAT, Field
+from proxy.wire.messages import BINARY_FORMAT, TEXT_FORMAT, Field, format_code
 
 Candidates = tuple[EncryptedColumn, ...]
-RowPlan = tuple[tuple[int, Candidates, int], ...]
+# Per associated column of a bound field, the index and format of the field
+# that contains its value in the same row. None means the row lacks them.
+AssociatedFields = tuple[tuple[int, int], ...] | None
+# The associated values of one row, as (wire value, format) pairs.
+AssociatedRow = tuple[tuple[bytes | None, int], ...] | None
+RowPlan = tuple[tuple[int, Candidates, int, AssociatedFields], ...]
 
 
 def algorithm_of(column: EncryptedColumn) -> Algorithm:
@@ -136,7 +142,8 @@ class ColumnPlanner:
             plaintext = column.logical.from_wire(slot.value.encode("utf-8"), TEXT_FORMAT)
         except (ValueError, UnicodeError):
             raise _invalid_input(column) from None
-        sealed = self._seal(column, plaintext)
+        associated = self._literal_associated(slot)
+        sealed = self._seal(column, plaintext, associated)
         if column.storage is Storage.BYTEA:
             return quote_literal("\\x" + sealed.hex())
         return quote_literal(armour(sealed).decode("ascii"))
@@ -149,17 +156,41 @@ class ColumnPlanner:
             raise _invalid_input(slot.column) from None
         return quote_literal(sealed.decode("ascii"))
 
+    @staticmethod
+    def _literal_associated(slot: LiteralSlot) -> tuple[bytes | None, ...]:
+        values = []
+        for source in slot.associated:
+            text = None if source.literal is None else source.literal.encode("utf-8")
+            try:
+                values.append(source.column.canonical(text, TEXT_FORMAT))
+            except (ValueError, UnicodeError):
+                raise StatementRejected(
+                    "22P02",
+                    f"a literal for column {source.column.name}, which "
+                    f"{slot.column.identity} is bound to, is not valid "
+                    f"{source.column.type.name} input",
+                    "Check the value's format; it is checked by the proxy before sealing.",
+                ) from None
+        return tuple(values)
+
     def seal_param(
-        self, column: EncryptedColumn, value: bytes, fmt: int, declared_oid: int = 0
+        self,
+        column: EncryptedColumn,
+        value: bytes,
+        fmt: int,
+        declared_oid: int = 0,
+        associated: tuple[bytes | None, ...] = (),
     ) -> bytes:
         """Seal a parameter for the column's storage, in the same wire format.
 
         Text and bytea send their binary form as plain bytes, so the format
-        code of the parameter never has to change. Raises ValueError on
-        input the server would reject for the logical type.
+        code of the parameter never has to change. `associated` contains the
+        canonical values of the column's associated columns in the row.
+        Raises ValueError on input the server would reject for the logical
+        type.
         """
         plaintext = column.logical.from_wire(value, fmt, declared_oid)
-        sealed = self._seal(column, plaintext)
+        sealed = self._seal(column, plaintext, associated)
         if column.storage is Storage.TEXT:
             return armour(sealed)
         if fmt == BINARY_FORMAT:
@@ -186,17 +217,34 @@ class ColumnPlanner:
             value, lambda v: self.seal_param(column, v, fmt, element_oid), stored_oid
         )
 
-    def _seal(self, column: EncryptedColumn, plaintext: bytes) -> bytes:
-        return self._keys.sealer(column).seal(plaintext)
+    def _seal(
+        self,
+        column: EncryptedColumn,
+        plaintext: bytes,
+        associated: tuple[bytes | None, ...] = (),
+    ) -> bytes:
+        if len(associated) != len(column.associated):
+            raise ValueError(
+                f"column {column.identity} needs {len(column.associated)} associated "
+                f"values, got {len(associated)}"
+            )
+        return self._keys.sealer(column).seal(plaintext, associated)
 
     def row_plan(
-        self, fields: tuple[Field, ...], outputs: tuple[Candidates, ...] | None = None
+        self,
+        fields: tuple[Field, ...],
+        outputs: tuple[Candidates, ...] | None = None,
+        formats: tuple[int, ...] = (),
+        associations: dict[int, tuple[int, ...]] | None = None,
     ) -> RowPlan | None:
         """Return which fields of a row to open, and under which columns.
 
         A field named by table OID and attribute number is looked up in the
         catalog. A computed field (OID 0) falls back to the statement's own
-        trace, when its output count matches the row description.
+        trace, when its output count matches the row description. `formats`
+        are the result formats of a Bind, when they are not yet in `fields`.
+        `associations` gives, per field of a bound column, the fields of
+        its associated values, as the statement's analysis traced them.
         """
         if outputs is not None and len(outputs) != len(fields):
             outputs = None
@@ -208,16 +256,28 @@ class ColumnPlanner:
             elif field.table_oid == 0 and outputs is not None:
                 candidates = outputs[index] or None
             if candidates:
-                plan.append((index, candidates, field.format))
+                fmt = format_code(formats, index) if formats else field.format
+                associated = _associated_fields(
+                    candidates, index, fields, formats, associations
+                )
+                plan.append((index, candidates, fmt, associated))
         return tuple(plan) or None
 
-    def open_value(self, columns: Candidates, value: bytes, fmt: int) -> bytes | None:
+    def open_value(
+        self,
+        columns: Candidates,
+        value: bytes,
+        fmt: int,
+        associated: AssociatedRow = (),
+    ) -> bytes | None:
         """Open a result value, or apply the column's on_decrypt_error setting.
 
+        `associated` contains the row's values of the column's associated
+        columns. None means the row lacks them, so the value cannot open.
         Raises DecryptionError or KeyringError only for `error`, the default.
         """
         try:
-            return self._open_value(columns, value, fmt)
+            return self._open_value(columns, value, fmt, associated)
         except (DecryptionError, KeyringError):
             policy = columns[0].rule.on_decrypt_error
             if policy is OnDecryptError.NULL:
@@ -226,8 +286,11 @@ class ColumnPlanner:
                 return value
             raise
 
-    def _open_value(self, columns: Candidates, value: bytes, fmt: int) -> bytes:
+    def _open_value(
+        self, columns: Candidates, value: bytes, fmt: int, associated: AssociatedRow
+    ) -> bytes:
         column = columns[0]
+        bound = _canonical_associated(columns, associated)
         if column.storage is Storage.TEXT:
             blob = dearmour(value)
         elif fmt == BINARY_FORMAT:
@@ -237,22 +300,68 @@ class ColumnPlanner:
                 blob = decode_bytea_text(value)
             except ValueError:
                 raise DecryptionError() from None
-        plaintext = self._open(columns, blob)
+        plaintext = self._open(columns, blob, bound)
         try:
             return column.logical.to_wire(plaintext, fmt)
         except (ValueError, UnicodeError, struct.error):
             raise DecryptionError() from None
 
-    def _open(self, columns: Candidates, blob: bytes) -> bytes:
+    def _open(
+        self, columns: Candidates, blob: bytes, associated: tuple[bytes | None, ...] = ()
+    ) -> bytes:
         keys = self._keys
         if len(columns) == 1:
-            return keys.opener(blob, columns[0].key_name).open(blob)
+            return keys.opener(blob, columns[0].key_name).open(blob, associated)
         for column in columns[:-1]:
             try:
-                return keys.opener(blob, column.key_name).open(blob)
+                return keys.opener(blob, column.key_name).open(blob, associated)
             except DecryptionError:
                 continue
-        return keys.opener(blob, columns[-1].key_name).open(blob)
+        return keys.opener(blob, columns[-1].key_name).open(blob, associated)
+
+
+def _associated_fields(
+    candidates: Candidates,
+    index: int,
+    fields: tuple[Field, ...],
+    formats: tuple[int, ...],
+    associations: dict[int, tuple[int, ...]] | None,
+) -> AssociatedFields:
+    """Return where a bound field's associated values are in the row, if known."""
+    if not any(column.associated for column in candidates):
+        return ()
+    indexes = (associations or {}).get(index)
+    if indexes is None or any(i >= len(fields) for i in indexes):
+        return None
+    return tuple(
+        (i, format_code(formats, i) if formats else fields[i].format) for i in indexes
+    )
+
+
+def _canonical_associated(
+    columns: Candidates, associated: AssociatedRow
+) -> tuple[bytes | None, ...]:
+    """Return the canonical associated values of a row, or raise DecryptionError.
+
+    Every candidate must bind the same associated columns, because only one
+    set of values is read from the row.
+    """
+    expected = columns[0].associated
+    if len(columns) > 1 and any(c.associated != expected for c in columns[1:]):
+        raise DecryptionError()
+    if not expected:
+        return ()
+    if associated is None:
+        raise AssociatedValuesMissing(columns[0].identity)
+    if len(associated) != len(expected):
+        raise DecryptionError()
+    try:
+        return tuple(
+            column.canonical(value, fmt)
+            for column, (value, fmt) in zip(expected, associated)
+        )
+    except (ValueError, UnicodeError, struct.error):
+        raise DecryptionError() from None
 
 
 def _invalid_input(column: EncryptedColumn) -> StatementRejected:

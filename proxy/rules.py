@@ -8,6 +8,7 @@ Every `*.yaml` file in the rules folder is read. A file looks like this::
         columns:
           - name: access_token
             encryption: randomized
+            associated_columns: [user_id]   # optional
 
 Validation is strict: an unknown key, a wrong type or a missing field is an
 error that names the file and the line, because a typo in a rule would
@@ -71,6 +72,9 @@ class ColumnRule:
     # The keyring set of the config file that wraps this column's data keys;
     # None means the set named 'default'.
     keyring: str | None = None
+    # Plain columns of the same table whose values in the row are bound into
+    # each value's associated data, in this order.
+    associated_columns: tuple[str, ...] = ()
 
     @property
     def identity(self) -> str:
@@ -127,6 +131,7 @@ _COLUMN_KEYS = {
     "storage",
     "rotation_period",
     "keyring",
+    "associated_columns",
 }
 _DURATION_UNITS = {"d": 86400, "h": 3600, "m": 60, "s": 1}
 _STORAGES = ("text", "bytea")
@@ -173,6 +178,7 @@ def _table(path: Path, node: Node) -> TableRule:
     if not column_nodes:
         raise RuleError(f"{_source(path, node)}: table {name} lists no columns")
     columns = tuple(_column(path, item, schema, table) for item in column_nodes)
+    _check_associated_names(path, column_nodes, columns)
     return TableRule(schema, table, database, columns, _source(path, node))
 
 
@@ -202,6 +208,7 @@ def _column(path: Path, node: Node, schema: str, table: str) -> ColumnRule:
     keyring = None
     if "keyring" in mapping:
         keyring = _scalar(path, mapping["keyring"], "keyring")
+    associated = _associated_columns(path, mapping, name, encryption)
     return ColumnRule(
         schema,
         table,
@@ -214,7 +221,64 @@ def _column(path: Path, node: Node, schema: str, table: str) -> ColumnRule:
         storage,
         rotation_period,
         keyring,
+        associated,
     )
+
+
+def _associated_columns(
+    path: Path, mapping: dict[str, Node], name: str, encryption: Encryption
+) -> tuple[str, ...]:
+    if "associated_columns" not in mapping:
+        return ()
+    node = mapping["associated_columns"]
+    if encryption is Encryption.DETERMINISTIC:
+        raise RuleError(
+            f"{_source(path, node)}: column {name} is deterministic and sets "
+            "'associated_columns', but a search value for it would then have to be "
+            "sealed with the values of the row it is looking for; use "
+            "'encryption: randomized' for a column bound to other columns"
+        )
+    items = _sequence(path, node, "associated_columns")
+    if not items:
+        raise RuleError(
+            f"{_source(path, node)}: 'associated_columns' of column {name} is an "
+            "empty list; name at least one column or remove the key"
+        )
+    names: list[str] = []
+    for item in items:
+        other = _scalar(path, item, "associated_columns")
+        if other == name:
+            raise RuleError(
+                f"{_source(path, item)}: column {name} lists itself in "
+                "'associated_columns'; name other columns of the same table"
+            )
+        if other in names:
+            raise RuleError(
+                f"{_source(path, item)}: column {name} lists {other!r} twice in "
+                "'associated_columns'"
+            )
+        names.append(other)
+    return tuple(names)
+
+
+def _check_associated_names(
+    path: Path, nodes: list[Node], columns: tuple[ColumnRule, ...]
+) -> None:
+    """Reject an associated column that is itself encrypted.
+
+    Its stored value would be ciphertext, which differs from the plaintext the
+    application sends, so the associated data could not be rebuilt.
+    """
+    encrypted = {column.column for column in columns}
+    for node, column in zip(nodes, columns):
+        items = _associated_items(node)
+        for item, other in zip(items, column.associated_columns):
+            if other in encrypted:
+                raise RuleError(
+                    f"{_source(path, item)}: column {column.column} lists encrypted "
+                    f"column {other!r} in 'associated_columns'; only plain columns "
+                    "of the same table can be associated"
+                )
 
 
 def _rotation_period(
@@ -295,6 +359,13 @@ def _check_duplicates(tables: list[TableRule]) -> None:
                     f"ruled in {seen[key]}"
                 )
             seen[key] = column.source
+
+
+def _associated_items(column_node: Node) -> list[Node]:
+    for key_node, value_node in column_node.value:
+        if key_node.value == "associated_columns":
+            return list(value_node.value)
+    return []
 
 
 def _source(path: Path, node: Node) -> Source:

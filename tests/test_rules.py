@@ -86,6 +86,74 @@ def test_invalid_rules(tmp_path: Path, text: str, expected: str) -> None:
     assert expected in _error(tmp_path, text)
 
 
+def test_associated_columns_loaded(tmp_path: Path) -> None:
+    rules = load_rules(_write(tmp_path, """\
+tables:
+  - name: oauth_tokens
+    columns:
+      - name: access_token
+        encryption: randomized
+        associated_columns: [user_id, provider]
+      - name: refresh_token
+"""))
+    access, refresh = rules.tables[0].columns
+    assert access.associated_columns == ("user_id", "provider")
+    assert refresh.associated_columns == ()
+
+
+_ASSOCIATED = "tables:\n  - name: t\n    columns:\n      - name: c\n"
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (
+            _ASSOCIATED + "        associated_columns: user_id\n",
+            "line 5: 'associated_columns' must be a list",
+        ),
+        (
+            _ASSOCIATED + "        associated_columns: []\n",
+            "line 5: 'associated_columns' of column c is an empty list",
+        ),
+        (
+            _ASSOCIATED + "        associated_columns: [user_id, c]\n",
+            "line 5: column c lists itself in 'associated_columns'",
+        ),
+        (
+            _ASSOCIATED + "        associated_columns:\n          - user_id\n          - user_id\n",
+            "line 7: column c lists 'user_id' twice in 'associated_columns'",
+        ),
+        (
+            _ASSOCIATED + "        associated_columns: [[user_id]]\n",
+            "line 5: 'associated_columns' must be a non-empty string",
+        ),
+        (
+            _ASSOCIATED + "        associated_columns: ['']\n",
+            "'associated_columns' must be a non-empty string",
+        ),
+        (
+            _ASSOCIATED
+            + "        encryption: deterministic\n        associated_columns: [user_id]\n",
+            "line 6: column c is deterministic and sets 'associated_columns'",
+        ),
+        (
+            _ASSOCIATED
+            + "        associated_columns:\n          - user_id\n          - d\n"
+            + "      - name: d\n",
+            "line 7: column c lists encrypted column 'd' in 'associated_columns'",
+        ),
+        (
+            _ASSOCIATED + "        associated_colums: [user_id]\n",
+            "line 5: unknown key 'associated_colums'",
+        ),
+    ],
+)
+def test_invalid_associated_columns(tmp_path: Path, text: str, expected: str) -> None:
+    message = _error(tmp_path, text)
+    assert "tokens.yaml" in message
+    assert expected in message
+
+
 def test_missing_folder(tmp_path: Path) -> None:
     with pytest.raises(RuleError, match="does not exist"):
         load_rules(tmp_path / "nowhere")

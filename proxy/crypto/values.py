@@ -13,6 +13,7 @@ import enum
 import os
 import secrets
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import nacl.bindings
@@ -51,6 +52,9 @@ UINT32_MAX = 2**32 - 1
 _HEADER = struct.Struct(">BBII")
 HEADER_SIZE = _HEADER.size
 _CONTEXT_LENGTH = struct.Struct(">I")
+_UINT32 = struct.Struct(">I")
+# The length field of a NULL associated value. Real lengths stay below it.
+_NULL_MARKER = _UINT32.pack(UINT32_MAX)
 _AD_LABEL = b"pgseal/value/1"
 _BASE64URL_DIGITS = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
 # Maps the URL-safe alphabet to the standard one, and the standard alphabet's
@@ -158,25 +162,36 @@ class ValueCipher:
     def __repr__(self) -> str:
         return f"ValueCipher(key_id={self.key.key_id}, version={self.key.version})"
 
-    def seal(self, plaintext: bytes) -> bytes:
-        """Encrypt plaintext and return the binary form."""
+    def seal(self, plaintext: bytes, associated: Sequence[bytes | None] = ()) -> bytes:
+        """Encrypt plaintext and return the binary form.
+
+        `associated` contains the canonical text of other columns of the row
+        (None for NULL); the value then opens only with the same values in
+        the same order.
+        """
         if not isinstance(plaintext, bytes):
             raise TypeError("plaintext must be bytes")
+        associated_data = self._associated_data
+        if associated:
+            associated_data += _encode_associated(associated)
         if self._siv is None:
             nonce = os.urandom(NONCE_SIZE)
             ciphertext = nacl.bindings.crypto_aead_xchacha20poly1305_ietf_encrypt(
-                plaintext, self._associated_data, nonce, self.key.material
+                plaintext, associated_data, nonce, self.key.material
             )
             return self._prefix + nonce + ciphertext
         # AES-SIV output is the 16-byte synthetic IV (its tag), then the ciphertext.
-        return self._prefix + self._siv.encrypt(plaintext, [self._associated_data])
+        return self._prefix + self._siv.encrypt(plaintext, [associated_data])
 
-    def open(self, blob: bytes) -> bytes:
-        """Decrypt a binary-form value sealed under this key and context.
+    def open(self, blob: bytes, associated: Sequence[bytes | None] = ()) -> bytes:
+        """Decrypt a binary-form value sealed under this key, context and row values.
 
         Raises DecryptionError, with no detail, if the blob is malformed,
         names another key or algorithm, or fails authentication.
         """
+        associated_data = self._associated_data
+        if associated:
+            associated_data += _encode_associated(associated)
         prefix = self._prefix
         if len(blob) < self._min_size or not blob.startswith(prefix):
             raise DecryptionError()
@@ -186,25 +201,35 @@ class ValueCipher:
             ciphertext = blob[start + NONCE_SIZE :]
             try:
                 return nacl.bindings.crypto_aead_xchacha20poly1305_ietf_decrypt(
-                    ciphertext, self._associated_data, nonce, self.key.material
+                    ciphertext, associated_data, nonce, self.key.material
                 )
             except nacl.exceptions.CryptoError:
                 raise DecryptionError() from None
         try:
-            return self._siv.decrypt(blob[start:], [self._associated_data])
+            return self._siv.decrypt(blob[start:], [associated_data])
         except InvalidTag:
             raise DecryptionError() from None
 
 
-def seal(key: DataKey, plaintext: bytes, *, store_id: bytes, context: str) -> bytes:
+def seal(
+    key: DataKey,
+    plaintext: bytes,
+    *,
+    store_id: bytes,
+    context: str,
+    associated: Sequence[bytes | None] = (),
+) -> bytes:
     """Encrypt plaintext under key and return the binary form.
 
     store_id (16 bytes) and context (the column identity, for example
     "public.users.email") go into the associated data, so the value opens
-    only with the same key store and context. Callers that seal many values
-    under one key keep a ValueCipher instead.
+    only with the same key store and context. `associated` contains the
+    canonical text of other columns of the row (None for NULL); the value
+    then opens only with the same values in the same order. Callers that seal
+    many values under one key keep a ValueCipher instead.
     """
-    return ValueCipher(key, store_id=store_id, context=context).seal(plaintext)
+    cipher = ValueCipher(key, store_id=store_id, context=context)
+    return cipher.seal(plaintext, associated)
 
 
 def read_key_ref(blob: bytes) -> tuple[int, int]:
@@ -216,15 +241,23 @@ def read_key_ref(blob: bytes) -> tuple[int, int]:
     return header.key_id, header.version
 
 
-def open_sealed(blob: bytes, key: DataKey, *, store_id: bytes, context: str) -> bytes:
+def open_sealed(
+    blob: bytes,
+    key: DataKey,
+    *,
+    store_id: bytes,
+    context: str,
+    associated: Sequence[bytes | None] = (),
+) -> bytes:
     """Decrypt a binary-form value and return its plaintext.
 
     Raises DecryptionError, with no detail, if the blob is malformed, names
-    another key or algorithm, or fails authentication for store_id and context.
+    another key or algorithm, or fails authentication for store_id, context
+    and the associated column values.
     """
     if not isinstance(blob, bytes):
         raise TypeError("blob must be bytes")
-    return ValueCipher(key, store_id=store_id, context=context).open(blob)
+    return ValueCipher(key, store_id=store_id, context=context).open(blob, associated)
 
 
 def armour(blob: bytes) -> bytes:
@@ -297,18 +330,48 @@ def _parse_header(blob: bytes) -> _Header:
     return _Header(algorithm, key_id, version)
 
 
-def _associated_data(store_id: bytes, context: str, header: bytes) -> bytes:
-    """Build the associated data: label, store id, context, then the header.
+def _associated_data(
+    store_id: bytes,
+    context: str,
+    header: bytes,
+    associated: Sequence[bytes | None] = (),
+) -> bytes:
+    """Build the associated data: label, store id, context, header, row values.
 
-    The label and store id have fixed sizes and the context carries its
-    length, so no two different inputs give the same bytes.
+    The label, store id and header have fixed sizes, the context carries its
+    length, and so do the row values, so no two different inputs give the
+    same bytes. Without row values nothing follows the header, which keeps
+    values sealed before a rule named associated columns opening as before.
     """
     if not isinstance(store_id, bytes):
         raise TypeError("store_id must be bytes")
     if len(store_id) != STORE_ID_SIZE:
         raise ValueError(f"store_id must be {STORE_ID_SIZE} bytes")
     encoded = _encode_context(context)
-    return _AD_LABEL + store_id + _CONTEXT_LENGTH.pack(len(encoded)) + encoded + header
+    data = _AD_LABEL + store_id + _CONTEXT_LENGTH.pack(len(encoded)) + encoded + header
+    if associated:
+        data += _encode_associated(associated)
+    return data
+
+
+def _encode_associated(values: Sequence[bytes | None]) -> bytes:
+    """Encode row values as a count, then each as a length and its bytes.
+
+    NULL is the length field 0xffffffff with no bytes, so it differs from
+    the empty string, whose length is 0.
+    """
+    parts = [_UINT32.pack(len(values))]
+    for value in values:
+        if value is None:
+            parts.append(_NULL_MARKER)
+            continue
+        if not isinstance(value, bytes):
+            raise TypeError("associated values must be bytes or None")
+        if len(value) >= UINT32_MAX:
+            raise ValueError(f"associated values must be shorter than {UINT32_MAX} bytes")
+        parts.append(_UINT32.pack(len(value)))
+        parts.append(value)
+    return b"".join(parts)
 
 
 def _encode_context(context: str) -> bytes:

@@ -10,7 +10,7 @@ ciphertext, raises StatementRejected instead.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -21,6 +21,8 @@ from proxy.catalog import Catalog, EncryptedColumn, RuledTable
 from proxy.errors import StatementRejected
 from proxy.rules import Encryption
 from proxy.sql.batch_insert import UnsealableSelect, plan_batch_insert
+from proxy.sql import associated as assoc
+from proxy.sql.bound_outputs import associate_outputs
 from proxy.sql.literals import LiteralSlot, find_literal_span
 from proxy.sql.outputs import Trace, passes_through, trace_select
 from proxy.sql.prepared import SqlDeallocate, SqlExecute, SqlPrepare
@@ -69,6 +71,12 @@ class StatementPlan:
     # Parameters that are arrays whose elements are each sealed (= ANY($1)).
     arrays: frozenset[int] = frozenset()
     search_path: SearchPathChange | None = None
+    # Per parameter sealed for a column with associated columns, where the
+    # statement gives those columns' values in the same row.
+    bindings: dict[int, assoc.Sources] = field(default_factory=dict)
+    # Per output column of a bound column, the output columns that contain
+    # its associated values from the same row.
+    associations: dict[int, tuple[int, ...]] = field(default_factory=dict)
 
     @property
     def is_empty(self) -> bool:
@@ -93,6 +101,8 @@ class CopyPlan:
     direction: str
     options: CopyOptions
     fields: dict[int, Trace]
+    # Per field of a bound column, the fields that contain its associated values.
+    associated: dict[int, tuple[int, ...]] = field(default_factory=dict)
 
 
 class Analyzer:
@@ -177,6 +187,8 @@ class _Walker:
         self._sql_executes: list[SqlExecute] = []
         self._copies: list[CopyPlan] = []
         self._arrays: set[int] = set()
+        self._bindings: dict[int, assoc.Sources] = {}
+        self._associations: list[dict[int, tuple[int, ...]]] = []
 
     def result(self) -> StatementPlan:
         outputs = self._outputs[0] if len(self._outputs) == 1 else None
@@ -191,11 +203,16 @@ class _Walker:
             self._copies[0] if len(self._copies) == 1 else None,
             frozenset(self._arrays),
             self._search_path_change,
+            dict(self._bindings),
+            self._associations[0] if outputs is not None and self._associations else {},
         )
+        assoc.check_bindings(self._bindings, self._params)
+        assoc.check_single_bound_result(self._associations, self._outputs)
         return EMPTY_PLAN if plan.is_empty else plan
 
     def statement(self, stmt: Node) -> None:
         self._outputs.append(None)
+        self._associations.append({})
         kind, body = _only(stmt)
         if kind == "ExecuteStmt":
             self._sql_executes.append(SqlExecute(body["name"], tuple(body.get("params", []))))
@@ -233,17 +250,31 @@ class _Walker:
         for select in _selects(stmt):
             self._check_positions(select)
         self._outputs[-1] = self._trace_outputs(stmt)
+        self._associations[-1] = self._associate_outputs(stmt)
 
     # Outputs
 
     def _trace_outputs(self, stmt: Node) -> tuple[Trace, ...] | None:
+        select = self._output_select(stmt)
+        return self._trace_select(select) if select is not None else None
+
+    def _output_select(self, stmt: Node) -> Node | None:
+        """Return the SELECT whose output list a statement returns, if any."""
         kind, body = _only(stmt)
         if kind == "SelectStmt":
-            return trace_select(body, self._resolve, self._expand_star, self._seal_literal)
+            return body
         returning = body.get("returningClause", {}).get("exprs") or body.get("returningList")
         if not returning:
             return None
-        select = {"targetList": returning, "fromClause": [{"RangeVar": body["relation"]}]}
+        return {"targetList": returning, "fromClause": [{"RangeVar": body["relation"]}]}
+
+    def _associate_outputs(self, stmt: Node) -> dict[int, tuple[int, ...]]:
+        select = self._output_select(stmt)
+        if select is None:
+            return {}
+        return associate_outputs(select, self._trace_select, self._table_of)
+
+    def _trace_select(self, select: Node) -> tuple[Trace, ...] | None:
         return trace_select(select, self._resolve, self._expand_star, self._seal_literal)
 
     def _expand_star(self, ref: Node, select: Node) -> list[Trace] | None:
@@ -271,6 +302,17 @@ class _Walker:
         # EXECUTE stores the same ciphertext in a randomized column.
         inner = _Walker(self._catalog, self._sql, self._search_path)
         inner.statement(body["query"])
+        if inner._bindings:
+            # TODO: carry the bindings to EXECUTE, whose arguments give the
+            # associated values, as SqlPrepare carries the sealed parameters.
+            number, sources = next(iter(inner._bindings.items()))
+            raise reject(
+                inner._params[number],
+                "SQL-level PREPARE of a statement that seals it with associated "
+                f"column {sources[0].column.name} is not supported yet",
+                "Use the protocol's prepared statements (a driver's parameters), "
+                "or literals.",
+            )
         self._literals.extend(inner._literals)
         self._sql_prepared.append(SqlPrepare(body["name"], dict(inner._params)))
 
@@ -289,7 +331,8 @@ class _Walker:
                 )
             return
         options = CopyOptions.from_options(_copy_options(body.get("options", [])))
-        self._copies.append(CopyPlan(direction, options, fields))
+        associated = self._copy_associated(body, fields)
+        self._copies.append(CopyPlan(direction, options, fields, associated))
 
     def _copy_fields(self, body: Node) -> dict[int, Trace]:
         if "query" in body:
@@ -304,11 +347,29 @@ class _Walker:
         table = self._table_of(body["relation"])
         if table is None:
             return {}
-        names = [item["String"]["sval"] for item in body.get("attlist", [])]
-        names = names or list(table.columns)
+        names = self._copy_names(body, table)
         return {
             i: (table.encrypted[name],) for i, name in enumerate(names) if name in table.encrypted
         }
+
+    @staticmethod
+    def _copy_names(body: Node, table: RuledTable) -> list[str]:
+        names = [item["String"]["sval"] for item in body.get("attlist", [])]
+        return names or list(table.columns)
+
+    def _copy_associated(
+        self, body: Node, fields: dict[int, Trace]
+    ) -> dict[int, tuple[int, ...]]:
+        """Map each field of a bound column to the fields of its associated values."""
+        if "query" in body:
+            kind, select = _only(body["query"])
+            if kind != "SelectStmt":
+                return {}
+            return associate_outputs(select, self._trace_select, self._table_of)
+        table = self._table_of(body["relation"])
+        if table is None:
+            return {}
+        return assoc.copy_associated(fields, self._copy_names(body, table))
 
     # Writes
 
@@ -316,6 +377,7 @@ class _Walker:
         table = self._table_of(body["relation"])
         if table is None:
             return
+        assoc.check_view_write(table)
         if "cols" in body:
             columns = [_only(col)[1]["name"] for col in body["cols"]]
         else:
@@ -323,13 +385,28 @@ class _Walker:
         select = body.get("selectStmt", {}).get("SelectStmt", {})
         targets = [table.encrypted.get(name) for name in columns]
         if any(targets) and "valuesLists" not in select:
+            bound = next((t for t in targets if t is not None and t.associated), None)
+            if bound is not None:
+                raise reject(
+                    bound,
+                    "INSERT ... SELECT cannot give the proxy the row's associated "
+                    "values",
+                    "Insert the values with VALUES so that the proxy can seal them.",
+                )
             self._insert_select(select, targets, handled)
-        for row in select.get("valuesLists", []):
-            for value, column in zip(_only(row)[1]["items"], targets):
+        rows = [_only(row)[1]["items"] for row in select.get("valuesLists", [])]
+        for items in rows:
+            values = dict(zip(columns, items))
+            for value, column in zip(items, targets):
                 if column is not None:
-                    self._value(value, column, table, handled)
+                    sources = assoc.row_sources(column, values, "the INSERT")
+                    self._value(value, column, table, handled, sources)
         conflict = body.get("onConflictClause", {})
-        self._assignments(conflict.get("targetList", []), table, handled)
+        if conflict.get("targetList"):
+            inserted = dict(zip(columns, rows[0])) if len(rows) == 1 else None
+            update = assoc.ConflictUpdate(conflict, inserted)
+            self._assignments(conflict["targetList"], table, handled, update.sources)
+            update.check(table)
 
     def _insert_select(
         self, select: Node, targets: list[EncryptedColumn | None], handled: set[int]
@@ -357,22 +434,49 @@ class _Walker:
 
     def _update(self, body: Node, handled: set[int]) -> None:
         table = self._table_of(body["relation"])
-        if table is not None:
-            self._assignments(body.get("targetList", []), table, handled)
+        if table is None:
+            return
+        assoc.check_view_write(table)
+        targets = body.get("targetList", [])
+        updates = assoc.set_values(targets)
+        relation = body["relation"]
+        names = (relation.get("alias", {}).get("aliasname") or relation["relname"],)
+        pins = assoc.where_pins(body.get("whereClause"), names)
+
+        def sources_of(column: EncryptedColumn) -> assoc.Sources | str:
+            values = {**pins, **updates}
+            return assoc.row_sources(column, values, "the UPDATE")
+
+        self._assignments(targets, table, handled, sources_of)
+        assoc.check_update(table, updates)
 
     def _assignments(
-        self, targets: list[Node], table: RuledTable, handled: set[int]
+        self,
+        targets: list[Node],
+        table: RuledTable,
+        handled: set[int],
+        sources_of: Callable[[EncryptedColumn], assoc.Sources | str],
     ) -> None:
         for item in targets:
             target = _only(item)[1]
             column = table.encrypted.get(target.get("name", ""))
             if column is not None:
-                self._value(target["val"], column, table, handled)
+                sources = sources_of(column) if column.associated else ()
+                self._value(target["val"], column, table, handled, sources)
 
     def _value(
-        self, node: Node, column: EncryptedColumn, table: RuledTable, handled: set[int]
+        self,
+        node: Node,
+        column: EncryptedColumn,
+        table: RuledTable,
+        handled: set[int],
+        sources: assoc.Sources | str = (),
     ) -> None:
-        """Accept a value bound for an encrypted column, or reject it."""
+        """Accept a value bound for an encrypted column, or reject it.
+
+        `sources` gives the associated values of the row, or the reason
+        they are unknown. It matters only when the value is sealed.
+        """
         kind, body = _only(node)
         if kind == "TypeCast" and _cast_name(body) in _TEXT_CASTS:
             if body.get("typeName", {}).get("typmods"):
@@ -384,11 +488,17 @@ class _Walker:
                     "parameter without a cast.",
                 )
             kind, body = _only(body["arg"])
+        sealed = kind == "ParamRef" or (kind == "A_Const" and not body.get("isnull"))
+        if sealed and isinstance(sources, str):
+            raise reject(column, sources, assoc.BOUND_HINT)
         if kind == "ParamRef":
+            assert not isinstance(sources, str)
             self._param(body["number"], column)
+            self._bind_sources(body["number"], column, sources)
         elif kind == "A_Const":
             if not body.get("isnull"):
-                self._literals.append(find_literal_span(self._sql, body, column))
+                assert not isinstance(sources, str)
+                self._literal(body, column, sources)
         elif kind == "SetToDefault":
             return
         elif kind == "ColumnRef" and self._is_same_column(body, column, table):
@@ -400,6 +510,32 @@ class _Walker:
                 "Send the value as a parameter or a literal so that the proxy "
                 "can seal it.",
             )
+
+    def _bind_sources(
+        self, number: int, column: EncryptedColumn, sources: assoc.Sources
+    ) -> None:
+        if not column.associated:
+            return
+        known = self._bindings.get(number)
+        if known is not None and known != sources:
+            raise reject(
+                column,
+                f"parameter ${number} is sealed for rows with different associated "
+                "values",
+                "Pass each row's value as its own parameter.",
+            )
+        self._bindings[number] = sources
+
+    def _literal(self, const: Node, column: EncryptedColumn, sources: assoc.Sources) -> None:
+        if any(source.param is not None for source in sources):
+            raise reject(
+                column,
+                "a literal for it is sealed when the statement is parsed, but its "
+                "associated column's value is a parameter that arrives later",
+                "Send both values as parameters, or both as literals.",
+            )
+        slot = find_literal_span(self._sql, const, column)
+        self._literals.append(replace(slot, associated=sources))
 
     def _param(self, number: int, column: EncryptedColumn) -> None:
         known = self._params.get(number)

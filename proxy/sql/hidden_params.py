@@ -79,8 +79,15 @@ def hide_randomized_literals(
     for its column, or when the text does not parse with a parameter in
     its place, as in the typed literal `text 'value'`.
     """
+    # TODO: a literal bound to associated columns is still sealed once at
+    # Parse, because its associated values are sealed in with it there.
     hidden = sorted(
-        (slot for slot in literals if _randomized(slot.column)), key=lambda s: s.start
+        (
+            slot
+            for slot in literals
+            if _randomized(slot.column) and not slot.associated
+        ),
+        key=lambda s: s.start,
     )
     if not hidden:
         return None

@@ -17,6 +17,7 @@ from proxy.errors import StatementRejected
 
 if TYPE_CHECKING:
     from proxy.catalog import EncryptedColumn
+    from proxy.sql.associated import AssociatedValue
 
 _NUMBER_TOKENS = {"ICONST", "FCONST"}
 
@@ -31,6 +32,9 @@ class LiteralSlot:
     column: EncryptedColumn
     # True for an array literal whose elements are each sealed.
     array: bool = False
+    # Where the statement gives the row's associated values, for a column
+    # with associated columns; every one is a literal or NULL.
+    associated: tuple[AssociatedValue, ...] = ()
 
 
 def find_literal_span(

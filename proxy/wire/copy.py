@@ -8,13 +8,14 @@ rows. Fields that need no change are copied as their original bytes.
 from __future__ import annotations
 
 import struct
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 from proxy.errors import ProtocolError
 
-# Transforms one field value (None for NULL) in the given wire format.
-FieldTransform = Callable[[int, bytes, int], bytes | None]
+# Transforms one field value (None for NULL) in the given wire format. The
+# mapping contains the row's context fields, decoded, with None for NULL.
+FieldTransform = Callable[[int, bytes, int, Mapping[int, bytes | None]], bytes | None]
 
 BINARY_SIGNATURE = b"PGCOPY\n\xff\r\n\x00"
 _INT16 = struct.Struct("!h")
@@ -58,11 +59,17 @@ class CopyStream:
     """Rewrite the chosen fields of a COPY stream, row by row."""
 
     def __init__(
-        self, options: CopyOptions, fields: set[int], transform: FieldTransform
+        self,
+        options: CopyOptions,
+        fields: set[int],
+        transform: FieldTransform,
+        context: frozenset[int] = frozenset(),
     ) -> None:
+        """`context` names the fields whose values the transform reads as well."""
         self._options = options
         self._fields = fields
         self._transform = transform
+        self._context = context
         self._buffer = b""
         self._skip_header = options.header and options.format != "binary"
         self._binary_header_done = False
@@ -120,22 +127,34 @@ class CopyStream:
 
     def _text_row(self, body: bytes) -> bytes:
         fields = body.split(self._options.delimiter)
+        row = {
+            i: None if fields[i] == self._options.null else _unescape_text(fields[i])
+            for i in self._context
+            if i < len(fields)
+        }
         for index in self._fields:
             if index >= len(fields) or fields[index] == self._options.null:
                 continue
-            value = self._transform(index, _unescape_text(fields[index]), 0)
+            value = self._transform(index, _unescape_text(fields[index]), 0, row)
             fields[index] = self._options.null if value is None else _escape_text(value)
         return self._options.delimiter.join(fields)
 
     def _csv_row(self, body: bytes) -> bytes:
         raw_fields = _split_csv(body, self._options)
+        row = {
+            i: None
+            if raw_fields[i] == self._options.null
+            else _unquote_csv(raw_fields[i], self._options)
+            for i in self._context
+            if i < len(raw_fields)
+        }
         for index in self._fields:
             if index >= len(raw_fields):
                 continue
             raw = raw_fields[index]
             if raw == self._options.null:
                 continue
-            value = self._transform(index, _unquote_csv(raw, self._options), 0)
+            value = self._transform(index, _unquote_csv(raw, self._options), 0, row)
             raw_fields[index] = (
                 self._options.null if value is None else _quote_csv(value, self._options)
             )
@@ -186,11 +205,12 @@ class CopyStream:
         return cursor, self._binary_tuple(values)
 
     def _binary_tuple(self, values: list[bytes | None]) -> bytes:
+        row = {i: values[i] for i in self._context if i < len(values)}
         for index in self._fields:
             if index < len(values) and values[index] is not None:
                 value = values[index]
                 assert value is not None
-                values[index] = self._transform(index, value, 1)
+                values[index] = self._transform(index, value, 1, row)
         parts = [_INT16.pack(len(values))]
         for value in values:
             if value is None:

@@ -9,6 +9,7 @@ STDOUT starts at the server's CopyOutResponse.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from proxy.errors import PgsealError
@@ -55,17 +56,30 @@ class CopyRelay:
     def _start(self, copy: CopyPlan) -> None:
         planner = self._planner
         fields = copy.fields
+        associated = copy.associated
 
-        def seal(index: int, value: bytes, fmt: int) -> bytes | None:
-            return planner.seal_param(fields[index][0], value, fmt)  # type: ignore[no-any-return]
+        def seal(
+            index: int, value: bytes, fmt: int, row: Mapping[int, bytes | None]
+        ) -> bytes | None:
+            column = fields[index][0]
+            bound = tuple(
+                other.canonical(row.get(i), fmt)
+                for other, i in zip(column.associated, associated.get(index, ()))
+            )
+            return planner.seal_param(column, value, fmt, associated=bound)  # type: ignore[no-any-return]
 
-        def open_(index: int, value: bytes, fmt: int) -> bytes | None:
-            return planner.open_value(fields[index], value, fmt)  # type: ignore[no-any-return]
+        def open_(
+            index: int, value: bytes, fmt: int, row: Mapping[int, bytes | None]
+        ) -> bytes | None:
+            indexes = associated.get(index)
+            bound = None if indexes is None else tuple((row.get(i), fmt) for i in indexes)
+            return planner.open_value(fields[index], value, fmt, bound)  # type: ignore[no-any-return]
 
         self._failed = False
         self._direction = copy.direction
         transform = seal if copy.direction == "in" else open_
-        self._stream = CopyStream(copy.options, set(fields), transform)
+        context = frozenset(i for indexes in associated.values() for i in indexes)
+        self._stream = CopyStream(copy.options, set(fields), transform, context)
 
     def client_data(self, frame: Frame) -> list[bytes]:
         """Return what to send the server for a client's CopyData."""

@@ -19,6 +19,7 @@ from typing import Any, Protocol, TypeVar
 
 from proxy.catalog import TEXT_OID
 from proxy.errors import (
+    AssociatedValuesMissing,
     DecryptionError,
     KeyringError,
     KeyUnavailableError,
@@ -36,7 +37,7 @@ from proxy.wire.frames import Frame
 
 log = logging.getLogger(__name__)
 
-RowPlan = tuple[tuple[int, Any, int], ...]
+RowPlan = tuple[tuple[int, Any, int, Any], ...]
 
 _T = TypeVar("_T")
 
@@ -88,7 +89,12 @@ class Planner(Protocol):
     def seal_literals(self, sql: str, plan: StatementPlan) -> str: ...
 
     def seal_param(
-        self, column: Any, value: bytes, fmt: int, declared_oid: int = 0
+        self,
+        column: Any,
+        value: bytes,
+        fmt: int,
+        declared_oid: int = 0,
+        associated: tuple[bytes | None, ...] = (),
     ) -> bytes: ...
 
     def seal_array_param(
@@ -96,10 +102,16 @@ class Planner(Protocol):
     ) -> bytes: ...
 
     def row_plan(
-        self, fields: tuple[m.Field, ...], outputs: tuple[Any, ...] | None = None
+        self,
+        fields: tuple[m.Field, ...],
+        outputs: tuple[Any, ...] | None = None,
+        formats: tuple[int, ...] = (),
+        associations: dict[int, tuple[int, ...]] | None = None,
     ) -> RowPlan | None: ...
 
-    def open_value(self, column: Any, value: bytes, fmt: int) -> bytes | None: ...
+    def open_value(
+        self, column: Any, value: bytes, fmt: int, associated: Any = ()
+    ) -> bytes | None: ...
 
 
 @dataclass(slots=True)
@@ -112,6 +124,8 @@ class Statement:
     # Randomized literals sent to the server as parameters after the
     # client's own, and sealed at each Bind.
     hidden: HiddenParams | None = None
+    # Parameter types as the client declared them in Parse.
+    param_types: tuple[int, ...] = ()
 
 
 @dataclass(slots=True)
@@ -250,7 +264,7 @@ class Session:
         except StatementRejected as exc:
             self._reject(pending, exc, out, m.Parse(msg.statement, _REJECTED_QUERY, ()))
             return
-        statement = Statement(plan, hidden=hidden)
+        statement = Statement(plan, hidden=hidden, param_types=msg.param_types)
         types = self._storage_types(msg.param_types, plan, statement.declared)
         if hidden is not None:
             types = hidden.param_types(types)
@@ -348,7 +362,7 @@ class Session:
             portal.result_formats = msg.result_formats
             if statement.fields is not None:
                 portal.row_plan = self._row_plan(
-                    statement.fields, msg.result_formats, statement.plan.outputs
+                    statement.fields, msg.result_formats, statement.plan
                 )
                 portal.described = True
             if statement.plan.params or statement.hidden is not None:
@@ -372,13 +386,18 @@ class Session:
                 continue
             value = params[index]
             assert value is not None
-            seal = self._planner.seal_param
-            if number in plan.arrays:
-                seal = self._planner.seal_array_param
+            fmt = msg.param_format(index)
+            declared = statement.declared.get(number, 0)
             try:
-                params[index] = seal(
-                    column, value, msg.param_format(index), statement.declared.get(number, 0)
-                )
+                if number in plan.arrays:
+                    params[index] = self._planner.seal_array_param(
+                        column, value, fmt, declared
+                    )
+                else:
+                    associated = self._associated_params(msg, statement, number)
+                    params[index] = self._planner.seal_param(
+                        column, value, fmt, declared, associated
+                    )
             except KeyUnavailableError as exc:
                 raise StatementRejected(
                     KEY_UNAVAILABLE,
@@ -415,13 +434,15 @@ class Session:
         """Seal each hidden literal afresh, in text format."""
         assert self._planner is not None
         values: list[bytes | None] = []
+        planner = self._planner
         for slot in hidden.slots:
-            seal = self._planner.seal_param
-            if slot.array:
-                seal = self._planner.seal_array_param
             literal = slot.value.encode("utf-8")
             try:
-                values.append(seal(slot.column, literal, m.TEXT_FORMAT))
+                if slot.array:
+                    sealed = planner.seal_array_param(slot.column, literal, m.TEXT_FORMAT)
+                else:
+                    sealed = planner.seal_param(slot.column, literal, m.TEXT_FORMAT)
+                values.append(sealed)
             except KeyUnavailableError as exc:
                 raise StatementRejected(
                     KEY_UNAVAILABLE,
@@ -441,6 +462,38 @@ class Session:
                     f"valid {slot.column.logical.name} input",
                 ) from exc
         return values
+
+    @staticmethod
+    def _associated_params(
+        msg: m.Bind, statement: Statement, number: int
+    ) -> tuple[bytes | None, ...]:
+        """Return the canonical associated values that sealing parameter `number` binds.
+
+        Raises StatementRejected when one of them is not valid input for its
+        column, which the server would reject too.
+        """
+        values = []
+        for source in statement.plan.bindings.get(number, ()):
+            if source.param is None:
+                literal = source.literal
+                raw = None if literal is None else literal.encode("utf-8")
+                fmt, declared = m.TEXT_FORMAT, 0
+            else:
+                index = source.param - 1
+                raw = msg.params[index] if index < len(msg.params) else None
+                fmt = msg.param_format(index)
+                types = statement.param_types
+                declared = types[index] if index < len(types) else 0
+            try:
+                values.append(source.column.canonical(raw, fmt, declared))
+            except (ValueError, UnicodeError, struct.error) as exc:
+                where = f"parameter ${source.param}" if source.param else "a literal"
+                raise StatementRejected(
+                    "22P02",
+                    f"{where} for column {source.column.name} is not valid "
+                    f"{source.column.type.name} input",
+                ) from exc
+        return tuple(values)
 
     def _define_portal(self, name: str, portal: Portal) -> Callable[[], None]:
         return _replace(self._portals, name, portal)
@@ -561,8 +614,7 @@ class Session:
         front = self._front()
         fields = m.decode_row_description(frame.payload)
         if front is None or front.kind == "query":
-            outputs = front.plan.outputs if front and front.plan else None
-            self._query_plan = self._row_plan(fields, (), outputs)
+            self._query_plan = self._row_plan(fields, (), front.plan if front else None)
             out.to_client.append(_with_logical_types(frame, fields, self._query_plan))
             return
         if not front.kind.startswith("describe"):
@@ -626,14 +678,14 @@ class Session:
             if statement is None:
                 return None
             statement.fields = fields
-            return self._row_plan(fields, (), statement.plan.outputs)
+            return self._row_plan(fields, (), statement.plan)
         portal = front.portal
         if portal is None:
             return None
         # A portal's RowDescription already carries its result formats.
-        outputs = portal.statement.plan.outputs if portal.statement else None
+        plan = portal.statement.plan if portal.statement else None
         formats = tuple(f.format for f in fields)
-        portal.row_plan = self._row_plan(fields, formats, outputs)
+        portal.row_plan = self._row_plan(fields, formats, plan)
         portal.described = True
         return portal.row_plan
 
@@ -641,14 +693,13 @@ class Session:
         self,
         fields: tuple[m.Field, ...],
         formats: tuple[int, ...],
-        outputs: tuple[Any, ...] | None,
+        statement: StatementPlan | None,
     ) -> RowPlan | None:
         assert self._planner is not None
-        plan = self._planner.row_plan(fields, outputs)
-        if plan is None or not formats:
-            return plan
-        return tuple(
-            (index, column, m.format_code(formats, index)) for index, column, _ in plan
+        if statement is None:
+            return self._planner.row_plan(fields, None, formats)
+        return self._planner.row_plan(
+            fields, statement.outputs, formats, statement.associations
         )
 
     def _data_row(self, frame: Frame, out: Output) -> None:
@@ -672,7 +723,7 @@ class Session:
     def _open_row(self, frame: Frame, plan: RowPlan) -> bytes:
         assert self._planner is not None
         values = m.decode_data_row(frame.payload)
-        for index, column, fmt in plan:
+        for index, column, fmt, associated_fields in plan:
             if index >= len(values):
                 raise ProtocolError(
                     f"DataRow has {len(values)} columns but its RowDescription "
@@ -681,8 +732,17 @@ class Session:
             value = values[index]
             if value is None:
                 continue
+            # () for a column without associated columns, None when the row
+            # lacks them. Associated columns are plain, so values[i] is the
+            # server's value.
+            associated = associated_fields
+            if associated_fields:
+                associated = tuple(
+                    (values[i] if i < len(values) else None, f)
+                    for i, f in associated_fields
+                )
             try:
-                values[index] = self._planner.open_value(column, value, fmt)
+                values[index] = self._planner.open_value(column, value, fmt, associated)
             except KeyUnavailableError as exc:
                 raise KeyUnavailableError(
                     f"{exc}, so a value of column {column[0].identity} cannot be opened"
@@ -697,14 +757,15 @@ class Session:
         # on_decrypt_error to null or ciphertext never get here.
         log.warning("[%s] closing connection: a result value failed to open (%s)",
                     self._conn_id, type(exc).__name__)
-        out.to_client.append(
-            m.encode_error(
-                "XX001",
-                "an encrypted value in the result could not be opened",
-                "Check that the proxy has the keyring that sealed this value.",
-                severity="FATAL",
+        message = "an encrypted value in the result could not be opened"
+        hint = "Check that the proxy has the keyring that sealed this value."
+        if isinstance(exc, AssociatedValuesMissing):
+            message = f"a value of encrypted column {exc.column} could not be opened: {exc}"
+            hint = (
+                "Select its associated columns beside it from the table itself, "
+                "not through a subquery or a WITH query."
             )
-        )
+        out.to_client.append(m.encode_error("XX001", message, hint, severity="FATAL"))
         out.close = True
 
     def _fail_result(self, exc: KeyUnavailableError, out: Output) -> None:
@@ -942,7 +1003,7 @@ def _with_logical_types(
         return frame.raw
     retyped = list(fields)
     changed = False
-    for index, columns, _ in plan:
+    for index, columns, _, _ in plan:
         logical = columns[0].logical
         if columns[0].retyped and fields[index].type_oid != logical.oid:
             retyped[index] = replace(

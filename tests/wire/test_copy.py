@@ -12,7 +12,7 @@ from proxy.errors import ProtocolError
 from proxy.wire.copy import BINARY_SIGNATURE, CopyOptions, CopyStream
 
 
-def _mark(index: int, value: bytes, fmt: int) -> bytes | None:
+def _mark(index: int, value: bytes, fmt: int, row: object = None) -> bytes | None:
     return b"<" + value + b">"
 
 

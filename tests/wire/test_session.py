@@ -89,7 +89,12 @@ class FakePlanner:
         return sql.replace("'x'", "'sealed:x'")
 
     def seal_param(
-        self, column: Any, value: bytes, fmt: int, declared_oid: int = 0
+        self,
+        column: Any,
+        value: bytes,
+        fmt: int,
+        declared_oid: int = 0,
+        associated: tuple[bytes | None, ...] = (),
     ) -> bytes:
         if value == b"nokey":
             raise KeyringError(f"no data key is loaded for column {column.identity}")
@@ -101,16 +106,20 @@ class FakePlanner:
         raise AssertionError("no test binds an array")
 
     def row_plan(
-        self, fields: tuple[m.Field, ...], outputs: tuple[Any, ...] | None = None
-    ) -> tuple[tuple[int, object, int], ...] | None:
+        self,
+        fields: tuple[m.Field, ...],
+        outputs: tuple[Any, ...] | None = None,
+        formats: tuple[int, ...] = (),
+        associations: dict[int, tuple[int, ...]] | None = None,
+    ) -> tuple[tuple[int, object, int, object], ...] | None:
         plan = [
-            (index, (COLUMN,), field.format)
+            (index, (COLUMN,), m.format_code(formats, index) if formats else field.format, ())
             for index, field in enumerate(fields)
             if field.table_oid == SEALED_TABLE
         ]
         return tuple(plan) or None
 
-    def open_value(self, column: Any, value: bytes, fmt: int) -> bytes:
+    def open_value(self, column: Any, value: bytes, fmt: int, associated: Any = ()) -> bytes:
         if not value.startswith(PREFIX):
             raise DecryptionError()
         return value[len(PREFIX) :]
