@@ -41,17 +41,24 @@ FLUSH = build(b"H", b"")
 class UnloadedKeyPlanner(FakePlanner):
     """Treats UNLOADED as a value whose data key is not loaded, and b"nokey" too."""
 
-    def open_value(self, column: Any, value: bytes, fmt: int) -> bytes:
+    def open_value(
+        self, column: Any, value: bytes, fmt: int, associated: Any = ()
+    ) -> bytes:
         if value == UNLOADED:
             raise KeyUnavailableError("data key 7 version 2 is not loaded")
-        return super().open_value(column, value, fmt)
+        return super().open_value(column, value, fmt, associated)
 
     def seal_param(
-        self, column: Any, value: bytes, fmt: int, declared_oid: int = 0
+        self,
+        column: Any,
+        value: bytes,
+        fmt: int,
+        declared_oid: int = 0,
+        associated: tuple[bytes | None, ...] = (),
     ) -> bytes:
         if value == b"nokey":
             raise KeyUnavailableError(f"no data key is loaded for column {column.identity}")
-        return super().seal_param(column, value, fmt, declared_oid)
+        return super().seal_param(column, value, fmt, declared_oid, associated)
 
 
 @pytest.fixture
