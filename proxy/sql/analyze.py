@@ -23,6 +23,12 @@ from proxy.rules import Encryption
 from proxy.sql.literals import LiteralSlot, find_literal_span
 from proxy.sql.outputs import Trace, passes_through, trace_select
 from proxy.sql.prepared import SqlDeallocate, SqlExecute, SqlPrepare
+from proxy.sql.subjects import (
+    SubjectSource,
+    missing_subject,
+    value_subject,
+    where_subject,
+)
 from proxy.wire.copy import CopyOptions
 
 Node = dict[str, Any]
@@ -68,6 +74,9 @@ class StatementPlan:
     # Parameters that are arrays whose elements are each sealed (= ANY($1)).
     arrays: frozenset[int] = frozenset()
     search_path: SearchPathChange | None = None
+    # For parameters bound for columns keyed per subject: where each row's
+    # subject value is.
+    subjects: dict[int, SubjectSource] = field(default_factory=dict)
 
     @property
     def is_empty(self) -> bool:
@@ -92,6 +101,9 @@ class CopyPlan:
     direction: str
     options: CopyOptions
     fields: dict[int, Trace]
+    # COPY FROM into columns keyed per subject: field index to the index
+    # of the field that contains the row's subject value.
+    subjects: dict[int, int] = field(default_factory=dict)
 
 
 class Analyzer:
@@ -176,6 +188,7 @@ class _Walker:
         self._sql_executes: list[SqlExecute] = []
         self._copies: list[CopyPlan] = []
         self._arrays: set[int] = set()
+        self._subjects: dict[int, SubjectSource] = {}
 
     def result(self) -> StatementPlan:
         outputs = self._outputs[0] if len(self._outputs) == 1 else None
@@ -190,6 +203,7 @@ class _Walker:
             self._copies[0] if len(self._copies) == 1 else None,
             frozenset(self._arrays),
             self._search_path_change,
+            dict(self._subjects),
         )
         return EMPTY_PLAN if plan.is_empty else plan
 
@@ -268,6 +282,15 @@ class _Walker:
     def _prepare(self, body: Node) -> None:
         inner = _Walker(self._catalog, self._sql, self._search_path)
         inner.statement(body["query"])
+        keyed = [slot.column for slot in inner._literals if slot.subject is not None]
+        keyed += [inner._params[number] for number in inner._subjects]
+        if keyed:
+            raise reject(
+                keyed[0],
+                "PREPARE of a statement that writes a column keyed per subject is "
+                "not supported",
+                "Use the extended protocol (Parse and Bind), as drivers do.",
+            )
         self._literals.extend(inner._literals)
         self._sql_prepared.append(SqlPrepare(body["name"], dict(inner._params)))
 
@@ -286,7 +309,24 @@ class _Walker:
                 )
             return
         options = CopyOptions.from_options(_copy_options(body.get("options", [])))
-        self._copies.append(CopyPlan(direction, options, fields))
+        subjects = self._copy_subjects(body, fields) if direction == "in" else {}
+        self._copies.append(CopyPlan(direction, options, fields, subjects))
+
+    def _copy_subjects(self, body: Node, fields: dict[int, Trace]) -> dict[int, int]:
+        """Map each COPY FROM field keyed per subject to its subject's field."""
+        table = self._table_of(body["relation"])
+        assert table is not None
+        names = [item["String"]["sval"] for item in body.get("attlist", [])]
+        names = names or list(table.columns)
+        subjects = {}
+        for index, trace in fields.items():
+            column = trace[0]
+            if column.subject_column is None:
+                continue
+            if column.subject_column not in names:
+                raise missing_subject(column, f"COPY into {table.qualified_name}")
+            subjects[index] = names.index(column.subject_column)
+        return subjects
 
     def _copy_fields(self, body: Node) -> dict[int, Trace]:
         if "query" in body:
@@ -329,38 +369,87 @@ class _Walker:
                 "Insert the values with VALUES so that the proxy can seal them.",
             )
         for row in select.get("valuesLists", []):
-            for value, column in zip(_only(row)[1]["items"], targets):
-                if column is not None:
-                    self._value(value, column, table, handled)
+            items = _only(row)[1]["items"]
+            by_name = dict(zip(columns, items))
+            for value, column in zip(items, targets):
+                if column is None:
+                    continue
+                subject = None
+                if column.subject_column is not None and _sealed_here(value):
+                    place = f"the INSERT into {table.qualified_name}"
+                    subject = value_subject(by_name.get(column.subject_column), column, place)
+                self._value(value, column, table, handled, subject)
         conflict = body.get("onConflictClause", {})
         self._assignments(conflict.get("targetList", []), table, handled)
+
+
 
     def _update(self, body: Node, handled: set[int]) -> None:
         table = self._table_of(body["relation"])
         if table is not None:
-            self._assignments(body.get("targetList", []), table, handled)
+            relation = body["relation"]
+            qualifiers = {relation["relname"], relation.get("alias", {}).get("aliasname")}
+            where = (body.get("whereClause"), {q for q in qualifiers if q})
+            self._assignments(body.get("targetList", []), table, handled, where)
 
     def _assignments(
-        self, targets: list[Node], table: RuledTable, handled: set[int]
+        self,
+        targets: list[Node],
+        table: RuledTable,
+        handled: set[int],
+        where: tuple[Node | None, set[str]] | None = None,
     ) -> None:
+        """Check the SET list of an UPDATE or of ON CONFLICT DO UPDATE.
+
+        `where` is an UPDATE's WHERE clause with the names that qualify the
+        table's columns in it; it may pin the subject of the changed rows.
+        """
+        values = {_only(item)[1].get("name", ""): _only(item)[1].get("val") for item in targets}
         for item in targets:
             target = _only(item)[1]
             column = table.encrypted.get(target.get("name", ""))
-            if column is not None:
-                self._value(target["val"], column, table, handled)
+            if column is None:
+                continue
+            subject = None
+            if column.subject_column is not None and _sealed_here(target["val"]):
+                subject = self._set_subject(column, values, table, where)
+            self._value(target["val"], column, table, handled, subject)
+
+    def _set_subject(
+        self,
+        column: EncryptedColumn,
+        values: dict[str, Node | None],
+        table: RuledTable,
+        where: tuple[Node | None, set[str]] | None,
+    ) -> SubjectSource:
+        assert column.subject_column is not None
+        place = f"the UPDATE of {table.qualified_name}"
+        node = values.get(column.subject_column)
+        if node is not None:
+            return value_subject(node, column, place)
+        pinned = where_subject(where[0], column, where[1]) if where else None
+        if pinned is None:
+            raise missing_subject(column, place)
+        return pinned
 
     def _value(
-        self, node: Node, column: EncryptedColumn, table: RuledTable, handled: set[int]
+        self,
+        node: Node,
+        column: EncryptedColumn,
+        table: RuledTable,
+        handled: set[int],
+        subject: SubjectSource | None = None,
     ) -> None:
         """Accept a value bound for an encrypted column, or reject it."""
         kind, body = _only(node)
         if kind == "TypeCast" and _cast_name(body) in _TEXT_CASTS:
             kind, body = _only(body["arg"])
         if kind == "ParamRef":
-            self._param(body["number"], column)
+            self._param(body["number"], column, subject)
         elif kind == "A_Const":
             if not body.get("isnull"):
-                self._literals.append(find_literal_span(self._sql, body, column))
+                slot = find_literal_span(self._sql, body, column)
+                self._literals.append(replace(slot, subject=subject))
         elif kind == "SetToDefault":
             return
         elif kind == "ColumnRef" and self._is_same_column(body, column, table):
@@ -373,11 +462,22 @@ class _Walker:
                 "can seal it.",
             )
 
-    def _param(self, number: int, column: EncryptedColumn) -> None:
+    def _param(
+        self, number: int, column: EncryptedColumn, subject: SubjectSource | None = None
+    ) -> None:
         known = self._params.get(number)
         if known is not None and known.key_name != column.key_name:
             raise reject(column, f"parameter ${number} is also bound for {known.identity}")
+        if known is not None and self._subjects.get(number) != subject:
+            raise reject(
+                column,
+                f"parameter ${number} is stored in rows of different subjects, "
+                "and one sealed value can carry only one subject's key",
+                "Send one parameter per row.",
+            )
         self._params[number] = column
+        if subject is not None:
+            self._subjects[number] = subject
 
     def _is_same_column(
         self, ref: Node, column: EncryptedColumn, table: RuledTable
@@ -567,6 +667,17 @@ class _Walker:
             f"{what} on table {table.qualified_name} is not supported yet",
             "Use INSERT, UPDATE and SELECT with parameters for this table.",
         )
+
+
+def _sealed_here(node: Node) -> bool:
+    """Tell whether a stored value is a parameter or literal that the proxy seals.
+
+    Only those need a subject; NULL, DEFAULT and a column's own value do not.
+    """
+    kind, body = _only(node)
+    if kind == "TypeCast":
+        kind, body = _only(body["arg"])
+    return kind == "ParamRef" or (kind == "A_Const" and not body.get("isnull"))
 
 
 def _only(node: Node) -> tuple[str, Node]:

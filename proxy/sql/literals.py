@@ -17,6 +17,7 @@ from proxy.errors import StatementRejected
 
 if TYPE_CHECKING:
     from proxy.catalog import EncryptedColumn
+    from proxy.sql.subjects import SubjectSource
 
 _NUMBER_TOKENS = {"ICONST", "FCONST"}
 
@@ -29,6 +30,8 @@ class LiteralSlot:
     end: int
     value: str
     column: EncryptedColumn
+    # Where the row's subject value is, for a column keyed per subject.
+    subject: SubjectSource | None = None
 
 
 def find_literal_span(

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Protocol, TypeVar
 
 from proxy.catalog import TEXT_OID
+from proxy.crypto.subjects import KeyRequest, KeysNeeded, SubjectValue
 from proxy.errors import (
     DecryptionError,
     KeyringError,
@@ -73,7 +74,12 @@ class Planner(Protocol):
     def seal_literals(self, sql: str, plan: StatementPlan) -> str: ...
 
     def seal_param(
-        self, column: Any, value: bytes, fmt: int, declared_oid: int = 0
+        self,
+        column: Any,
+        value: bytes,
+        fmt: int,
+        declared_oid: int = 0,
+        subject: SubjectValue | None = None,
     ) -> bytes: ...
 
     def seal_array_param(
@@ -129,6 +135,10 @@ class Output:
     close: bool = False
     # Set when a statement changed tables or views, so the catalog is stale.
     catalog_changed: bool = False
+    # Data keys to fetch before the messages in `retry` can be handled; the
+    # caller fetches them and passes `retry` to the same method again.
+    keys_needed: tuple[KeyRequest, ...] = ()
+    retry: list[Frame] = field(default_factory=list)
 
 
 class Session:
@@ -188,7 +198,7 @@ class Session:
         if self._planner is None:
             out.to_server.extend(frame.raw for frame in frames)
             return out
-        for frame in frames:
+        for position, frame in enumerate(frames):
             handler = self._client_handlers.get(frame.type)
             if handler is None:
                 out.to_server.append(frame.raw)
@@ -198,7 +208,16 @@ class Session:
                 # plaintext parameter or literal reaches the server.
                 continue
             else:
-                handler(frame, out)
+                search_path = self._search_path
+                try:
+                    handler(frame, out)
+                except KeysNeeded as exc:
+                    # Handlers raise it before they change any state except
+                    # the search_path, so the frame can be handled again.
+                    self._search_path = search_path
+                    out.keys_needed = exc.requests
+                    out.retry = frames[position:]
+                    return out
         return out
 
     def _parse(self, frame: Frame, out: Output) -> None:
@@ -320,13 +339,20 @@ class Session:
                 continue
             value = params[index]
             assert value is not None
-            seal = self._planner.seal_param
-            if number in plan.arrays:
-                seal = self._planner.seal_array_param
+            fmt = msg.param_format(index)
+            declared = statement.declared.get(number, 0)
             try:
-                params[index] = seal(
-                    column, value, msg.param_format(index), statement.declared.get(number, 0)
-                )
+                if number in plan.arrays:
+                    params[index] = self._planner.seal_array_param(
+                        column, value, fmt, declared
+                    )
+                elif number in plan.subjects:
+                    subject = _subject_value(plan.subjects[number], msg)
+                    params[index] = self._planner.seal_param(
+                        column, value, fmt, declared, subject=subject
+                    )
+                else:
+                    params[index] = self._planner.seal_param(column, value, fmt, declared)
             except KeyringError as exc:
                 raise StatementRejected(
                     "22023",
@@ -439,12 +465,17 @@ class Session:
         if self._planner is None:
             out.to_client.extend(frame.raw for frame in frames)
             return out
-        for frame in frames:
+        for position, frame in enumerate(frames):
             handler = self._server_handlers.get(frame.type)
             if handler is None:
                 out.to_client.append(frame.raw)
             else:
-                handler(frame, out)
+                try:
+                    handler(frame, out)
+                except KeysNeeded as exc:
+                    out.keys_needed = exc.requests
+                    out.retry = frames[position:]
+                    return out
             if out.close:
                 break
         return out
@@ -557,7 +588,7 @@ class Session:
             return
         try:
             out.to_client.append(self._open_row(frame, plan))
-        except ProtocolError:
+        except (ProtocolError, KeysNeeded):
             raise
         except (DecryptionError, KeyringError, PgsealError) as exc:
             self._fail_row(exc, out)
@@ -584,14 +615,17 @@ class Session:
         # on_decrypt_error to null or ciphertext never get here.
         log.warning("[%s] closing connection: a result value failed to open (%s)",
                     self._conn_id, type(exc).__name__)
-        out.to_client.append(
-            m.encode_error(
-                "XX001",
-                "an encrypted value in the result could not be opened",
-                "Check that the proxy has the keyring that sealed this value.",
-                severity="FATAL",
+        message = "an encrypted value in the result could not be opened"
+        hint = "Check that the proxy has the keyring that sealed this value."
+        if isinstance(exc, KeyringError):
+            # Names the data key and why it is missing, as after a shred;
+            # DecryptionError stays without detail.
+            message = f"{message}: {exc}"
+            hint = (
+                "A value whose data key was shredded never opens again; set "
+                "on_decrypt_error to null on the column to read it as NULL."
             )
-        )
+        out.to_client.append(m.encode_error("XX001", message, hint, severity="FATAL"))
         out.close = True
 
     # COPY
@@ -626,6 +660,8 @@ class Session:
     def _server_copy_done(self, frame: Frame, out: Output) -> None:
         try:
             out.to_client.extend(self._copy.server_done(frame))
+        except KeysNeeded:
+            raise
         except PgsealError as exc:
             self._fail_row(exc, out)
 
@@ -710,6 +746,18 @@ def _replace(table: dict[str, _T], name: str, value: _T | None) -> Callable[[], 
             table[name] = previous
 
     return undo
+
+
+def _subject_value(source: Any, msg: m.Bind) -> SubjectValue | None:
+    """Return a row's subject value from a Bind, or None when it is NULL or absent."""
+    if source.param is None:
+        return SubjectValue(source.literal.encode("utf-8"))
+    index = source.param - 1
+    if index >= len(msg.params) or msg.params[index] is None:
+        return None
+    raw = msg.params[index]
+    assert raw is not None
+    return SubjectValue(raw, msg.param_format(index))
 
 
 def _bind_names(payload: memoryview) -> tuple[str, str]:
