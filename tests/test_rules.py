@@ -140,8 +140,10 @@ def test_key_scope_defaults_to_column(tmp_path: Path) -> None:
         ),
         (
             "randomized",
-            "        key_scope: subject\n        subject_column: creator_id\n"
-            "        rotation_period: 30d\n",
+            (
+                "        key_scope: subject\n        subject_column: creator_id\n"
+                "        rotation_period: 30d\n"
+            ),
             6,
             "'rotation_period', which only rotates column keys",
         ),

@@ -28,7 +28,12 @@ SECRET = bytes(range(32))
         (INT8, b"-9000000000", 0, "-9000000000"),
         (TEXT, b" Alice ", 0, " Alice "),
         (TEXT, "Zoë".encode(), 1, "Zoë"),
-        (UUID, b"{A0EEBC99-9C0B-4EF8-BB6D-6BB9BD380A11}", 0, "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11"),
+        (
+            UUID,
+            b"{A0EEBC99-9C0B-4EF8-BB6D-6BB9BD380A11}",
+            0,
+            "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11",
+        ),
         (
             UUID,
             uuid.UUID("a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11").bytes,

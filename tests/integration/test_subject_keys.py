@@ -168,10 +168,12 @@ def test_update_pinned_by_subject(posts: RunningProxy) -> None:
 
 def test_copy_from_seals_per_subject(posts: RunningProxy) -> None:
     write(posts, ALICE, "inserted")
-    with psycopg.connect(posts.dsn(), autocommit=True) as conn:
-        with conn.cursor().copy("COPY posts (creator_id, body) FROM STDIN") as copy:
-            copy.write_row((ALICE, "copied alice"))
-            copy.write_row((BOB, "copied bob"))
+    with (
+        psycopg.connect(posts.dsn(), autocommit=True) as conn,
+        conn.cursor().copy("COPY posts (creator_id, body) FROM STDIN") as copy,
+    ):
+        copy.write_row((ALICE, "copied alice"))
+        copy.write_row((BOB, "copied bob"))
 
     assert bodies(posts) == {"inserted": ALICE, "copied alice": ALICE, "copied bob": BOB}
     assert len(stored_key(posts, ALICE)) == 1
@@ -250,14 +252,18 @@ REJECTED = [
 ]
 
 
-@pytest.mark.parametrize(("statement", "sqlstate", "reason"), REJECTED, ids=[r[2] for r in REJECTED])
+@pytest.mark.parametrize(
+    ("statement", "sqlstate", "reason"), REJECTED, ids=[r[2] for r in REJECTED]
+)
 def test_write_without_subject_rejected(
     posts: RunningProxy, statement: str, sqlstate: str, reason: str
 ) -> None:
     write(posts, ALICE, "kept")
-    with psycopg.connect(posts.dsn(), autocommit=True) as conn:
-        with pytest.raises(psycopg.Error) as info:
-            conn.execute(statement, prepare=False)
+    with (
+        psycopg.connect(posts.dsn(), autocommit=True) as conn,
+        pytest.raises(psycopg.Error) as info,
+    ):
+        conn.execute(statement, prepare=False)
     assert info.value.sqlstate == sqlstate
     assert reason in str(info.value)
     assert row_count(posts) == 1
@@ -265,30 +271,36 @@ def test_write_without_subject_rejected(
 
 
 def test_null_subject_parameter_rejected(posts: RunningProxy) -> None:
-    with psycopg.connect(posts.dsn(), autocommit=True) as conn:
-        with pytest.raises(psycopg.Error) as info:
-            conn.execute(
-                "INSERT INTO posts (creator_id, body) VALUES (%s, %s)", (None, "secret")
-            )
+    with (
+        psycopg.connect(posts.dsn(), autocommit=True) as conn,
+        pytest.raises(psycopg.Error) as info,
+    ):
+        conn.execute(
+            "INSERT INTO posts (creator_id, body) VALUES (%s, %s)", (None, "secret")
+        )
     assert info.value.sqlstate == "0A000"
     assert "public.posts.body" in str(info.value)
     assert row_count(posts) == 0
 
 
 def test_literal_with_parameter_subject_rejected(posts: RunningProxy) -> None:
-    with psycopg.connect(posts.dsn(), autocommit=True) as conn:
-        with pytest.raises(psycopg.Error) as info:
-            conn.execute("INSERT INTO posts (creator_id, body) VALUES (%s, 'lit')", (ALICE,))
+    with (
+        psycopg.connect(posts.dsn(), autocommit=True) as conn,
+        pytest.raises(psycopg.Error) as info,
+    ):
+        conn.execute("INSERT INTO posts (creator_id, body) VALUES (%s, 'lit')", (ALICE,))
     assert info.value.sqlstate == "0A000"
     assert "from parameter $1" in str(info.value)
     assert row_count(posts) == 0
 
 
 def test_copy_without_subject_rejected(posts: RunningProxy) -> None:
-    with psycopg.connect(posts.dsn(), autocommit=True) as conn:
-        with pytest.raises(psycopg.Error) as info:
-            with conn.cursor().copy("COPY posts (body) FROM STDIN") as copy:
-                copy.write_row(("copied without subject",))
+    with (
+        psycopg.connect(posts.dsn(), autocommit=True) as conn,
+        pytest.raises(psycopg.Error) as info,
+        conn.cursor().copy("COPY posts (body) FROM STDIN") as copy,
+    ):
+        copy.write_row(("copied without subject",))
     assert info.value.sqlstate == "0A000"
     assert "COPY into public.posts" in str(info.value)
     assert row_count(posts) == 0
@@ -490,7 +502,7 @@ def test_concurrent_first_writes_share_key(
     with psycopg.connect(proxies[1].dsn(), autocommit=True) as conn:
         read = conn.execute("SELECT body FROM posts").fetchall()
     assert len(read) == 20
-    assert sorted(body for (body,) in read)[0] == "post of 200"
+    assert min(body for (body,) in read) == "post of 200"
 
 
 # AWS KMS
