@@ -9,6 +9,7 @@ afterwards, while the other creator's values stay readable.
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import subprocess
 import threading
@@ -386,6 +387,10 @@ def test_shred_audit_line(
 ) -> None:
     write(posts, ALICE, "audited")
     (key_id, version) = next(iter(stored_key(posts, ALICE)))
+    key = posts.proxy._cache.get(key_id, version)
+    assert key is not None
+    material = bytes(key.material)
+    wrapped = posts.direct("SELECT wrapped FROM pgseal.wrapped_keys WHERE key_id = %s", (key_id,))
     audit = tmp_path / "audit.jsonl"
     shred(capsys, posts, "--subject", str(ALICE), "--audit-log", str(audit))
 
@@ -396,8 +401,27 @@ def test_shred_audit_line(
     assert line["keys"][0]["version"] == version
     assert line["actor"]["db_user"] == posts.server.superuser
     assert line["details"]["destroyed_versions"] == 1
-    assert '"1"' not in audit.read_text()
-    assert "wrapped" not in json.dumps(line["keys"])
+    text = audit.read_text()
+    assert '"1"' not in text
+    assert material.hex() not in text
+    assert base64.b64encode(material).decode() not in text
+    assert bytes(wrapped[0][0]).hex() not in text
+
+
+def test_subject_key_creation_audited(
+    posts_db: str, start_proxy: StartProxy, tmp_path: Path
+) -> None:
+    audit = tmp_path / "serve-audit.jsonl"
+    running = start_proxy(posts_db, _rules(tmp_path), audit_log=audit)
+    write(running, 987654321, "audited post")
+
+    lines = [json.loads(text) for text in audit.read_text().splitlines()]
+    created = [line for line in lines if "@subject:" in line.get("key_names", [""])[0]]
+    assert len(created) == 1
+    assert created[0]["action"] == "create"
+    assert created[0]["outcome"] == "ok"
+    assert created[0]["details"]["reason"] == "first value of a subject"
+    assert "987654321" not in audit.read_text()
 
 
 def test_logical_backup_after_shred(
@@ -521,6 +545,9 @@ def test_shred_with_kms_keyring(
     write(writer, ALICE, "alice again")
     write(writer, BOB, "bob via kms")
     assert writer.direct("SELECT DISTINCT keyring FROM pgseal.wrapped_keys") == [(spec,)]
+    # One Encrypt per data key: title's column key and one key per creator.
+    assert writer.proxy.keyrings[0].operations["Encrypt"] == 3  # type: ignore[attr-defined]
+    assert writer.proxy.keyrings[0].operations["Decrypt"] == 0  # type: ignore[attr-defined]
 
     shred(capsys, writer, "--subject", str(ALICE))
     reader = start_proxy(posts_db, _rules(tmp_path), keyrings=[spec])
