@@ -27,8 +27,7 @@ from proxy.crypto.keyring import Keyring, parse_keyring_spec
 from proxy.crypto.keystore import KeyStore
 from proxy.crypto.keyversions import KeyVersion, describe_versions, retire_versions
 from proxy.crypto.rewrap import drop_keyrings, rewrap
-from proxy.crypto.shred import ShredResult, shred_subject
-from proxy.crypto.subjects import canonical_forms, subject_digest
+from proxy.crypto.shred import ShredResult, shred_subject, subject_digests
 from proxy.crypto.values import Algorithm
 from proxy.errors import ConfigError, KeyStoreError
 from proxy.planner import KeyView
@@ -136,10 +135,16 @@ def add_key_commands(key_commands: Any) -> None:
         help="postgresql://USER:PASSWORD@HOST:PORT/DBNAME of the database that "
         "holds the key store",
     )
-    shred.add_argument(
+    subject = shred.add_mutually_exclusive_group(required=True)
+    subject.add_argument(
         "--subject",
-        required=True,
         help="the subject's value in the rules' subject_column, such as a creator id",
+    )
+    subject.add_argument(
+        "--subject-hmac",
+        action="append",
+        help="a subject digest (64 hex digits) from the audit line of an earlier "
+        "shred, to repeat it after restoring an older backup; repeatable",
     )
     shred.add_argument(
         "--column",
@@ -437,14 +442,11 @@ async def _shred_with_audit(
                 f"cannot connect to {upstream.host}:{upstream.port}: {exc}"
             ) from exc
         try:
-            secret = await _subject_secret(pool)
+            digests = await _digests(pool, args)
+            record.details["subject_hmac"] = sorted(digest.hex() for digest in digests)
             result = ShredResult()
-            if secret is not None:
-                result = await shred_subject(pool, secret, args.subject, column)
-                record.details["subject_hmac"] = sorted(
-                    subject_digest(secret, form).hex()
-                    for form in canonical_forms(args.subject)
-                )
+            if digests:
+                result = await shred_subject(pool, digests, column)
         finally:
             await pool.close()
         record.keys.extend(result.keys)
@@ -452,6 +454,27 @@ async def _shred_with_audit(
         record.details["destroyed_versions"] = len(result.keys)
         record.details["wrapped_copies"] = result.wrapped_copies
     return result
+
+
+async def _digests(
+    pool: asyncpg.Pool[asyncpg.Record], args: argparse.Namespace
+) -> list[bytes]:
+    """Return the digests to shred, from --subject-hmac or from --subject."""
+    if args.subject_hmac:
+        try:
+            digests = [bytes.fromhex(text) for text in args.subject_hmac]
+        except ValueError:
+            digests = []
+        if not digests or any(len(digest) != 32 for digest in digests):
+            raise ConfigError(
+                "--subject-hmac must be 64 hex digits, as in the subject_hmac "
+                "list of a shred's audit line"
+            )
+        return digests
+    secret = await _subject_secret(pool)
+    if secret is None:
+        return []
+    return subject_digests(secret, args.subject)
 
 
 async def _subject_secret(pool: asyncpg.Pool[asyncpg.Record]) -> bytes | None:

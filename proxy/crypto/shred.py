@@ -21,7 +21,7 @@ from proxy.crypto.keystore import lock_key_name
 from proxy.crypto.subjects import canonical_forms, subject_digest
 from proxy.errors import KeyStoreError
 
-__all__ = ["ShredResult", "shred_subject"]
+__all__ = ["ShredResult", "shred_subject", "subject_digests"]
 
 logger = logging.getLogger(__name__)
 
@@ -58,23 +58,29 @@ class ShredResult:
     wrapped_copies: int = 0
 
 
-async def shred_subject(
-    pool: asyncpg.Pool[asyncpg.Record],
-    secret: bytes,
-    subject: str,
-    column_key_name: str | None = None,
-) -> ShredResult:
-    """Delete every version of every data key of `subject`, in one transaction.
+def subject_digests(secret: bytes, subject: str) -> list[bytes]:
+    """Return the stored digests that a subject value given as text may have.
 
-    `subject` is the subject value as text. It matches the subject's keys of
-    integer, uuid and text subject columns alike (see canonical_forms()).
-    `column_key_name` narrows the shred to one column. Each key name is
-    locked as key creation and rotation lock it, so a key is never half
-    created or half deleted.
+    They cover integer, uuid and text subject columns alike (see
+    canonical_forms()).
     """
     if not subject:
         raise ValueError("subject must not be empty")
-    digests = [subject_digest(secret, form) for form in sorted(canonical_forms(subject))]
+    return [subject_digest(secret, form) for form in sorted(canonical_forms(subject))]
+
+
+async def shred_subject(
+    pool: asyncpg.Pool[asyncpg.Record],
+    digests: list[bytes],
+    column_key_name: str | None = None,
+) -> ShredResult:
+    """Delete every version of every data key of one subject, in one transaction.
+
+    `digests` are the subject's stored HMACs, from subject_digests() or from
+    the audit line of an earlier shred. `column_key_name` narrows the shred
+    to one column. Each key name is locked as key creation and rotation lock
+    it, so a key is never half created or half deleted.
+    """
     result = ShredResult()
     try:
         async with pool.acquire() as conn, conn.transaction():

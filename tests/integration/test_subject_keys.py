@@ -14,7 +14,7 @@ import json
 import subprocess
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import psycopg
@@ -424,32 +424,32 @@ def test_subject_key_creation_audited(
     assert "987654321" not in audit.read_text()
 
 
-def test_logical_backup_after_shred(
-    posts: RunningProxy,
-    pg_cluster: PgServer,
-    start_proxy: StartProxy,
-    tmp_path: Path,
-    capsys: pytest.CaptureFixture[str],
-) -> None:
+@pytest.fixture
+def logical_copy(
+    pg_cluster: PgServer, tmp_path: Path
+) -> Iterator[Callable[[RunningProxy], str]]:
+    """Return a function that copies posts and schema pgseal with pg_dump.
+
+    The copy goes into a new database, whose name it returns.
+    """
     pg_dump = find_bin_dir("system") / "pg_dump"
     psql = find_bin_dir("system") / "psql"
     if not pg_dump.exists() or not psql.exists():
         pytest.skip("pg_dump and psql are not installed next to initdb")
-    write(posts, ALICE, "alice secret")
-    write(posts, BOB, "bob secret")
-    shred(capsys, posts, "--subject", str(ALICE))
+    created: list[str] = []
 
-    dump = tmp_path / "dump.sql"
-    subprocess.run(
-        [str(pg_dump), "--no-owner", "-t", "public.posts", "-t", "pgseal.*",
-         "-f", str(dump), posts.direct_dsn()],
-        check=True,
-        timeout=120,
-    )
-    restored = f"{posts.database}_restored"
-    with psycopg.connect(pg_cluster.dsn("postgres"), autocommit=True) as conn:
-        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(restored)))
-    try:
+    def copy(running: RunningProxy) -> str:
+        dump = tmp_path / f"dump-{len(created)}.sql"
+        subprocess.run(
+            [str(pg_dump), "--no-owner", "-t", "public.posts", "-t", "pgseal.*",
+             "-f", str(dump), running.direct_dsn()],
+            check=True,
+            timeout=120,
+        )
+        restored = f"{running.database}_copy{len(created)}"
+        with psycopg.connect(pg_cluster.dsn("postgres"), autocommit=True) as conn:
+            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(restored)))
+        created.append(restored)
         # pg_dump -t dumps tables without their schema.
         with psycopg.connect(pg_cluster.dsn(restored), autocommit=True) as conn:
             conn.execute("CREATE SCHEMA pgseal")
@@ -460,15 +460,71 @@ def test_logical_backup_after_shred(
             timeout=120,
             capture_output=True,
         )
-        copy = start_proxy(restored, _rules(tmp_path))
-        assert bodies(copy) == {"NULL #1": ALICE, "bob secret": BOB}
-        stored = copy.direct("SELECT body FROM posts WHERE creator_id = 1")
-        assert_sealed(stored[0][0], "alice secret")
-        copy.run(copy.proxy.stop())
-    finally:
-        with psycopg.connect(pg_cluster.dsn("postgres"), autocommit=True) as conn:
+        return restored
+
+    yield copy
+    with psycopg.connect(pg_cluster.dsn("postgres"), autocommit=True) as conn:
+        for name in created:
             drop = sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)")
-            conn.execute(drop.format(sql.Identifier(restored)))
+            conn.execute(drop.format(sql.Identifier(name)))
+
+
+def test_logical_backup_after_shred(
+    posts: RunningProxy,
+    start_proxy: StartProxy,
+    tmp_path: Path,
+    logical_copy: Callable[[RunningProxy], str],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    write(posts, ALICE, "alice secret")
+    write(posts, BOB, "bob secret")
+    shred(capsys, posts, "--subject", str(ALICE))
+
+    restored = logical_copy(posts)
+    copy = start_proxy(restored, _rules(tmp_path))
+    assert bodies(copy) == {"NULL #1": ALICE, "bob secret": BOB}
+    stored = copy.direct("SELECT body FROM posts WHERE creator_id = 1")
+    assert_sealed(stored[0][0], "alice secret")
+    copy.run(copy.proxy.stop())
+
+
+def test_shred_repeated_after_older_restore(
+    posts: RunningProxy,
+    start_proxy: StartProxy,
+    tmp_path: Path,
+    logical_copy: Callable[[RunningProxy], str],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    write(posts, ALICE, "alice secret")
+    write(posts, BOB, "bob secret")
+    older = logical_copy(posts)
+    audit = tmp_path / "audit.jsonl"
+    shred(capsys, posts, "--subject", str(ALICE), "--audit-log", str(audit))
+    (line,) = [json.loads(text) for text in audit.read_text().splitlines()]
+
+    # A backup from before the shred brings the subject's keys back.
+    copy = start_proxy(older, _rules(tmp_path))
+    assert bodies(copy) == {"alice secret": ALICE, "bob secret": BOB}
+    copy.run(copy.proxy.stop())
+
+    args = []
+    for digest in line["details"]["subject_hmac"]:
+        args += ["--subject-hmac", digest]
+    out = shred(capsys, copy, *args)
+    assert "destroyed 1 data key versions" in out
+    again = start_proxy(older, _rules(tmp_path))
+    assert bodies(again) == {"NULL #1": ALICE, "bob secret": BOB}
+
+
+def test_shred_invalid_subject_hmac(
+    posts: RunningProxy, capsys: pytest.CaptureFixture[str]
+) -> None:
+    write(posts, ALICE, "kept")
+    code = main(["keys", "shred", "--upstream", posts.direct_dsn(), "--subject-hmac", "abc"])
+    _, err = capsys.readouterr()
+    assert code == 1
+    assert "--subject-hmac must be 64 hex digits" in err
+    assert bodies(posts) == {"kept": ALICE}
 
 
 # Concurrent creation
