@@ -30,6 +30,7 @@ from proxy.sql.analyze import EMPTY_PLAN, StatementPlan
 from proxy.sql.prepared import SqlDeallocate, SqlPrepare, SqlPreparedStatements
 from proxy.wire import messages as m
 from proxy.wire.copy_relay import CopyFailure, CopyRelay
+from proxy.wire.failed_statement import SQLSTATE, FailedStatement
 from proxy.wire.frames import Frame, build
 
 log = logging.getLogger(__name__)
@@ -157,6 +158,8 @@ class Session:
         self._sql_prepared = SqlPreparedStatements()
         self._query_plan: RowPlan | None = None
         self._copy = CopyRelay(planner, conn_id)
+        # Set from a result value that failed to open until ReadyForQuery.
+        self._failed: FailedStatement | None = None
         self.transaction_status = "I"
         self._client_handlers = {
             ord("P"): self._parse,
@@ -467,7 +470,9 @@ class Session:
             return out
         for position, frame in enumerate(frames):
             handler = self._server_handlers.get(frame.type)
-            if handler is None:
+            if self._failed is not None:
+                self._while_failed(self._failed, frame, out)
+            elif handler is None:
                 out.to_client.append(frame.raw)
             else:
                 try:
@@ -590,8 +595,57 @@ class Session:
             out.to_client.append(self._open_row(frame, plan))
         except (ProtocolError, KeysNeeded):
             raise
-        except (DecryptionError, KeyringError, PgsealError) as exc:
+        except (DecryptionError, KeyringError) as exc:
+            log.info(
+                "[%s] a result value failed to open (%s); failing the statement",
+                self._conn_id,
+                type(exc).__name__,
+            )
+            self._failed = FailedStatement(exc)
+        except PgsealError as exc:
             self._fail_row(exc, out)
+
+    def _while_failed(self, failed: FailedStatement, frame: Frame, out: Output) -> None:
+        """Handle a server message between a failed result value and ReadyForQuery.
+
+        Each message still updates the session's state, but only
+        ParameterStatus, NotificationResponse and NoticeResponse reach the
+        client.
+        """
+        kind = frame.type
+        if failed.aborting:
+            # The reply to the statement that aborts the server's transaction.
+            if kind == ord("Z"):
+                self._failed = None
+                self.transaction_status = chr(frame.raw[5])
+                out.to_client.append(frame.raw)
+            return
+        if kind in (ord("S"), ord("A"), ord("N")):
+            self._server_handlers.get(kind, _forward)(frame, out)
+            return
+        handler = self._server_handlers.get(kind)
+        if handler is not None and kind != ord("D"):
+            handler(frame, Output())
+        if kind == ord("Z"):
+            self._finish_failed(failed, frame, out)
+        else:
+            failed.note(kind, frame.raw[5:30])
+
+    def _finish_failed(self, failed: FailedStatement, frame: Frame, out: Output) -> None:
+        """Report the failed statement at its ReadyForQuery, or end the connection."""
+        if failed.changed or self._pending:
+            # The server did more than read, or already replies to later
+            # messages of the client, so an error would misstate the outcome.
+            self._failed = None
+            self._fail_row(failed.error, out)
+            return
+        out.to_client.append(m.encode_error(SQLSTATE, failed.message, failed.hint))
+        if self.transaction_status == "T":
+            failed.aborting = True
+            out.to_server.append(m.encode_query(_REJECTED_QUERY))
+            return
+        self._failed = None
+        out.to_client.append(frame.raw)
 
     def _open_row(self, frame: Frame, plan: RowPlan) -> bytes:
         assert self._planner is not None
@@ -608,24 +662,16 @@ class Session:
         return m.encode_data_row(values)
 
     def _fail_row(self, exc: PgsealError, out: Output) -> None:
-        # The server has already sent part of the result and goes on
-        # executing, so an ErrorResponse here would leave the client and the
-        # server disagreeing about the transaction. Ending the connection is
-        # the one answer both sides agree on. Columns that set
-        # on_decrypt_error to null or ciphertext never get here.
+        # Where the statement cannot get an error of its own (see
+        # proxy.wire.failed_statement), ending the connection is the one
+        # outcome that both sides agree on. Columns that set on_decrypt_error
+        # to null or ciphertext never get here.
         log.warning("[%s] closing connection: a result value failed to open (%s)",
                     self._conn_id, type(exc).__name__)
-        message = "an encrypted value in the result could not be opened"
-        hint = "Check that the proxy has the keyring that sealed this value."
-        if isinstance(exc, KeyringError):
-            # Names the data key and why it is missing, as after a shred;
-            # DecryptionError stays without detail.
-            message = f"{message}: {exc}"
-            hint = (
-                "A value whose data key was shredded never opens again; set "
-                "on_decrypt_error to null on the column to read it as NULL."
-            )
-        out.to_client.append(m.encode_error("XX001", message, hint, severity="FATAL"))
+        failed = FailedStatement(exc)
+        out.to_client.append(
+            m.encode_error(SQLSTATE, failed.message, failed.hint, severity="FATAL")
+        )
         out.close = True
 
     # COPY
@@ -729,6 +775,10 @@ class Session:
             for name, portal in self._portals.items()
             if any(portal is bound for bound in in_flight)
         }
+
+
+def _forward(frame: Frame, out: Output) -> None:
+    out.to_client.append(frame.raw)
 
 
 def _replace(table: dict[str, _T], name: str, value: _T | None) -> Callable[[], None]:

@@ -378,8 +378,21 @@ def test_shred_error_policy(
         assert row == ("bob secret",)
         with pytest.raises(psycopg.Error) as info:
             conn.execute("SELECT body FROM posts WHERE creator_id = %s", (ALICE,)).fetchall()
-    assert info.value.sqlstate == "XX001"
-    assert "shredded" in str(info.value)
+        assert info.value.sqlstate == "XX001"
+        assert "shredded" in str(info.value)
+        # Only the statement failed: the connection goes on.
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+
+    # Inside a transaction block the error aborts the transaction.
+    with psycopg.connect(fresh.dsn()) as conn:
+        conn.execute("SELECT body FROM posts WHERE creator_id = %s", (BOB,)).fetchall()
+        with pytest.raises(psycopg.Error) as info:
+            conn.execute("SELECT body FROM posts WHERE creator_id = %s", (ALICE,)).fetchall()
+        assert info.value.sqlstate == "XX001"
+        with pytest.raises(psycopg.errors.InFailedSqlTransaction):
+            conn.execute("SELECT 1")
+        conn.rollback()
+        assert conn.execute("SELECT 1").fetchone() == (1,)
 
 
 def test_shred_audit_line(
