@@ -13,10 +13,22 @@ import asyncpg
 
 from proxy.audit import AuditLog
 from proxy.catalog import Catalog, load_catalog
-from proxy.crypto.keyring import Keyring, RemoteKeyring
-from proxy.crypto.keystore import KeyCache, KeyStore
+from proxy.crypto.keyring import Keyring, RemoteKeyring, parse_keyring_spec
+from proxy.crypto.keystore import KeyCache, KeyNotFoundError, KeyStore
+from proxy.crypto.subjects import (
+    KeyRequest,
+    StoredKeyRequest,
+    SubjectKeyRequest,
+    UnavailableKeys,
+)
 from proxy.crypto.values import Algorithm
-from proxy.errors import ConfigError, KeyStoreError, KeyUnavailableError, PgsealError
+from proxy.errors import (
+    ConfigError,
+    KeyringError,
+    KeyStoreError,
+    KeyUnavailableError,
+    PgsealError,
+)
 from proxy.keyring_sets import KeyringSets, load_keyring_sets
 from proxy.planner import ColumnPlanner, KeyView, algorithm_of
 from proxy.rotation import KeyRotator
@@ -71,6 +83,8 @@ class Proxy:
     def __init__(self, settings: ProxySettings) -> None:
         self.settings = settings
         self._cache = KeyCache(max_values_per_key=settings.max_values_per_key)
+        # A key that failed to load is tried again after one refresh interval.
+        self._unavailable = UnavailableKeys(settings.key_refresh_seconds)
         self._rotator: KeyRotator | None = None
         self._audit: AuditLog | None = None
         self._pool: asyncpg.Pool[asyncpg.Record] | None = None
@@ -131,6 +145,7 @@ class Proxy:
             startup_timeout=settings.startup_timeout,
         )
         self.relay.on_catalog_change = self._catalog_changed
+        self.relay.fetch_keys = self._fetch_keys
         self._server = await Listener.start(
             self.relay.accept, settings.listen_host, settings.listen_port
         )
@@ -206,6 +221,9 @@ class Proxy:
         for catalog in self._catalogs.values():
             for table in catalog.tables:
                 for column in table.encrypted.values():
+                    if column.subject_column is not None:
+                        # Subject keys are created and loaded on first use.
+                        continue
                     try:
                         await keystore.active_key(column.key_name, algorithm_of(column))
                     except KeyUnavailableError as exc:
@@ -220,7 +238,13 @@ class Proxy:
 
     def _planners(self) -> dict[str, Planner]:
         keystore = self.keystore
-        view = KeyView(self._cache, keystore.store_id, keystore.can_unwrap)
+        view = KeyView(
+            self._cache,
+            keystore.store_id,
+            keystore.can_unwrap,
+            keystore.subject_secret,
+            self._unavailable,
+        )
         for database in list(self._column_planners):
             if database not in self._catalogs:
                 del self._column_planners[database]
@@ -256,11 +280,29 @@ class Proxy:
         finally:
             self._reloading = None
 
+    async def _fetch_keys(self, requests: tuple[KeyRequest, ...]) -> None:
+        """Load or create the data keys a session needs, into the cache.
+
+        A key that fails is remembered as unavailable, so the session then
+        treats it as a value that does not open, or a value it cannot seal.
+        """
+        keystore = self.keystore
+        for request in requests:
+            try:
+                if isinstance(request, SubjectKeyRequest):
+                    await keystore.subject_key(request)
+                elif isinstance(request, StoredKeyRequest):
+                    await keystore.get_key(request.key_id, request.version)
+            except (KeyStoreError, KeyringError) as exc:
+                log.warning("data key unavailable for %gs: %s", self._unavailable.ttl, exc)
+                self._unavailable.add(request, _unavailable_reason(exc))
+
     async def _refresh_keys(self) -> None:
         while True:
             await asyncio.sleep(self.settings.key_refresh_seconds)
             try:
                 self._cache.purge()
+                await self.keystore.drop_destroyed()
                 await self._load_keys()
             except (PgsealError, OSError, asyncpg.PostgresError) as exc:
                 log.warning("data key refresh failed, cached keys stay in use: %s", exc)
@@ -308,6 +350,18 @@ class Proxy:
                 keyring.service,
                 ", ".join(f"{name} {count}" for name, count in operations) or "none",
             )
+
+
+def _unavailable_reason(exc: PgsealError) -> str:
+    """Return why a data key is unavailable, in words fit for a client's error."""
+    if isinstance(exc, KeyNotFoundError):
+        return "it is not in the key store, for example because it was shredded"
+    # The exception names keyrings and endpoints, which the log already has.
+    return f"loading it failed ({type(exc).__name__}); the proxy log has the reason"
+
+
+def _parse_keyrings(specs: tuple[str, ...]) -> tuple[Keyring, ...]:
+    return tuple(parse_keyring_spec(spec) for spec in specs)
 
 
 def _check_write_only(

@@ -13,6 +13,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from proxy.crypto.subjects import SUBJECT_TYPE_NAMES
 from proxy.errors import PgsealError, RuleError
 from proxy.rules import ColumnRule, TableRule
 from proxy.types import TYPES, LogicalType
@@ -55,6 +56,8 @@ class EncryptedColumn:
     attnum: int
     storage: Storage
     associated: tuple[AssociatedColumn, ...] = ()
+    # With key_scope subject: the type OID of the subject column.
+    subject_type: int = 0
 
     @property
     def logical(self) -> LogicalType:
@@ -81,6 +84,11 @@ class EncryptedColumn:
     @property
     def key_name(self) -> str:
         return self.rule.key_name
+
+    @property
+    def subject_column(self) -> str | None:
+        """The plain column whose value selects the data key, if keyed per subject."""
+        return self.rule.subject_column
 
 
 @dataclass(frozen=True, slots=True)
@@ -261,8 +269,13 @@ def _ruled_table(rule: TableRule, found: dict[tuple[str, str], list[Any]]) -> Ru
                 "generated, so the server would store a value in plaintext; "
                 "drop the default (ALTER TABLE ... ALTER COLUMN ... DROP DEFAULT)"
             )
-        associated = tuple(_associated(rule, column, by_name, name) for name in column.associated_columns)
-        encrypted[column.column] = EncryptedColumn(column, row["attnum"], storage, associated)
+        associated = tuple(
+            _associated(rule, column, by_name, name) for name in column.associated_columns
+        )
+        subject_type = _subject_type(rule, column, by_name)
+        encrypted[column.column] = EncryptedColumn(
+            column, row["attnum"], storage, associated, subject_type
+        )
     columns = tuple(row["attname"] for row in rows)
     return RuledTable(rows[0]["oid"], rule.schema, rule.table, columns, encrypted)
 
@@ -297,6 +310,27 @@ def _associated(
             "drop the modifier (such as the length or precision)"
         )
     return AssociatedColumn(name, row["attnum"], logical)
+
+
+def _subject_type(rule: TableRule, column: ColumnRule, by_name: dict[str, Any]) -> int:
+    """Check a column's subject column against the table and return its type OID."""
+    name = column.subject_column
+    if name is None:
+        return 0
+    row = by_name.get(name)
+    if row is None:
+        raise RuleError(
+            f"{column.source}: unknown subject_column '{name}' in "
+            f"{rule.qualified_name}"
+        )
+    if row["atttypid"] not in SUBJECT_TYPE_NAMES:
+        supported = ", ".join(sorted(set(SUBJECT_TYPE_NAMES.values())))
+        raise RuleError(
+            f"{column.source}: subject_column {rule.qualified_name}.{name} has a "
+            f"type that cannot select data keys; supported types: {supported}"
+        )
+    type_oid: int = row["atttypid"]
+    return type_oid
 
 
 def _storage(column: ColumnRule, type_oid: int, type_modifier: int) -> Storage:

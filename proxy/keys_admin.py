@@ -1,4 +1,4 @@
-"""Key lifecycle commands: `pgseal keys list|rotate|rewrap|retire` and `pgseal reencrypt`.
+"""Key lifecycle commands: `pgseal keys list|rotate|rewrap|retire|shred`, `pgseal reencrypt`.
 
 Each command connects to the server as `pgseal serve` does (`--upstream` and
 one or more `--keyring`), changes the key store in short transactions under
@@ -20,7 +20,7 @@ from typing import Any
 
 import asyncpg
 
-from proxy.audit import AuditLog, AuditRecord
+from proxy.audit import AuditLog, AuditRecord, audit_operation
 from proxy.catalog import EncryptedColumn, RuledTable, load_catalog
 from proxy.config import DEFAULT_SET, keyring_options
 from proxy.crypto.keycache import KeyCache
@@ -28,6 +28,7 @@ from proxy.crypto.keyring import Keyring, parse_keyring_spec
 from proxy.crypto.keystore import KeyStore
 from proxy.crypto.keyversions import KeyVersion, describe_versions, retire_versions
 from proxy.crypto.rewrap import drop_keyrings, rewrap
+from proxy.crypto.shred import ShredResult, shred_subject, subject_digests
 from proxy.crypto.values import Algorithm
 from proxy.errors import ConfigError, KeyStoreError
 from proxy.keyring_sets import KeyringSets, load_keyring_sets
@@ -134,6 +135,39 @@ def add_key_commands(key_commands: Any) -> None:
         "reads of such values then fail",
     )
     retire.set_defaults(run=_sync(_retire))
+
+    shred = key_commands.add_parser(
+        "shred",
+        help="destroy every data key of one subject, so its values never open again",
+    )
+    shred.add_argument(
+        "--upstream",
+        required=True,
+        help="postgresql://USER:PASSWORD@HOST:PORT/DBNAME of the database that "
+        "holds the key store",
+    )
+    subject = shred.add_mutually_exclusive_group(required=True)
+    subject.add_argument(
+        "--subject",
+        help="the subject's value in the rules' subject_column, such as a creator id",
+    )
+    subject.add_argument(
+        "--subject-hmac",
+        action="append",
+        help="a subject digest (64 hex digits) from the audit line of an earlier "
+        "shred, to repeat it after restoring an older backup; repeatable",
+    )
+    shred.add_argument(
+        "--column",
+        help="SCHEMA.TABLE.COLUMN to shred the subject's key of; default: every "
+        "column keyed per subject",
+    )
+    shred.add_argument(
+        "--audit-log",
+        type=Path,
+        help="file to append one JSON line per key operation to (mode 0600)",
+    )
+    shred.set_defaults(run=_sync(_shred))
 
 
 def add_reencrypt_command(commands: Any) -> None:
@@ -415,6 +449,95 @@ async def _retire(args: argparse.Namespace) -> int:
     return 0
 
 
+async def _shred(args: argparse.Namespace) -> int:
+    if args.column is not None and len(args.column.split(".")) != 3:
+        raise ConfigError(f"--column must be SCHEMA.TABLE.COLUMN, got {args.column!r}")
+    upstream = Upstream.parse(args.upstream)
+    audit = None
+    if args.audit_log is not None:
+        audit = AuditLog(args.audit_log, db_user=upstream.user)
+    try:
+        result = await _shred_with_audit(args, upstream, audit)
+    finally:
+        if audit is not None:
+            audit.close()
+
+    if not result.keys:
+        print("no data keys found for this subject; nothing was destroyed")
+        return 0
+    print(
+        f"destroyed {len(result.keys)} data key versions "
+        f"({result.wrapped_copies} wrapped copies) of this subject for "
+        f"{', '.join(result.columns)}"
+    )
+    print(
+        "running proxies drop their cached copies at the next key refresh "
+        "(every 20 seconds by default); physical backups and WAL archives taken "
+        "before now still hold the wrapped keys until they expire"
+    )
+    return 0
+
+
+async def _shred_with_audit(
+    args: argparse.Namespace, upstream: Upstream, audit: AuditLog | None
+) -> ShredResult:
+    column = args.column
+    details: dict[str, Any] = {"column": column or "all columns keyed per subject"}
+    with audit_operation(audit, "shred", details=details) as record:
+        try:
+            pool = await asyncpg.create_pool(**upstream.connect_args(), min_size=1, max_size=2)
+        except (OSError, asyncpg.PostgresError) as exc:
+            raise KeyStoreError(
+                f"cannot connect to {upstream.host}:{upstream.port}: {exc}"
+            ) from exc
+        try:
+            digests = await _digests(pool, args)
+            record.details["subject_hmac"] = sorted(digest.hex() for digest in digests)
+            result = ShredResult()
+            if digests:
+                result = await shred_subject(pool, digests, column)
+        finally:
+            await pool.close()
+        record.keys.extend(result.keys)
+        record.key_names.extend(ref.name for ref in result.keys)
+        record.details["destroyed_versions"] = len(result.keys)
+        record.details["wrapped_copies"] = result.wrapped_copies
+    return result
+
+
+async def _digests(
+    pool: asyncpg.Pool[asyncpg.Record], args: argparse.Namespace
+) -> list[bytes]:
+    """Return the digests to shred, from --subject-hmac or from --subject."""
+    if args.subject_hmac:
+        try:
+            digests = [bytes.fromhex(text) for text in args.subject_hmac]
+        except ValueError:
+            digests = []
+        if not digests or any(len(digest) != 32 for digest in digests):
+            raise ConfigError(
+                "--subject-hmac must be 64 hex digits, as in the subject_hmac "
+                "list of a shred's audit line"
+            )
+        return digests
+    secret = await _subject_secret(pool)
+    if secret is None:
+        return []
+    return subject_digests(secret, args.subject)
+
+
+async def _subject_secret(pool: asyncpg.Pool[asyncpg.Record]) -> bytes | None:
+    """Return the key store's subject secret, or None if no key store has one."""
+    try:
+        async with pool.acquire() as conn:
+            if not await conn.fetchval("SELECT to_regclass('pgseal.subject_keys')"):
+                return None
+            secret = await conn.fetchval("SELECT subject_secret FROM pgseal.key_store")
+    except (asyncpg.PostgresError, OSError) as exc:
+        raise KeyStoreError(f"key store: reading the subject secret failed: {exc}") from exc
+    return None if secret is None else bytes(secret)
+
+
 async def _reencrypt(args: argparse.Namespace) -> int:
     options = ReencryptOptions(
         batch_size=args.batch_size,
@@ -433,6 +556,7 @@ async def _reencrypt(args: argparse.Namespace) -> int:
         try:
             catalog = await load_catalog(conn, [table_rule])
             table = _base_table(catalog.tables, table_rule)
+            _check_no_subject_keys(table)
             view = KeyView(cache, session.store.store_id)
             progress = None if args.no_progress else ProgressBar(table.qualified_name)
             reencryptor = Reencryptor(
@@ -456,6 +580,16 @@ async def _reencrypt(args: argparse.Namespace) -> int:
         f"{report.current} already current, {report.skipped_count} skipped"
     )
     return 1 if report.skipped_count else 0
+
+
+def _check_no_subject_keys(table: RuledTable) -> None:
+    # TODO: re-seal subject-keyed columns under each row's subject key.
+    keyed = sorted(c.identity for c in table.encrypted.values() if c.subject_column)
+    if keyed:
+        raise ConfigError(
+            f"pgseal reencrypt does not support columns keyed per subject yet: "
+            f"{', '.join(keyed)}; it would re-seal them under a column key"
+        )
 
 
 def _key_name(args: argparse.Namespace, rules: RuleSet | None) -> str:

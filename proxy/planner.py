@@ -8,11 +8,22 @@ text format.
 
 from __future__ import annotations
 
+import dataclasses
 import struct
 from dataclasses import dataclass
 
 from proxy.catalog import Catalog, EncryptedColumn, Storage
 from proxy.crypto.keystore import KeyCache
+from proxy.crypto.subjects import (
+    KeysNeeded,
+    StoredKeyRequest,
+    SubjectKeyRequest,
+    SubjectValue,
+    UnavailableKeys,
+    canonical_subject,
+    subject_digest,
+    subject_key_name,
+)
 from proxy.crypto.values import (
     Algorithm,
     DataKey,
@@ -20,6 +31,7 @@ from proxy.crypto.values import (
     armour,
     dearmour,
     read_key_ref,
+    seal,
 )
 from proxy.errors import (
     AssociatedValuesMissing,
@@ -63,6 +75,12 @@ class KeyView:
     # False for a write-only proxy. It keeps the data keys it created, but
     # opens no value, so its reads never depend on which replica sealed a row.
     can_open: bool = True
+    # The key store's HMAC key for subject values; empty when the view
+    # cannot seal columns keyed per subject.
+    subject_secret: bytes = dataclasses.field(default=b"", repr=False)
+    # Keys that failed to load. Without it, a key missing from the cache is
+    # an error at once. With it, KeysNeeded tells the caller to fetch the key.
+    unavailable: UnavailableKeys | None = None
 
     def active(self, column: EncryptedColumn) -> DataKey:
         ref = self.cache.active_ref(column.key_name)
@@ -98,10 +116,40 @@ class KeyView:
         cipher = self.cache.opener(blob, context, self.store_id)
         if cipher is None:
             key_id, version = read_key_ref(blob)
-            raise KeyUnavailableError(
-                f"data key {key_id} version {version} is not loaded"
-            )
+            if self.unavailable is None:
+                raise KeyUnavailableError(
+                    f"data key {key_id} version {version} is not loaded"
+                )
+            request = StoredKeyRequest(key_id, version)
+            reason = self.unavailable.reason(request)
+            if reason is not None:
+                raise KeyUnavailableError(
+                    f"data key {key_id} version {version} is not available: {reason}"
+                )
+            raise KeysNeeded((request,))
         return cipher
+
+    def subject_key(self, column: EncryptedColumn, canonical: str) -> DataKey:
+        """Return the active data key of one subject of a column keyed per subject.
+
+        Raises KeysNeeded when it is not cached yet, and KeyringError when it
+        recently failed to load or be created.
+        """
+        digest = subject_digest(self.subject_secret, canonical)
+        key_name = subject_key_name(column.key_name, digest)
+        ref = self.cache.active_ref(key_name)
+        key = self.cache.get(*ref) if ref is not None else None
+        if key is None:
+            request = SubjectKeyRequest(key_name, column.key_name, digest, algorithm_of(column))
+            reason = self.unavailable.reason(request) if self.unavailable else None
+            if reason is not None or self.unavailable is None:
+                raise KeyUnavailableError(
+                    f"no data key is loaded for this subject of column "
+                    f"{column.identity}: {reason or 'subject keys are not enabled'}"
+                )
+            raise KeysNeeded((request,))
+        self.cache.note_sealed(key_name, (key.key_id, key.version))
+        return key
 
     def for_value(self, blob: bytes) -> DataKey:
         if not self.can_open:
@@ -109,9 +157,17 @@ class KeyView:
         key_id, version = read_key_ref(blob)
         key = self.cache.get(key_id, version)
         if key is None:
-            raise KeyUnavailableError(
-                f"data key {key_id} version {version} is not loaded"
-            )
+            if self.unavailable is None:
+                raise KeyUnavailableError(
+                    f"data key {key_id} version {version} is not loaded"
+                )
+            request = StoredKeyRequest(key_id, version)
+            reason = self.unavailable.reason(request)
+            if reason is not None:
+                raise KeyUnavailableError(
+                    f"data key {key_id} version {version} is not available: {reason}"
+                )
+            raise KeysNeeded((request,))
         return key
 
 
@@ -142,8 +198,20 @@ class ColumnPlanner:
             plaintext = column.logical.from_wire(slot.value.encode("utf-8"), TEXT_FORMAT)
         except (ValueError, UnicodeError):
             raise _invalid_input(column) from None
+        subject = None
+        if slot.subject is not None:
+            if slot.subject.literal is None:
+                raise StatementRejected(
+                    "0A000",
+                    f"a literal for column {column.identity}, which is keyed per "
+                    f"subject, takes its subject {column.subject_column} from "
+                    f"parameter ${slot.subject.param}, whose value is not known "
+                    "when the literal is sealed",
+                    "Send the value as a parameter too, or the subject as a literal.",
+                )
+            subject = SubjectValue(slot.subject.literal.encode("utf-8"), TEXT_FORMAT)
         associated = self._literal_associated(slot)
-        sealed = self._seal(column, plaintext, associated)
+        sealed = self._seal(column, plaintext, associated, subject)
         if column.storage is Storage.BYTEA:
             return quote_literal("\\x" + sealed.hex())
         return quote_literal(armour(sealed).decode("ascii"))
@@ -180,17 +248,19 @@ class ColumnPlanner:
         fmt: int,
         declared_oid: int = 0,
         associated: tuple[bytes | None, ...] = (),
+        subject: SubjectValue | None = None,
     ) -> bytes:
         """Seal a parameter for the column's storage, in the same wire format.
 
         Text and bytea send their binary form as plain bytes, so the format
         code of the parameter never has to change. `associated` contains the
-        canonical values of the column's associated columns in the row.
+        canonical values of the column's associated columns in the row, and
+        `subject` is the row's subject value, for a column keyed per subject.
         Raises ValueError on input the server would reject for the logical
         type.
         """
         plaintext = column.logical.from_wire(value, fmt, declared_oid)
-        sealed = self._seal(column, plaintext, associated)
+        sealed = self._seal(column, plaintext, associated, subject)
         if column.storage is Storage.TEXT:
             return armour(sealed)
         if fmt == BINARY_FORMAT:
@@ -222,13 +292,23 @@ class ColumnPlanner:
         column: EncryptedColumn,
         plaintext: bytes,
         associated: tuple[bytes | None, ...] = (),
+        subject: SubjectValue | None = None,
     ) -> bytes:
         if len(associated) != len(column.associated):
             raise ValueError(
                 f"column {column.identity} needs {len(column.associated)} associated "
                 f"values, got {len(associated)}"
             )
-        return self._keys.sealer(column).seal(plaintext, associated)
+        if column.subject_column is None:
+            return self._keys.sealer(column).seal(plaintext, associated)
+        key = self._keys.subject_key(column, _canonical_subject(column, subject))
+        return seal(
+            key,
+            plaintext,
+            store_id=self._keys.store_id,
+            context=column.key_name,
+            associated=associated,
+        )
 
     def row_plan(
         self,
@@ -362,6 +442,26 @@ def _canonical_associated(
         )
     except (ValueError, UnicodeError, struct.error):
         raise DecryptionError() from None
+
+
+def _canonical_subject(column: EncryptedColumn, subject: SubjectValue | None) -> str:
+    if subject is None:
+        raise StatementRejected(
+            "0A000",
+            f"column {column.identity} is keyed per subject, but the row's subject "
+            f"{column.subject_column} is NULL or missing, so no data key can seal "
+            "the value",
+            f"Set {column.subject_column} to a non-null value in the same statement.",
+        )
+    try:
+        return canonical_subject(column.subject_type, subject.raw, subject.format)
+    except (ValueError, UnicodeError):
+        raise StatementRejected(
+            "22P02",
+            f"the subject {column.subject_column} of column {column.identity} is "
+            "not valid input for its type",
+            "Check the value's format; the proxy reads it to choose the data key.",
+        ) from None
 
 
 def _invalid_input(column: EncryptedColumn) -> StatementRejected:

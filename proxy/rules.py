@@ -34,6 +34,16 @@ class Encryption(enum.Enum):
     DETERMINISTIC = "deterministic"
 
 
+class KeyScope(enum.Enum):
+    """Which values of a column share a data key."""
+
+    COLUMN = "column"
+    """One data key (and its versions) for every value of the column."""
+
+    SUBJECT = "subject"
+    """One data key per value of the row's subject column, such as an owner id."""
+
+
 class OnDecryptError(enum.Enum):
     """The value a client reads when a stored value of the column fails to open."""
 
@@ -75,6 +85,10 @@ class ColumnRule:
     # Plain columns of the same table whose values in the row are bound into
     # each value's associated data, in this order.
     associated_columns: tuple[str, ...] = ()
+    key_scope: KeyScope = KeyScope.COLUMN
+    # With key_scope subject: the plain column of the same table whose
+    # value in each row selects the data key.
+    subject_column: str | None = None
 
     @property
     def identity(self) -> str:
@@ -132,6 +146,8 @@ _COLUMN_KEYS = {
     "rotation_period",
     "keyring",
     "associated_columns",
+    "key_scope",
+    "subject_column",
 }
 _DURATION_UNITS = {"d": 86400, "h": 3600, "m": 60, "s": 1}
 _STORAGES = ("text", "bytea")
@@ -179,6 +195,7 @@ def _table(path: Path, node: Node) -> TableRule:
         raise RuleError(f"{_source(path, node)}: table {name} lists no columns")
     columns = tuple(_column(path, item, schema, table) for item in column_nodes)
     _check_associated_names(path, column_nodes, columns)
+    _check_subject_columns(columns)
     return TableRule(schema, table, database, columns, _source(path, node))
 
 
@@ -209,6 +226,7 @@ def _column(path: Path, node: Node, schema: str, table: str) -> ColumnRule:
     if "keyring" in mapping:
         keyring = _scalar(path, mapping["keyring"], "keyring")
     associated = _associated_columns(path, mapping, name, encryption)
+    key_scope, subject_column = _key_scope(path, node, mapping, name, encryption)
     return ColumnRule(
         schema,
         table,
@@ -222,6 +240,8 @@ def _column(path: Path, node: Node, schema: str, table: str) -> ColumnRule:
         rotation_period,
         keyring,
         associated,
+        key_scope,
+        subject_column,
     )
 
 
@@ -279,6 +299,60 @@ def _check_associated_names(
                     f"column {other!r} in 'associated_columns'; only plain columns "
                     "of the same table can be associated"
                 )
+
+
+def _key_scope(
+    path: Path, node: Node, mapping: dict[str, Node], name: str, encryption: Encryption
+) -> tuple[KeyScope, str | None]:
+    scope = _choice(path, mapping, "key_scope", KeyScope, KeyScope.COLUMN)
+    subject = None
+    if "subject_column" in mapping:
+        subject = _scalar(path, mapping["subject_column"], "subject_column")
+    if scope is KeyScope.COLUMN:
+        if subject is not None:
+            raise RuleError(
+                f"{_source(path, mapping['subject_column'])}: column {name} sets "
+                "'subject_column' but not 'key_scope: subject'; add it, or remove "
+                "'subject_column'"
+            )
+        return scope, None
+    where = _source(path, mapping["key_scope"])
+    if encryption is Encryption.DETERMINISTIC:
+        raise RuleError(
+            f"{where}: column {name} is deterministic and cannot be keyed per "
+            "subject: equal values of different subjects would seal differently, "
+            "so equality search, joins and unique constraints would stop matching; "
+            "use 'encryption: randomized' or 'key_scope: column'"
+        )
+    if "rotation_period" in mapping:
+        raise RuleError(
+            f"{where}: column {name} is keyed per subject and sets "
+            "'rotation_period', which only rotates column keys; remove it"
+        )
+    if subject is None:
+        raise RuleError(
+            f"{_source(path, node)}: column {name} sets 'key_scope: subject' but "
+            "no 'subject_column'; name the plain column of the same table that "
+            "identifies each row's subject, for example 'subject_column: creator_id'"
+        )
+    if subject == name:
+        raise RuleError(
+            f"{_source(path, mapping['subject_column'])}: column {name} names "
+            "itself as its subject_column; name a plain column of the same table"
+        )
+    return scope, subject
+
+
+def _check_subject_columns(columns: tuple[ColumnRule, ...]) -> None:
+    """Reject a subject column that is itself encrypted: it must stay readable."""
+    encrypted = {column.column for column in columns}
+    for column in columns:
+        if column.subject_column in encrypted:
+            raise RuleError(
+                f"{column.source}: column {column.identity} takes its subject from "
+                f"{column.subject_column}, which is encrypted; the subject column "
+                "must be a plain column, so that the proxy can read each row's subject"
+            )
 
 
 def _rotation_period(

@@ -17,12 +17,13 @@ import logging
 import socket
 import ssl
 import struct
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from proxy.errors import ConfigError, MessageTooLarge, ProtocolError
+from proxy.crypto.subjects import KeyRequest
+from proxy.errors import ConfigError, KeyStoreError, MessageTooLarge, ProtocolError
 from proxy.tls import (
     ChannelBindingGuard,
     ClientLeg,
@@ -269,6 +270,8 @@ class Relay:
         self.active_connections = 0
         self.connections: dict[str, LiveConnection] = {}
         self.on_catalog_change: Callable[[str], None] = lambda database: None
+        self.fetch_keys: Callable[[tuple[KeyRequest, ...]], Awaitable[None]] = _no_keys
+        """Loads or creates the data keys a session asked for, into the cache."""
 
     def set_planners(self, planners: dict[str, Planner]) -> None:
         """Use new planners for connections that start from now on."""
@@ -571,19 +574,37 @@ class Relay:
                 await destination.drain()
                 continue
             out = step(frames.feed(data))
-            if out.to_client:
-                client_writer.write(b"".join(out.to_client))
-            if out.to_server:
-                server_writer.write(b"".join(out.to_server))
-            # NOTE: a peer that stops reading blocks this drain without a time
-            # limit. Its connection stays open, even after the other side has
-            # ended the session, until it reads again or its socket fails.
-            await destination.drain()
-            if out.catalog_changed:
-                self.on_catalog_change(database)
-            if out.close:
-                return
+            fetched: tuple[KeyRequest, ...] = ()
+            while True:
+                if out.to_client:
+                    client_writer.write(b"".join(out.to_client))
+                if out.to_server:
+                    server_writer.write(b"".join(out.to_server))
+                # NOTE: a peer that stops reading blocks this drain without a
+                # time limit. Its connection stays open, even after the other
+                # side has ended the session, until it reads again or its
+                # socket fails.
+                await destination.drain()
+                if out.catalog_changed:
+                    self.on_catalog_change(database)
+                if out.close:
+                    return
+                if not out.keys_needed:
+                    break
+                # The session stopped at a message whose data keys are not
+                # cached, and hands back that message and the ones after it.
+                if out.keys_needed == fetched:
+                    raise KeyStoreError(
+                        "data keys were fetched but are still missing from the cache"
+                    )
+                fetched = out.keys_needed
+                await self.fetch_keys(fetched)
+                out = step(out.retry)
             unchanged = frames.pending_bytes == 0 and forwards_unchanged()
+
+
+async def _no_keys(requests: tuple[KeyRequest, ...]) -> None:
+    raise KeyStoreError("this relay has no key store to fetch data keys from")
 
 
 async def _deliver_cancel(server: ServerLeg, raw: bytes) -> None:

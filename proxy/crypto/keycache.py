@@ -123,6 +123,10 @@ class KeyCache:
         self._key_expiry.pop((key_id, version), None)
         self._keys.discard((key_id, version))
 
+    def refs(self) -> list[KeyRef]:
+        """Return the (key_id, version) of every cached data key."""
+        return list(self._keys.keys())
+
     def purge(self) -> None:
         """Remove the expired data keys now rather than on the next put()."""
         self._keys.expire()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import uuid
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -20,10 +21,11 @@ import asyncpg
 from proxy.audit import AuditLog, AuditRecord, KeyVersionRef
 from proxy.crypto.keycache import KeyCache, KeyRef
 from proxy.crypto.keyring import Keyring
+from proxy.crypto.subjects import SUBJECT_SECRET_SIZE, SubjectKeyRequest
 from proxy.crypto.values import STORE_ID_SIZE, Algorithm, DataKey
 from proxy.errors import ConfigError, KeyringError, KeyStoreError, KeyUnavailableError
 
-__all__ = ["KeyCache", "KeyRef", "KeyStore", "lock_key_name"]
+__all__ = ["KeyCache", "KeyNotFoundError", "KeyRef", "KeyStore", "lock_key_name"]
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +68,15 @@ CREATE TABLE IF NOT EXISTS pgseal.wrapped_keys (
 );
 
 ALTER TABLE pgseal.data_keys ADD COLUMN IF NOT EXISTS retired_at timestamptz;
+
+ALTER TABLE pgseal.key_store ADD COLUMN IF NOT EXISTS subject_secret bytea;
+
+CREATE TABLE IF NOT EXISTS pgseal.subject_keys (
+    key_id integer PRIMARY KEY REFERENCES pgseal.key_names,
+    column_key_name text NOT NULL,
+    subject_hmac bytea NOT NULL,
+    UNIQUE (subject_hmac, column_key_name)
+);
 """
 
 # age is in seconds, by the server's clock, so that replicas with skewed
@@ -96,6 +107,10 @@ ORDER BY n.key_name, d.version
 
 
 
+class KeyNotFoundError(KeyStoreError):
+    """A data key version that is not in the key store, as after a shred."""
+
+
 class KeyStore:
     """Creates, wraps, stores and unwraps data keys, with a cache in front.
 
@@ -117,6 +132,7 @@ class KeyStore:
         self.audit = audit
         """Where key creation, rotation and retirement are recorded, if anywhere."""
         self._store_id: bytes | None = None
+        self._subject_secret: bytes | None = None
         self._unwrap_locks: dict[KeyRef, asyncio.Lock] = {}
         self.unwrap_calls = 0
         """Number of keyring unwrap() calls made, failed ones included."""
@@ -182,6 +198,13 @@ class KeyStore:
             raise KeyStoreError("key store is not set up: call setup() first")
         return self._store_id
 
+    @property
+    def subject_secret(self) -> bytes:
+        """The 32-byte HMAC key that turns subject values into stored digests."""
+        if self._subject_secret is None:
+            raise KeyStoreError("key store is not set up: call setup() first")
+        return self._subject_secret
+
     async def setup(self) -> None:
         """Create the pgseal schema and tables if missing, and read the store id.
 
@@ -197,11 +220,20 @@ class KeyStore:
                     "ON CONFLICT DO NOTHING",
                     uuid.uuid4(),
                 )
-                stored = await conn.fetchval("SELECT store_id FROM pgseal.key_store")
+                await conn.execute(
+                    "UPDATE pgseal.key_store SET subject_secret = $1 "
+                    "WHERE subject_secret IS NULL",
+                    secrets.token_bytes(SUBJECT_SECRET_SIZE),
+                )
+                stored = await conn.fetchrow(
+                    "SELECT store_id, subject_secret FROM pgseal.key_store"
+                )
+        assert stored is not None
 
-        store_id = uuid.UUID(str(stored)).bytes
+        store_id = uuid.UUID(str(stored["store_id"])).bytes
         assert len(store_id) == STORE_ID_SIZE
         self._store_id = store_id
+        self._subject_secret = bytes(stored["subject_secret"])
         logger.info("key store %s is ready", store_id.hex())
 
     async def active_key(self, key_name: str, algorithm: Algorithm) -> DataKey:
@@ -228,6 +260,65 @@ class KeyStore:
         _check_algorithm(key_name, key.algorithm, algorithm)
         self._cache.set_active(key_name, ref)
         return key
+
+    async def subject_key(self, request: SubjectKeyRequest) -> DataKey:
+        """Return the active data key of one subject, creating it on first use.
+
+        Creation is safe when several processes ask at once: it runs under
+        the key name's advisory lock and re-reads the active version inside
+        it, so exactly one key is created and the others read it.
+        """
+        subject = (request.column_key_name, request.digest)
+        if not self.can_unwrap:
+            return await self._own_key(request.key_name, request.algorithm, subject)
+        ref = self._cache.active_ref(request.key_name)
+        if ref is None:
+            ref = await self._find_active(request.key_name, request.algorithm)
+        if ref is None:
+            result = await self._create_recorded(
+                request.key_name,
+                request.algorithm,
+                "create",
+                "first value of a subject",
+                subject=subject,
+            )
+            return await self._activate(request.key_name, result)
+        key = await self.get_key(*ref)
+        self._cache.set_active(request.key_name, ref)
+        return key
+
+    async def drop_destroyed(self) -> int:
+        """Drop cached data keys whose rows left the key store, as after a shred.
+
+        Their material is overwritten as on any eviction from the cache.
+        Returns the number of keys dropped.
+        """
+        cached = self._cache.refs()
+        own = {(k.key_id, k.version): name for name, k in self._own_keys.items()}
+        refs = sorted(set(cached) | set(own))
+        if not refs:
+            return 0
+        with _database_errors("checking cached data keys"):
+            async with self._pool.acquire() as conn:
+                rows = await conn.fetch(
+                    "SELECT d.key_id, d.version FROM pgseal.data_keys d "
+                    "JOIN unnest($1::int[], $2::int[]) AS r(key_id, version) "
+                    "USING (key_id, version)",
+                    [ref[0] for ref in refs],
+                    [ref[1] for ref in refs],
+                )
+        stored = {(row["key_id"], row["version"]) for row in rows}
+        dropped = [ref for ref in refs if ref not in stored]
+        for ref in dropped:
+            if ref in own:
+                del self._own_keys[own[ref]]
+            self._cache.discard(*ref)
+            logger.info(
+                "dropped data key %d version %d from the cache: it is no longer "
+                "in the key store",
+                *ref,
+            )
+        return len(dropped)
 
     async def get_key(self, key_id: int, version: int) -> DataKey:
         """Return a data key, unwrapping it only on a cache miss.
@@ -444,6 +535,7 @@ class KeyStore:
         new_version: bool = False,
         if_active: KeyRef | None = None,
         older_than: float | None = None,
+        subject: tuple[str, bytes] | None = None,
     ) -> DataKey | KeyRef:
         """Create the next version of key_name, unless another process just did.
 
@@ -453,19 +545,28 @@ class KeyStore:
         previous holder committed. With new_version, a version is created even
         when an active one exists. With if_active, a version is created when
         the active one is still if_active, and with older_than (seconds), when
-        the active one is older than that.
+        the active one is older than that. With subject (the column's key
+        name and the subject digest), a new key name is also recorded in
+        pgseal.subject_keys, in the same transaction, so shred finds it.
         """
         with _database_errors(f"creating a data key for {key_name!r}"):
             async with self._pool.acquire() as conn, conn.transaction():
                 await lock_key_name(conn, key_name)
                 row = await conn.fetchrow(_FIND_ACTIVE_SQL, key_name)
                 if row is None or new_version or _rotation_due(row, if_active, older_than):
-                    return await self._insert_next_version(conn, key_name, algorithm)
+                    return await self._insert_next_version(
+                        conn, key_name, algorithm, subject
+                    )
 
         _check_algorithm(key_name, _parse_algorithm(row["algorithm"]), algorithm)
         return row["key_id"], row["version"]
 
-    async def _own_key(self, key_name: str, algorithm: Algorithm) -> DataKey:
+    async def _own_key(
+        self,
+        key_name: str,
+        algorithm: Algorithm,
+        subject: tuple[str, bytes] | None = None,
+    ) -> DataKey:
         """Return this process's data key for key_name, creating it on first use.
 
         A write-only store cannot unwrap the versions that other processes
@@ -487,6 +588,7 @@ class KeyStore:
                     "create",
                     "write-only proxy start",
                     new_version=True,
+                    subject=subject,
                 )
                 assert isinstance(created, DataKey)
                 key = self._own_keys[key_name] = created
@@ -517,8 +619,9 @@ class KeyStore:
         conn: asyncpg.pool.PoolConnectionProxy[asyncpg.Record],
         key_name: str,
         algorithm: Algorithm,
+        subject: tuple[str, bytes] | None = None,
     ) -> DataKey:
-        key_id = await self._ensure_key_name(conn, key_name, algorithm)
+        key_id = await self._ensure_key_name(conn, key_name, algorithm, subject)
         version = await conn.fetchval(
             "SELECT coalesce(max(version), 0) + 1 FROM pgseal.data_keys "
             "WHERE key_id = $1",
@@ -551,6 +654,7 @@ class KeyStore:
         conn: asyncpg.pool.PoolConnectionProxy[asyncpg.Record],
         key_name: str,
         algorithm: Algorithm,
+        subject: tuple[str, bytes] | None = None,
     ) -> int:
         row = await conn.fetchrow(
             "SELECT key_id, algorithm FROM pgseal.key_names WHERE key_name = $1",
@@ -566,6 +670,13 @@ class KeyStore:
             key_name,
             int(algorithm),
         )
+        if subject is not None:
+            await conn.execute(
+                "INSERT INTO pgseal.subject_keys (key_id, column_key_name, subject_hmac) "
+                "VALUES ($1, $2, $3)",
+                new_id,
+                *subject,
+            )
         return new_id
 
     async def _wrap_all(self, key: DataKey, key_name: str) -> list[tuple[str, bytes]]:
@@ -590,7 +701,7 @@ class KeyStore:
             async with self._pool.acquire() as conn:
                 rows = await conn.fetch(_FIND_WRAPPED_SQL, key_id, version)
         if not rows:
-            raise KeyStoreError(
+            raise KeyNotFoundError(
                 f"data key {key_id} version {version} not found in the key store"
             )
 

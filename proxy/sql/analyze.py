@@ -26,6 +26,12 @@ from proxy.sql.bound_outputs import associate_outputs
 from proxy.sql.literals import LiteralSlot, find_literal_span
 from proxy.sql.outputs import Trace, passes_through, trace_select
 from proxy.sql.prepared import SqlDeallocate, SqlExecute, SqlPrepare
+from proxy.sql.subjects import (
+    SubjectSource,
+    missing_subject,
+    value_subject,
+    where_subject,
+)
 from proxy.wire.copy import CopyOptions
 
 Node = dict[str, Any]
@@ -77,6 +83,9 @@ class StatementPlan:
     # Per output column of a bound column, the output columns that contain
     # its associated values from the same row.
     associations: dict[int, tuple[int, ...]] = field(default_factory=dict)
+    # For parameters bound for columns keyed per subject: where each row's
+    # subject value is.
+    subjects: dict[int, SubjectSource] = field(default_factory=dict)
 
     @property
     def is_empty(self) -> bool:
@@ -103,6 +112,9 @@ class CopyPlan:
     fields: dict[int, Trace]
     # Per field of a bound column, the fields that contain its associated values.
     associated: dict[int, tuple[int, ...]] = field(default_factory=dict)
+    # COPY FROM into columns keyed per subject: field index to the index
+    # of the field that contains the row's subject value.
+    subjects: dict[int, int] = field(default_factory=dict)
 
 
 class Analyzer:
@@ -189,6 +201,7 @@ class _Walker:
         self._arrays: set[int] = set()
         self._bindings: dict[int, assoc.Sources] = {}
         self._associations: list[dict[int, tuple[int, ...]]] = []
+        self._subjects: dict[int, SubjectSource] = {}
 
     def result(self) -> StatementPlan:
         outputs = self._outputs[0] if len(self._outputs) == 1 else None
@@ -205,6 +218,7 @@ class _Walker:
             self._search_path_change,
             dict(self._bindings),
             self._associations[0] if outputs is not None and self._associations else {},
+            dict(self._subjects),
         )
         assoc.check_bindings(self._bindings, self._params)
         assoc.check_single_bound_result(self._associations, self._outputs)
@@ -313,6 +327,15 @@ class _Walker:
                 "Use the protocol's prepared statements (a driver's parameters), "
                 "or literals.",
             )
+        keyed = [slot.column for slot in inner._literals if slot.subject is not None]
+        keyed += [inner._params[number] for number in inner._subjects]
+        if keyed:
+            raise reject(
+                keyed[0],
+                "PREPARE of a statement that writes a column keyed per subject is "
+                "not supported",
+                "Use the extended protocol (Parse and Bind), as drivers do.",
+            )
         self._literals.extend(inner._literals)
         self._sql_prepared.append(SqlPrepare(body["name"], dict(inner._params)))
 
@@ -332,7 +355,24 @@ class _Walker:
             return
         options = CopyOptions.from_options(_copy_options(body.get("options", [])))
         associated = self._copy_associated(body, fields)
-        self._copies.append(CopyPlan(direction, options, fields, associated))
+        subjects = self._copy_subjects(body, fields) if direction == "in" else {}
+        self._copies.append(CopyPlan(direction, options, fields, associated, subjects))
+
+    def _copy_subjects(self, body: Node, fields: dict[int, Trace]) -> dict[int, int]:
+        """Map each COPY FROM field keyed per subject to its subject's field."""
+        table = self._table_of(body["relation"])
+        assert table is not None
+        names = [item["String"]["sval"] for item in body.get("attlist", [])]
+        names = names or list(table.columns)
+        subjects = {}
+        for index, trace in fields.items():
+            column = trace[0]
+            if column.subject_column is None:
+                continue
+            if column.subject_column not in names:
+                raise missing_subject(column, f"COPY into {table.qualified_name}")
+            subjects[index] = names.index(column.subject_column)
+        return subjects
 
     def _copy_fields(self, body: Node) -> dict[int, Trace]:
         if "query" in body:
@@ -385,12 +425,19 @@ class _Walker:
         select = body.get("selectStmt", {}).get("SelectStmt", {})
         targets = [table.encrypted.get(name) for name in columns]
         if any(targets) and "valuesLists" not in select:
-            bound = next((t for t in targets if t is not None and t.associated), None)
+            bound = next(
+                (
+                    t
+                    for t in targets
+                    if t is not None and (t.associated or t.subject_column is not None)
+                ),
+                None,
+            )
             if bound is not None:
                 raise reject(
                     bound,
-                    "INSERT ... SELECT cannot give the proxy the row's associated "
-                    "values",
+                    "INSERT ... SELECT cannot give the proxy each row's associated "
+                    "values or subject",
                     "Insert the values with VALUES so that the proxy can seal them.",
                 )
             self._insert_select(select, targets, handled)
@@ -398,9 +445,14 @@ class _Walker:
         for items in rows:
             values = dict(zip(columns, items))
             for value, column in zip(items, targets):
-                if column is not None:
-                    sources = assoc.row_sources(column, values, "the INSERT")
-                    self._value(value, column, table, handled, sources)
+                if column is None:
+                    continue
+                sources = assoc.row_sources(column, values, "the INSERT")
+                subject = None
+                if column.subject_column is not None and _sealed_here(value):
+                    place = f"the INSERT into {table.qualified_name}"
+                    subject = value_subject(values.get(column.subject_column), column, place)
+                self._value(value, column, table, handled, sources, subject)
         conflict = body.get("onConflictClause", {})
         if conflict.get("targetList"):
             inserted = dict(zip(columns, rows[0])) if len(rows) == 1 else None
@@ -432,6 +484,8 @@ class _Walker:
                 slot = find_literal_span(self._sql, body, value.column)
                 self._literals.append(replace(slot, array=value.array))
 
+
+
     def _update(self, body: Node, handled: set[int]) -> None:
         table = self._table_of(body["relation"])
         if table is None:
@@ -442,12 +496,14 @@ class _Walker:
         relation = body["relation"]
         names = (relation.get("alias", {}).get("aliasname") or relation["relname"],)
         pins = assoc.where_pins(body.get("whereClause"), names)
+        qualifiers = {relation["relname"], relation.get("alias", {}).get("aliasname")}
+        where = (body.get("whereClause"), {q for q in qualifiers if q})
 
         def sources_of(column: EncryptedColumn) -> assoc.Sources | str:
             values = {**pins, **updates}
             return assoc.row_sources(column, values, "the UPDATE")
 
-        self._assignments(targets, table, handled, sources_of)
+        self._assignments(targets, table, handled, sources_of, where)
         assoc.check_update(table, updates)
 
     def _assignments(
@@ -456,13 +512,41 @@ class _Walker:
         table: RuledTable,
         handled: set[int],
         sources_of: Callable[[EncryptedColumn], assoc.Sources | str],
+        where: tuple[Node | None, set[str]] | None = None,
     ) -> None:
+        """Check the SET list of an UPDATE or of ON CONFLICT DO UPDATE.
+
+        `where` is an UPDATE's WHERE clause with the names that qualify the
+        table's columns in it; it may pin the subject of the changed rows.
+        """
+        values = {_only(item)[1].get("name", ""): _only(item)[1].get("val") for item in targets}
         for item in targets:
             target = _only(item)[1]
             column = table.encrypted.get(target.get("name", ""))
-            if column is not None:
-                sources = sources_of(column) if column.associated else ()
-                self._value(target["val"], column, table, handled, sources)
+            if column is None:
+                continue
+            subject = None
+            if column.subject_column is not None and _sealed_here(target["val"]):
+                subject = self._set_subject(column, values, table, where)
+            sources = sources_of(column) if column.associated else ()
+            self._value(target["val"], column, table, handled, sources, subject)
+
+    def _set_subject(
+        self,
+        column: EncryptedColumn,
+        values: dict[str, Node | None],
+        table: RuledTable,
+        where: tuple[Node | None, set[str]] | None,
+    ) -> SubjectSource:
+        assert column.subject_column is not None
+        place = f"the UPDATE of {table.qualified_name}"
+        node = values.get(column.subject_column)
+        if node is not None:
+            return value_subject(node, column, place)
+        pinned = where_subject(where[0], column, where[1]) if where else None
+        if pinned is None:
+            raise missing_subject(column, place)
+        return pinned
 
     def _value(
         self,
@@ -471,6 +555,7 @@ class _Walker:
         table: RuledTable,
         handled: set[int],
         sources: assoc.Sources | str = (),
+        subject: SubjectSource | None = None,
     ) -> None:
         """Accept a value bound for an encrypted column, or reject it.
 
@@ -493,12 +578,12 @@ class _Walker:
             raise reject(column, sources, assoc.BOUND_HINT)
         if kind == "ParamRef":
             assert not isinstance(sources, str)
-            self._param(body["number"], column)
+            self._param(body["number"], column, subject)
             self._bind_sources(body["number"], column, sources)
         elif kind == "A_Const":
             if not body.get("isnull"):
                 assert not isinstance(sources, str)
-                self._literal(body, column, sources)
+                self._literal(body, column, sources, subject)
         elif kind == "SetToDefault":
             return
         elif kind == "ColumnRef" and self._is_same_column(body, column, table):
@@ -526,7 +611,13 @@ class _Walker:
             )
         self._bindings[number] = sources
 
-    def _literal(self, const: Node, column: EncryptedColumn, sources: assoc.Sources) -> None:
+    def _literal(
+        self,
+        const: Node,
+        column: EncryptedColumn,
+        sources: assoc.Sources,
+        subject: SubjectSource | None,
+    ) -> None:
         if any(source.param is not None for source in sources):
             raise reject(
                 column,
@@ -535,13 +626,24 @@ class _Walker:
                 "Send both values as parameters, or both as literals.",
             )
         slot = find_literal_span(self._sql, const, column)
-        self._literals.append(replace(slot, associated=sources))
+        self._literals.append(replace(slot, associated=sources, subject=subject))
 
-    def _param(self, number: int, column: EncryptedColumn) -> None:
+    def _param(
+        self, number: int, column: EncryptedColumn, subject: SubjectSource | None = None
+    ) -> None:
         known = self._params.get(number)
         if known is not None and known.key_name != column.key_name:
             raise reject(column, f"parameter ${number} is also bound for {known.identity}")
+        if known is not None and self._subjects.get(number) != subject:
+            raise reject(
+                column,
+                f"parameter ${number} is stored in rows of different subjects, "
+                "and one sealed value can carry only one subject's key",
+                "Send one parameter per row.",
+            )
         self._params[number] = column
+        if subject is not None:
+            self._subjects[number] = subject
 
     def _is_same_column(
         self, ref: Node, column: EncryptedColumn, table: RuledTable
@@ -731,6 +833,17 @@ class _Walker:
             f"{what} on table {table.qualified_name} is not supported yet",
             "Use INSERT, UPDATE and SELECT with parameters for this table.",
         )
+
+
+def _sealed_here(node: Node) -> bool:
+    """Tell whether a stored value is a parameter or literal that the proxy seals.
+
+    Only those need a subject; NULL, DEFAULT and a column's own value do not.
+    """
+    kind, body = _only(node)
+    if kind == "TypeCast":
+        kind, body = _only(body["arg"])
+    return kind == "ParamRef" or (kind == "A_Const" and not body.get("isnull"))
 
 
 def _only(node: Node) -> tuple[str, Node]:

@@ -12,6 +12,7 @@ import logging
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+from proxy.crypto.subjects import KeysNeeded, SubjectValue
 from proxy.errors import PgsealError
 from proxy.wire.copy import CopyStream
 from proxy.wire.frames import Frame, build
@@ -57,6 +58,7 @@ class CopyRelay:
         planner = self._planner
         fields = copy.fields
         associated = copy.associated
+        subjects = copy.subjects
 
         def seal(
             index: int, value: bytes, fmt: int, row: Mapping[int, bytes | None]
@@ -66,7 +68,14 @@ class CopyRelay:
                 other.canonical(row.get(i), fmt)
                 for other, i in zip(column.associated, associated.get(index, ()))
             )
-            return planner.seal_param(column, value, fmt, associated=bound)  # type: ignore[no-any-return]
+            subject = None
+            if index in subjects:
+                assert self._stream is not None
+                raw = self._stream.row_value(subjects[index])
+                subject = None if raw is None else SubjectValue(raw, fmt)
+            return planner.seal_param(  # type: ignore[no-any-return]
+                column, value, fmt, associated=bound, subject=subject
+            )
 
         def open_(
             index: int, value: bytes, fmt: int, row: Mapping[int, bytes | None]
@@ -89,6 +98,8 @@ class CopyRelay:
             return []
         try:
             data = self._stream.feed(bytes(frame.payload))
+        except KeysNeeded:
+            raise
         except (PgsealError, ValueError) as exc:
             return self._fail(exc)
         return [build(b"d", data)] if data else []
@@ -96,18 +107,21 @@ class CopyRelay:
     def client_end(self, frame: Frame) -> list[bytes]:
         """Return what to send the server for a client's CopyDone or CopyFail."""
         stream = self._stream if self._direction == "in" else None
-        failed = self._failed
-        self.reset()
-        if failed:
+        if self._failed:
+            self.reset()
             return []
         out = []
         if stream is not None and frame.type == ord("c"):
             try:
                 data = stream.finish()
+            except KeysNeeded:
+                raise
             except (PgsealError, ValueError) as exc:
+                self.reset()
                 return self._fail(exc)
             if data:
                 out.append(build(b"d", data))
+        self.reset()
         out.append(frame.raw)
         return out
 
@@ -128,18 +142,20 @@ class CopyRelay:
             return [frame.raw]
         try:
             data = self._stream.feed(bytes(frame.payload))
+        except KeysNeeded:
+            raise
         except (PgsealError, ValueError) as exc:
             raise CopyFailure(str(exc)) from exc
         return [build(b"d", data)] if data else []
 
     def server_done(self, frame: Frame) -> list[bytes]:
         stream = self._stream if self._direction == "out" else None
-        if self._direction == "out":
-            self.reset()
         out = []
         if stream is not None:
             data = stream.finish()
             if data:
                 out.append(build(b"d", data))
+        if self._direction == "out":
+            self.reset()
         out.append(frame.raw)
         return out

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Protocol, TypeVar
 
 from proxy.catalog import TEXT_OID
+from proxy.crypto.subjects import KeyRequest, KeysNeeded, SubjectValue
 from proxy.errors import (
     AssociatedValuesMissing,
     DecryptionError,
@@ -33,7 +34,8 @@ from proxy.sql.hidden_params import HiddenParams, hide_randomized_literals
 from proxy.sql.prepared import SqlDeallocate, SqlPrepare, SqlPreparedStatements
 from proxy.wire import messages as m
 from proxy.wire.copy_relay import CopyFailure, CopyRelay
-from proxy.wire.frames import Frame
+from proxy.wire.failed_statement import SQLSTATE, FailedStatement
+from proxy.wire.frames import Frame, build
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +97,7 @@ class Planner(Protocol):
         fmt: int,
         declared_oid: int = 0,
         associated: tuple[bytes | None, ...] = (),
+        subject: SubjectValue | None = None,
     ) -> bytes: ...
 
     def seal_array_param(
@@ -161,6 +164,10 @@ class Output:
     close: bool = False
     # Set when a statement changed tables or views, so the catalog is stale.
     catalog_changed: bool = False
+    # Data keys to fetch before the messages in `retry` can be handled; the
+    # caller fetches them and passes `retry` to the same method again.
+    keys_needed: tuple[KeyRequest, ...] = ()
+    retry: list[Frame] = field(default_factory=list)
 
 
 class Session:
@@ -179,6 +186,8 @@ class Session:
         self._sql_prepared = SqlPreparedStatements()
         self._query_plan: RowPlan | None = None
         self._copy = CopyRelay(planner, conn_id)
+        # Set from a result value that failed to open until ReadyForQuery.
+        self._failed: FailedStatement | None = None
         self.transaction_status = "I"
         # Set while the rest of a result whose value could not be opened is
         # dropped: "ready" until the server's ReadyForQuery, "aborting" while
@@ -230,7 +239,7 @@ class Session:
         if self._planner is None:
             out.to_server.extend(frame.raw for frame in frames)
             return out
-        for frame in frames:
+        for position, frame in enumerate(frames):
             handler = self._client_handlers.get(frame.type)
             if handler is None:
                 out.to_server.append(frame.raw)
@@ -240,7 +249,16 @@ class Session:
                 # plaintext parameter or literal reaches the server.
                 continue
             else:
-                handler(frame, out)
+                search_path = self._search_path
+                try:
+                    handler(frame, out)
+                except KeysNeeded as exc:
+                    # Handlers raise it before they change any state except
+                    # the search_path, so the frame can be handled again.
+                    self._search_path = search_path
+                    out.keys_needed = exc.requests
+                    out.retry = frames[position:]
+                    return out
         return out
 
     def _parse(self, frame: Frame, out: Output) -> None:
@@ -395,8 +413,11 @@ class Session:
                     )
                 else:
                     associated = self._associated_params(msg, statement, number)
+                    subject = None
+                    if number in plan.subjects:
+                        subject = _subject_value(plan.subjects[number], msg)
                     params[index] = self._planner.seal_param(
-                        column, value, fmt, declared, associated
+                        column, value, fmt, declared, associated, subject
                     )
             except KeyUnavailableError as exc:
                 raise StatementRejected(
@@ -590,14 +611,21 @@ class Session:
         if self._planner is None:
             out.to_client.extend(frame.raw for frame in frames)
             return out
-        for frame in frames:
+        for position, frame in enumerate(frames):
             handler = self._server_handlers.get(frame.type)
             if self._failed_result is not None:
                 self._after_failed_value(frame, out)
+            elif self._failed is not None:
+                self._while_failed(self._failed, frame, out)
             elif handler is None:
                 out.to_client.append(frame.raw)
             else:
-                handler(frame, out)
+                try:
+                    handler(frame, out)
+                except KeysNeeded as exc:
+                    out.keys_needed = exc.requests
+                    out.retry = frames[position:]
+                    return out
             if out.close:
                 break
         return out
@@ -713,12 +741,61 @@ class Session:
             return
         try:
             out.to_client.append(self._open_row(frame, plan))
-        except ProtocolError:
+        except (ProtocolError, KeysNeeded):
             raise
         except KeyUnavailableError as exc:
             self._fail_result(exc, out)
-        except (DecryptionError, KeyringError, PgsealError) as exc:
+        except (DecryptionError, KeyringError) as exc:
+            log.info(
+                "[%s] a result value failed to open (%s); failing the statement",
+                self._conn_id,
+                type(exc).__name__,
+            )
+            self._failed = FailedStatement(exc)
+        except PgsealError as exc:
             self._fail_row(exc, out)
+
+    def _while_failed(self, failed: FailedStatement, frame: Frame, out: Output) -> None:
+        """Handle a server message between a failed result value and ReadyForQuery.
+
+        Each message still updates the session's state, but only
+        ParameterStatus, NotificationResponse and NoticeResponse reach the
+        client.
+        """
+        kind = frame.type
+        if failed.aborting:
+            # The reply to the statement that aborts the server's transaction.
+            if kind == ord("Z"):
+                self._failed = None
+                self.transaction_status = chr(frame.raw[5])
+                out.to_client.append(frame.raw)
+            return
+        if kind in (ord("S"), ord("A"), ord("N")):
+            self._server_handlers.get(kind, _forward)(frame, out)
+            return
+        handler = self._server_handlers.get(kind)
+        if handler is not None and kind != ord("D"):
+            handler(frame, Output())
+        if kind == ord("Z"):
+            self._finish_failed(failed, frame, out)
+        else:
+            failed.note(kind, frame.raw[5:30])
+
+    def _finish_failed(self, failed: FailedStatement, frame: Frame, out: Output) -> None:
+        """Report the failed statement at its ReadyForQuery, or end the connection."""
+        if failed.changed or self._pending:
+            # The server did more than read, or already replies to later
+            # messages of the client, so an error would misstate the outcome.
+            self._failed = None
+            self._fail_row(failed.error, out)
+            return
+        out.to_client.append(m.encode_error(SQLSTATE, failed.message, failed.hint))
+        if self.transaction_status == "T":
+            failed.aborting = True
+            out.to_server.append(m.encode_query(_REJECTED_QUERY))
+            return
+        self._failed = None
+        out.to_client.append(frame.raw)
 
     def _open_row(self, frame: Frame, plan: RowPlan) -> bytes:
         assert self._planner is not None
@@ -750,22 +827,21 @@ class Session:
         return m.encode_data_row(values)
 
     def _fail_row(self, exc: PgsealError, out: Output) -> None:
-        # The server has already sent part of the result and goes on
-        # executing, so an ErrorResponse here would leave the client and the
-        # server disagreeing about the transaction. Ending the connection is
-        # the one answer both sides agree on. Columns that set
-        # on_decrypt_error to null or ciphertext never get here.
+        # Where the statement cannot get an error of its own (see
+        # proxy.wire.failed_statement), ending the connection is the one
+        # outcome that both sides agree on. Columns that set on_decrypt_error
+        # to null or ciphertext never get here.
         log.warning("[%s] closing connection: a result value failed to open (%s)",
                     self._conn_id, type(exc).__name__)
-        message = "an encrypted value in the result could not be opened"
-        hint = "Check that the proxy has the keyring that sealed this value."
+        failed = FailedStatement(exc)
+        message, hint = failed.message, failed.hint
         if isinstance(exc, AssociatedValuesMissing):
             message = f"a value of encrypted column {exc.column} could not be opened: {exc}"
             hint = (
                 "Select its associated columns beside it from the table itself, "
                 "not through a subquery or a WITH query."
             )
-        out.to_client.append(m.encode_error("XX001", message, hint, severity="FATAL"))
+        out.to_client.append(m.encode_error(SQLSTATE, message, hint, severity="FATAL"))
         out.close = True
 
     def _fail_result(self, exc: KeyUnavailableError, out: Output) -> None:
@@ -891,6 +967,8 @@ class Session:
     def _server_copy_done(self, frame: Frame, out: Output) -> None:
         try:
             out.to_client.extend(self._copy.server_done(frame))
+        except KeysNeeded:
+            raise
         except PgsealError as exc:
             self._fail_row(exc, out)
 
@@ -960,6 +1038,10 @@ class Session:
         }
 
 
+def _forward(frame: Frame, out: Output) -> None:
+    out.to_client.append(frame.raw)
+
+
 def _replace(table: dict[str, _T], name: str, value: _T | None) -> Callable[[], None]:
     """Set or remove `table[name]` and return a function that restores the old entry."""
     previous = table.get(name)
@@ -975,6 +1057,18 @@ def _replace(table: dict[str, _T], name: str, value: _T | None) -> Callable[[], 
             table[name] = previous
 
     return undo
+
+
+def _subject_value(source: Any, msg: m.Bind) -> SubjectValue | None:
+    """Return a row's subject value from a Bind, or None when it is NULL or absent."""
+    if source.param is None:
+        return SubjectValue(source.literal.encode("utf-8"))
+    index = source.param - 1
+    if index >= len(msg.params) or msg.params[index] is None:
+        return None
+    raw = msg.params[index]
+    assert raw is not None
+    return SubjectValue(raw, msg.param_format(index))
 
 
 def _bind_names(payload: memoryview) -> tuple[str, str]:

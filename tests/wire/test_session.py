@@ -205,6 +205,11 @@ def client_rows(out: Output) -> list[list[bytes | None]]:
     return [m.decode_data_row(f.payload) for f in rows]
 
 
+def error_severity(out: Output) -> str:
+    (frame,) = [f for f in frames(*out.to_client) if f.type == ord("E")]
+    return m.decode_error_fields(frame.payload)["S"]
+
+
 def error_code(out: Output) -> str:
     (frame,) = [f for f in frames(*out.to_client) if f.type == ord("E")]
     return m.decode_error_fields(frame.payload)["C"]
@@ -439,13 +444,78 @@ def test_rows_of_plain_columns_keep_original_bytes(session: Session) -> None:
     assert reply.to_client[1] == row
 
 
-def test_value_that_fails_to_open_closes(session: Session) -> None:
+def test_value_that_fails_to_open_errors(session: Session) -> None:
     from_client(session, build(b"Q", b"SELECT secret, id FROM tokens\0"))
-    reply = from_server(session, SECRET_ROW, data_row(b"not-sealed", b"1"), ready())
+    reply = from_server(
+        session,
+        SECRET_ROW,
+        data_row(b"sealed:tok", b"1"),
+        data_row(b"not-sealed", b"2"),
+        data_row(b"sealed:late", b"3"),
+        build(b"C", b"SELECT 3\0"),
+        ready(),
+    )
+
+    assert not reply.close
+    assert types(reply.to_client) == "TDEZ"
+    assert client_rows(reply) == [[b"tok", b"1"]]
+    assert error_code(reply) == "XX001"
+    assert error_severity(reply) == "ERROR"
+    assert reply.to_server == []
+
+
+def test_failed_value_aborts_transaction_block(session: Session) -> None:
+    from_client(session, build(b"Q", b"SELECT secret, id FROM tokens\0"))
+    reply = from_server(
+        session, SECRET_ROW, data_row(b"not-sealed", b"1"), build(b"C", b"SELECT 1\0"),
+        ready("T"),
+    )
+
+    assert types(reply.to_client) == "TE"
+    assert types(reply.to_server) == "Q"
+    # The server's transaction fails as the client now expects.
+    reply = from_server(session, error("42601"), ready("E"))
+    assert reply.to_client == [ready("E")]
+    assert session.transaction_status == "E"
+
+    reply = from_server(session, build(b"C", b"SELECT 1\0"))
+    assert types(reply.to_client) == "C"
+
+
+def test_failed_value_before_write_closes(session: Session) -> None:
+    from_client(
+        session, build(b"Q", b"SELECT secret, id FROM tokens; DELETE FROM tokens\0")
+    )
+    reply = from_server(
+        session,
+        SECRET_ROW,
+        data_row(b"not-sealed", b"1"),
+        build(b"C", b"SELECT 1\0"),
+        build(b"C", b"DELETE 1\0"),
+        ready(),
+    )
 
     assert reply.close
     assert types(reply.to_client) == "TE"
-    assert error_code(reply) == "XX001"
+    assert error_severity(reply) == "FATAL"
+
+
+def test_failed_value_with_pipelined_batch_closes(session: Session) -> None:
+    query = "SELECT secret, id FROM tokens"
+    from_client(session, parse("", query), bind("", ""), describe("P", ""), execute(), SYNC)
+    from_client(session, parse("", query), bind("", ""), describe("P", ""), execute(), SYNC)
+    reply = from_server(
+        session,
+        PARSE_COMPLETE,
+        BIND_COMPLETE,
+        SECRET_ROW,
+        data_row(b"not-sealed", b"1"),
+        build(b"C", b"SELECT 1\0"),
+        ready(),
+    )
+
+    assert reply.close
+    assert error_severity(reply) == "FATAL"
 
 
 def test_short_data_row_raises(session: Session) -> None:
