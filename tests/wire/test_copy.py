@@ -100,7 +100,7 @@ class _Pause(Exception):
 def test_failed_feed_leaves_stream_unchanged() -> None:
     ready = False
 
-    def transform(index: int, value: bytes, fmt: int) -> bytes | None:
+    def transform(index: int, value: bytes, fmt: int, row: object) -> bytes | None:
         if value == b"late" and not ready:
             raise _Pause()
         return b"<" + value + b">"
@@ -130,7 +130,7 @@ def test_row_value_reads_other_field(
 ) -> None:
     seen: list[bytes | None] = []
 
-    def transform(index: int, value: bytes, fmt: int) -> bytes | None:
+    def transform(index: int, value: bytes, fmt: int, row: object) -> bytes | None:
         seen.append(stream.row_value(0))
         return value
 

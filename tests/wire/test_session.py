@@ -95,6 +95,7 @@ class FakePlanner:
         fmt: int,
         declared_oid: int = 0,
         associated: tuple[bytes | None, ...] = (),
+        subject: Any = None,
     ) -> bytes:
         if value == b"nokey":
             raise KeyringError(f"no data key is loaded for column {column.identity}")

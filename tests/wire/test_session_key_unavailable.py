@@ -55,10 +55,11 @@ class UnloadedKeyPlanner(FakePlanner):
         fmt: int,
         declared_oid: int = 0,
         associated: tuple[bytes | None, ...] = (),
+        subject: Any = None,
     ) -> bytes:
         if value == b"nokey":
             raise KeyUnavailableError(f"no data key is loaded for column {column.identity}")
-        return super().seal_param(column, value, fmt, declared_oid, associated)
+        return super().seal_param(column, value, fmt, declared_oid, associated, subject)
 
 
 @pytest.fixture
