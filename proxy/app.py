@@ -295,7 +295,8 @@ class Proxy:
                     await keystore.get_key(request.key_id, request.version)
             except (KeyStoreError, KeyringError) as exc:
                 log.warning("data key unavailable for %gs: %s", self._unavailable.ttl, exc)
-                self._unavailable.add(request, _unavailable_reason(exc))
+                gone = isinstance(exc, KeyNotFoundError)
+                self._unavailable.add(request, _unavailable_reason(exc), gone)
 
     async def _refresh_keys(self) -> None:
         while True:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from proxy.catalog import Catalog, EncryptedColumn, Storage
 from proxy.crypto.keystore import KeyCache
 from proxy.crypto.subjects import (
+    KeyRequest,
     KeysNeeded,
     StoredKeyRequest,
     SubjectKeyRequest,
@@ -121,11 +122,7 @@ class KeyView:
                     f"data key {key_id} version {version} is not loaded"
                 )
             request = StoredKeyRequest(key_id, version)
-            reason = self.unavailable.reason(request)
-            if reason is not None:
-                raise KeyUnavailableError(
-                    f"data key {key_id} version {version} is not available: {reason}"
-                )
+            _raise_if_failed(self.unavailable, request, f"data key {key_id} version {version}")
             raise KeysNeeded((request,))
         return cipher
 
@@ -141,12 +138,14 @@ class KeyView:
         key = self.cache.get(*ref) if ref is not None else None
         if key is None:
             request = SubjectKeyRequest(key_name, column.key_name, digest, algorithm_of(column))
-            reason = self.unavailable.reason(request) if self.unavailable else None
-            if reason is not None or self.unavailable is None:
+            if self.unavailable is None:
                 raise KeyUnavailableError(
                     f"no data key is loaded for this subject of column "
-                    f"{column.identity}: {reason or 'subject keys are not enabled'}"
+                    f"{column.identity}: subject keys are not enabled"
                 )
+            _raise_if_failed(
+                self.unavailable, request, f"the data key of this subject of {column.identity}"
+            )
             raise KeysNeeded((request,))
         self.cache.note_sealed(key_name, (key.key_id, key.version))
         return key
@@ -162,13 +161,24 @@ class KeyView:
                     f"data key {key_id} version {version} is not loaded"
                 )
             request = StoredKeyRequest(key_id, version)
-            reason = self.unavailable.reason(request)
-            if reason is not None:
-                raise KeyUnavailableError(
-                    f"data key {key_id} version {version} is not available: {reason}"
-                )
+            _raise_if_failed(self.unavailable, request, f"data key {key_id} version {version}")
             raise KeysNeeded((request,))
         return key
+
+
+def _raise_if_failed(unavailable: UnavailableKeys, request: KeyRequest, what: str) -> None:
+    """Raise for a key that recently failed to load, else return.
+
+    A key the key store no longer has, as after a shred, raises KeyringError,
+    so the value fails like any value that does not open. A key that may load
+    later, as when the KMS is unreachable, raises KeyUnavailableError.
+    """
+    reason = unavailable.reason(request)
+    if reason is None:
+        return
+    if unavailable.gone(request):
+        raise KeyringError(f"{what} is not available: {reason}")
+    raise KeyUnavailableError(f"{what} is not available: {reason}")
 
 
 class ColumnPlanner:

@@ -156,14 +156,21 @@ class UnavailableKeys:
 
     def __init__(self, ttl: float, maxsize: int = 10_000) -> None:
         self.ttl = ttl
-        self._failed: TTLCache[KeyRequest, str] = TTLCache(maxsize, ttl)
+        self._failed: TTLCache[KeyRequest, tuple[str, bool]] = TTLCache(maxsize, ttl)
 
-    def add(self, request: KeyRequest, reason: str) -> None:
-        self._failed[request] = reason
+    def add(self, request: KeyRequest, reason: str, gone: bool = False) -> None:
+        """Remember a failed key; `gone` means the key store has no such key."""
+        self._failed[request] = (reason, gone)
 
     def reason(self, request: KeyRequest) -> str | None:
         """Return why the key is unavailable, or None if it may be fetched."""
-        return self._failed.get(request)
+        failed = self._failed.get(request)
+        return failed[0] if failed is not None else None
+
+    def gone(self, request: KeyRequest) -> bool:
+        """Tell whether the key store had no such key, as after a shred."""
+        failed = self._failed.get(request)
+        return failed is not None and failed[1]
 
     def clear(self) -> None:
         self._failed.clear()

@@ -79,13 +79,13 @@ def hide_randomized_literals(
     for its column, or when the text does not parse with a parameter in
     its place, as in the typed literal `text 'value'`.
     """
-    # TODO: a literal bound to associated columns is still sealed once at
-    # Parse, because its associated values are sealed in with it there.
+    # TODO: a literal bound to associated columns or keyed per subject is
+    # still sealed once at Parse, where its row's values are known.
     hidden = sorted(
         (
             slot
             for slot in literals
-            if _randomized(slot.column) and not slot.associated
+            if _randomized(slot.column) and not slot.associated and slot.subject is None
         ),
         key=lambda s: s.start,
     )

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from proxy.errors import KeyringError, PgsealError
+from proxy.errors import AssociatedValuesMissing, KeyringError, PgsealError
 
 SQLSTATE = "XX001"
 # Tags of commands that change nothing, so an error in their place is exact.
@@ -46,6 +46,11 @@ class FailedStatement:
 
     @property
     def message(self) -> str:
+        if isinstance(self.error, AssociatedValuesMissing):
+            return (
+                f"a value of encrypted column {self.error.column} could not be "
+                f"opened: {self.error}"
+            )
         text = "an encrypted value in the result could not be opened"
         # A KeyringError names the data key and why it is missing, as after
         # a shred. A DecryptionError stays without detail.
@@ -55,6 +60,11 @@ class FailedStatement:
 
     @property
     def hint(self) -> str:
+        if isinstance(self.error, AssociatedValuesMissing):
+            return (
+                "Select its associated columns beside it from the table itself, "
+                "not through a subquery or a WITH query."
+            )
         if isinstance(self.error, KeyringError):
             return (
                 "A value whose data key was shredded never opens again; set "

@@ -20,7 +20,6 @@ from typing import Any, Protocol, TypeVar
 from proxy.catalog import TEXT_OID
 from proxy.crypto.subjects import KeyRequest, KeysNeeded, SubjectValue
 from proxy.errors import (
-    AssociatedValuesMissing,
     DecryptionError,
     KeyringError,
     KeyUnavailableError,
@@ -834,14 +833,9 @@ class Session:
         log.warning("[%s] closing connection: a result value failed to open (%s)",
                     self._conn_id, type(exc).__name__)
         failed = FailedStatement(exc)
-        message, hint = failed.message, failed.hint
-        if isinstance(exc, AssociatedValuesMissing):
-            message = f"a value of encrypted column {exc.column} could not be opened: {exc}"
-            hint = (
-                "Select its associated columns beside it from the table itself, "
-                "not through a subquery or a WITH query."
-            )
-        out.to_client.append(m.encode_error(SQLSTATE, message, hint, severity="FATAL"))
+        out.to_client.append(
+            m.encode_error(SQLSTATE, failed.message, failed.hint, severity="FATAL")
+        )
         out.close = True
 
     def _fail_result(self, exc: KeyUnavailableError, out: Output) -> None:
