@@ -703,3 +703,28 @@ def test_reencrypt_one_run_per_table(
         code, _, err = reencrypt(capsys, notes, rules_dir)
     assert code == 1
     assert "another pgseal reencrypt is running on public.notes" in err
+
+
+def test_unloaded_version_fetched_on_read(
+    fresh_db: str,
+    pg_cluster: PgServer,
+    start_proxy: StartProxy,
+    rules_dir: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # A proxy that refreshes its keys only once an hour reads a value sealed
+    # under a version another proxy created after it started: it fetches the
+    # version from the key store instead of failing the read.
+    with psycopg.connect(pg_cluster.dsn(fresh_db), autocommit=True) as conn:
+        conn.execute(TABLE)
+    slow = start_proxy(fresh_db, rules_dir, key_refresh_seconds=3600)
+    insert(slow, 1, 1)
+    rotate_code, _, err = cli(
+        capsys, "keys", "rotate", *connection(slow), "--column", BODY
+    )
+    assert rotate_code == 0, err
+    fresh = start_proxy(fresh_db, rules_dir, key_refresh_seconds=3600)
+    insert(fresh, 2, 1)
+
+    assert stored_versions(slow) == {1: 1, 2: 2}
+    assert read_bodies(slow) == {1: "note 1", 2: "note 2"}
