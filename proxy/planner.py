@@ -50,6 +50,7 @@ from proxy.sql.arrays import (
     map_text_array,
 )
 from proxy.sql.literals import LiteralSlot, quote_literal, replace_literals
+from proxy.text_forms import DEFAULT_SETTINGS, TextSettings
 from proxy.wire.messages import BINARY_FORMAT, TEXT_FORMAT, Field, format_code
 
 Candidates = tuple[EncryptedColumn, ...]
@@ -197,15 +198,23 @@ class ColumnPlanner:
     def statement(self, sql: str, search_path: tuple[str, ...] | None = None) -> StatementPlan:
         return self._analyzer.plan(sql, search_path)
 
-    def seal_literals(self, sql: str, plan: StatementPlan) -> str:
-        return replace_literals(sql, plan.literals, self._seal_literal)
+    def seal_literals(self, sql: str, plan: StatementPlan, encoding: str = "utf-8") -> str:
+        """Return `sql` with the plan's literals sealed.
 
-    def _seal_literal(self, slot: LiteralSlot) -> str:
+        A literal's plaintext is its value in the client's `encoding` (a
+        Python codec name), the bytes that a parameter would carry.
+        """
+        return replace_literals(
+            sql, plan.literals, lambda slot: self._seal_literal(slot, encoding)
+        )
+
+    def _seal_literal(self, slot: LiteralSlot, encoding: str) -> str:
         column = slot.column
         if slot.array:
-            return self._seal_array_literal(slot)
+            return self._seal_array_literal(slot, encoding)
+        value = _client_bytes(slot.value, encoding, column)
         try:
-            plaintext = column.logical.from_wire(slot.value.encode("utf-8"), TEXT_FORMAT)
+            plaintext = column.logical.from_wire(value, TEXT_FORMAT)
         except (ValueError, UnicodeError):
             raise _invalid_input(column) from None
         subject = None
@@ -219,26 +228,29 @@ class ColumnPlanner:
                     "when the literal is sealed",
                     "Send the value as a parameter too, or the subject as a literal.",
                 )
-            subject = SubjectValue(slot.subject.literal.encode("utf-8"), TEXT_FORMAT)
-        associated = self._literal_associated(slot)
+            subject_value = _client_bytes(slot.subject.literal, encoding, column)
+            subject = SubjectValue(subject_value, TEXT_FORMAT)
+        associated = self._literal_associated(slot, encoding)
         sealed = self._seal(column, plaintext, associated, subject)
         if column.storage is Storage.BYTEA:
             return quote_literal("\\x" + sealed.hex())
         return quote_literal(armour(sealed).decode("ascii"))
 
-    def _seal_array_literal(self, slot: LiteralSlot) -> str:
+    def _seal_array_literal(self, slot: LiteralSlot, encoding: str) -> str:
+        literal = _client_bytes(slot.value, encoding, slot.column)
         try:
-            literal = slot.value.encode("utf-8")
             sealed = self.seal_array_param(slot.column, literal, TEXT_FORMAT)
         except (ValueError, UnicodeError):
             raise _invalid_input(slot.column) from None
         return quote_literal(sealed.decode("ascii"))
 
     @staticmethod
-    def _literal_associated(slot: LiteralSlot) -> tuple[bytes | None, ...]:
+    def _literal_associated(slot: LiteralSlot, encoding: str) -> tuple[bytes | None, ...]:
         values = []
         for source in slot.associated:
-            text = None if source.literal is None else source.literal.encode("utf-8")
+            text = None
+            if source.literal is not None:
+                text = _client_bytes(source.literal, encoding, slot.column)
             try:
                 values.append(source.column.canonical(text, TEXT_FORMAT))
             except (ValueError, UnicodeError):
@@ -259,6 +271,7 @@ class ColumnPlanner:
         declared_oid: int = 0,
         associated: tuple[bytes | None, ...] = (),
         subject: SubjectValue | None = None,
+        settings: TextSettings = DEFAULT_SETTINGS,
     ) -> bytes:
         """Seal a parameter for the column's storage, in the same wire format.
 
@@ -266,10 +279,11 @@ class ColumnPlanner:
         code of the parameter never has to change. `associated` contains the
         canonical values of the column's associated columns in the row, and
         `subject` is the row's subject value, for a column keyed per subject.
+        `settings` are the session's, for the text form of a binary value.
         Raises ValueError on input the server would reject for the logical
-        type.
+        type, and UnconvertibleParameter for a binary type it cannot read.
         """
-        plaintext = column.logical.from_wire(value, fmt, declared_oid)
+        plaintext = column.logical.from_wire(value, fmt, declared_oid, settings)
         sealed = self._seal(column, plaintext, associated, subject)
         if column.storage is Storage.TEXT:
             return armour(sealed)
@@ -278,7 +292,12 @@ class ColumnPlanner:
         return b"\\x" + sealed.hex().encode()
 
     def seal_array_param(
-        self, column: EncryptedColumn, value: bytes, fmt: int, declared_oid: int = 0
+        self,
+        column: EncryptedColumn,
+        value: bytes,
+        fmt: int,
+        declared_oid: int = 0,
+        settings: TextSettings = DEFAULT_SETTINGS,
     ) -> bytes:
         """Seal every element of an array parameter, as for `col = ANY($1)`.
 
@@ -288,13 +307,17 @@ class ColumnPlanner:
         there unless its elements are already text-like for a text column.
         """
         if fmt != BINARY_FORMAT:
-            return map_text_array(value, lambda v: self.seal_param(column, v, fmt))
+            return map_text_array(
+                value, lambda v: self.seal_param(column, v, fmt, settings=settings)
+            )
         element_oid = binary_element_type(value)
         stored_oid = column.storage_oid
         if column.storage is Storage.TEXT and element_oid in TEXT_LIKE_OIDS:
             stored_oid = element_oid
         return map_binary_array(
-            value, lambda v: self.seal_param(column, v, fmt, element_oid), stored_oid
+            value,
+            lambda v: self.seal_param(column, v, fmt, element_oid, settings=settings),
+            stored_oid,
         )
 
     def _seal(
@@ -471,6 +494,21 @@ def _canonical_subject(column: EncryptedColumn, subject: SubjectValue | None) ->
             f"the subject {column.subject_column} of column {column.identity} is "
             "not valid input for its type",
             "Check the value's format; the proxy reads it to choose the data key.",
+        ) from None
+
+
+def _client_bytes(text: str, encoding: str, column: EncryptedColumn) -> bytes:
+    """Encode a literal's value as the client sent it, in its client_encoding."""
+    try:
+        return text.encode(encoding)
+    except UnicodeEncodeError:
+        # A Unicode escape in an E'' literal can name a character that the
+        # client encoding lacks.
+        raise StatementRejected(
+            "22P05",
+            f"a literal for encrypted column {column.identity} has a character "
+            f"that the client encoding ({encoding}) cannot represent",
+            "Write the value in the client encoding, or send it as a parameter.",
         ) from None
 
 

@@ -18,6 +18,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 
+from proxy.text_forms import (
+    DEFAULT_SETTINGS,
+    TEXT_LIKE_OIDS,
+    TextSettings,
+    binary_as_text,
+)
+
 _EPOCH_DATE = dt.date(2000, 1, 1)
 _EPOCH = dt.datetime(2000, 1, 1, tzinfo=dt.timezone.utc)
 _INT2 = struct.Struct("!h")
@@ -37,13 +44,26 @@ class LogicalType:
     oid: int
     size: int
 
-    def from_wire(self, value: bytes, fmt: int, declared_oid: int = 0) -> bytes:
+    def from_wire(
+        self,
+        value: bytes,
+        fmt: int,
+        declared_oid: int = 0,
+        settings: TextSettings = DEFAULT_SETTINGS,
+    ) -> bytes:
         """Return the canonical plaintext of a value the client sent.
 
         `declared_oid` is the type the client named in Parse, which decides
         how a binary value is read (a driver may send an int2 for an int4).
-        Raises ValueError on input the server would reject.
+        A binary value of another type bound for text becomes the text the
+        server would store for it, in the session's `settings`.
+        Raises ValueError on input the server would reject, and
+        UnconvertibleParameter for a binary type the proxy cannot read.
         """
+        if fmt == BINARY_FORMAT and self.name in ("text", "varchar"):
+            if declared_oid in TEXT_LIKE_OIDS:
+                return value
+            return binary_as_text(value, declared_oid, settings)
         if fmt == BINARY_FORMAT:
             return _DECODE_BINARY[self.name](value, declared_oid or self.oid)
         return canonical_text(self.name, value)
@@ -121,7 +141,7 @@ def _timestamptz_text(text: str) -> str:
 
 
 def _render_timestamptz(moment: dt.datetime) -> str:
-    utc = moment.astimezone(dt.timezone.utc)
+    utc = moment.astimezone(dt.UTC)
     return utc.strftime("%Y-%m-%d %H:%M:%S.%f") + "+00"
 
 

@@ -29,9 +29,13 @@ from proxy.errors import (
 )
 from proxy.sql.analyze import EMPTY_PLAN, StatementPlan
 from proxy.sql.arrays import storage_array_type
+from proxy.sql.escape_strings import as_escape_strings
 from proxy.sql.hidden_params import HiddenParams, hide_randomized_literals
 from proxy.sql.prepared import SqlDeallocate, SqlPrepare, SqlPreparedStatements
+from proxy.text_forms import DEFAULT_SETTINGS, TextSettings, UnconvertibleParameter
+from proxy.text_forms import type_name as binary_type_name
 from proxy.wire import messages as m
+from proxy.wire.client_encoding import decode_statement, encode_statement, python_codec
 from proxy.wire.copy_relay import CopyFailure, CopyRelay
 from proxy.wire.failed_statement import SQLSTATE, FailedStatement
 from proxy.wire.frames import Frame, build
@@ -87,7 +91,9 @@ class Planner(Protocol):
         self, sql: str, search_path: tuple[str, ...] | None = None
     ) -> StatementPlan: ...
 
-    def seal_literals(self, sql: str, plan: StatementPlan) -> str: ...
+    def seal_literals(
+        self, sql: str, plan: StatementPlan, encoding: str = "utf-8"
+    ) -> str: ...
 
     def seal_param(
         self,
@@ -97,10 +103,16 @@ class Planner(Protocol):
         declared_oid: int = 0,
         associated: tuple[bytes | None, ...] = (),
         subject: SubjectValue | None = None,
+        settings: TextSettings = DEFAULT_SETTINGS,
     ) -> bytes: ...
 
     def seal_array_param(
-        self, column: Any, value: bytes, fmt: int, declared_oid: int = 0
+        self,
+        column: Any,
+        value: bytes,
+        fmt: int,
+        declared_oid: int = 0,
+        settings: TextSettings = DEFAULT_SETTINGS,
     ) -> bytes: ...
 
     def row_plan(
@@ -178,6 +190,15 @@ class Session:
         self._user = user
         # The session's search_path, or None while the proxy cannot tell it.
         self._search_path: tuple[str, ...] | None = None
+        # Settings that decide how statement text and values read, as the
+        # server last reported them in ParameterStatus.
+        # NOTE: a statement that the client sends before the server reports
+        # a change, as in a pipeline after SET, is read with the old value.
+        self._client_encoding = "UTF8"
+        self._server_encoding = "UTF8"
+        self._codec: str | None = "utf-8"
+        self._standard_strings = True
+        self._text_settings = DEFAULT_SETTINGS
         self._statements: dict[str, Statement] = {}
         self._portals: dict[str, Portal] = {}
         self._pending: deque[Pending] = deque()
@@ -265,16 +286,17 @@ class Session:
         assert self._planner is not None
         pending = Pending("parse", msg.statement)
         try:
-            plan = self._plan(msg.query)
+            text = self._statement_text(msg.query)
+            plan = self._plan(text)
             # A statement may be executed many times, so randomized literals
             # become hidden parameters, sealed afresh at every Bind.
             hidden = None
             if plan.literals:
                 hidden = hide_randomized_literals(
-                    msg.query, plan.literals, len(msg.param_types)
+                    text, plan.literals, len(msg.param_types)
                 )
             if hidden is None:
-                query = self._seal_literals(msg.query, plan)
+                query = self._seal_literals(text, plan)
             else:
                 parse_plan = replace(plan, literals=hidden.sealed_at_parse)
                 query = self._seal_literals(hidden.sql, parse_plan)
@@ -287,9 +309,10 @@ class Session:
             types = hidden.param_types(types)
         pending.undo = self._define_statement(msg.statement, statement)
         self._pending.append(pending)
-        if query is msg.query and types == msg.param_types:
+        if query is text and types == msg.param_types:
             out.to_server.append(frame.raw)
         else:
+            query = encode_statement(query, self._codec)
             out.to_server.append(m.Parse(msg.statement, query, types).encode())
 
     @staticmethod
@@ -325,13 +348,26 @@ class Session:
             result[index] = column.storage_oid
         return tuple(result)
 
+    def _statement_text(self, sql: str) -> str:
+        """Return a message's statement text as the server reads it.
+
+        It is decoded from the client encoding, and its plain string
+        constants with backslashes become E'...' constants while
+        standard_conforming_strings is off. Raises StatementRejected for text
+        that the proxy cannot read as the server does.
+        """
+        text = decode_statement(sql, self._codec, self._client_encoding)
+        if not self._standard_strings:
+            text = as_escape_strings(text)
+        return text
+
     def _seal_literals(self, sql: str, plan: StatementPlan) -> str:
         """Return `sql` with its literals sealed, or `sql` itself if it has none."""
         assert self._planner is not None
         if not plan.literals:
             return sql
         try:
-            return self._planner.seal_literals(sql, plan)
+            return self._planner.seal_literals(sql, plan, self._codec or "utf-8")
         except KeyUnavailableError as exc:
             raise StatementRejected(
                 KEY_UNAVAILABLE,
@@ -405,18 +441,25 @@ class Session:
             assert value is not None
             fmt = msg.param_format(index)
             declared = statement.declared.get(number, 0)
+            settings = self._text_settings
             try:
                 if number in plan.arrays:
                     params[index] = self._planner.seal_array_param(
-                        column, value, fmt, declared
+                        column, value, fmt, declared, settings=settings
                     )
                 else:
                     associated = self._associated_params(msg, statement, number)
                     subject = None
                     if number in plan.subjects:
-                        subject = _subject_value(plan.subjects[number], msg)
+                        subject = _subject_value(plan.subjects[number], msg, self._codec)
                     params[index] = self._planner.seal_param(
-                        column, value, fmt, declared, associated, subject
+                        column,
+                        value,
+                        fmt,
+                        declared,
+                        associated,
+                        subject,
+                        settings=settings,
                     )
             except KeyUnavailableError as exc:
                 raise StatementRejected(
@@ -429,6 +472,14 @@ class Session:
                     "22023",
                     f"parameter ${number} could not be sealed: {exc}",
                     _SEAL_HINT,
+                ) from exc
+            except UnconvertibleParameter as exc:
+                raise StatementRejected(
+                    "0A000",
+                    f"parameter ${number} for encrypted column {column.identity} "
+                    f"cannot be sealed: {exc}",
+                    f"Send the value in text format, or as a string; "
+                    f"it was sent in binary format as {binary_type_name(declared)}.",
                 ) from exc
             except (ValueError, IndexError, struct.error) as exc:
                 # The error's text may quote part of the value, so it stays out.
@@ -456,8 +507,8 @@ class Session:
         values: list[bytes | None] = []
         planner = self._planner
         for slot in hidden.slots:
-            literal = slot.value.encode("utf-8")
             try:
+                literal = slot.value.encode(self._codec or "utf-8")
                 if slot.array:
                     sealed = planner.seal_array_param(slot.column, literal, m.TEXT_FORMAT)
                 else:
@@ -483,9 +534,8 @@ class Session:
                 ) from exc
         return values
 
-    @staticmethod
     def _associated_params(
-        msg: m.Bind, statement: Statement, number: int
+        self, msg: m.Bind, statement: Statement, number: int
     ) -> tuple[bytes | None, ...]:
         """Return the canonical associated values that sealing parameter `number` binds.
 
@@ -496,7 +546,7 @@ class Session:
         for source in statement.plan.bindings.get(number, ()):
             if source.param is None:
                 literal = source.literal
-                raw = None if literal is None else literal.encode("utf-8")
+                raw = None if literal is None else literal.encode(self._codec or "utf-8")
                 fmt, declared = m.TEXT_FORMAT, 0
             else:
                 index = source.param - 1
@@ -570,8 +620,9 @@ class Session:
         sql = m.decode_query(frame.payload)
         pending = Pending("query")
         try:
-            plan = self._plan(sql)
-            sealed = self._seal_literals(sql, plan)
+            text = self._statement_text(sql)
+            plan = self._plan(text)
+            sealed = self._seal_literals(text, plan)
         except StatementRejected as exc:
             self._reject(pending, exc, out, None)
             return
@@ -580,7 +631,7 @@ class Session:
         self._pending.append(pending)
         self._copy.statement_sent(plan.copy)
         if plan.literals:
-            out.to_server.append(m.encode_query(sealed))
+            out.to_server.append(m.encode_query(encode_statement(sealed, self._codec)))
         else:
             out.to_server.append(frame.raw)
 
@@ -685,9 +736,20 @@ class Session:
         # what it is after every change, whatever changed it.
         out.to_client.append(frame.raw)
         name, _, rest = bytes(frame.payload).partition(b"\0")
+        value = rest.rstrip(b"\0").decode("utf-8", "replace")
         if name == b"search_path":
-            value = rest.rstrip(b"\0").decode("utf-8", "replace")
             self._search_path = parse_search_path(value)
+        elif name == b"client_encoding":
+            self._client_encoding = value
+        elif name == b"server_encoding":
+            self._server_encoding = value
+        elif name == b"standard_conforming_strings":
+            self._standard_strings = value.lower() == "on"
+        elif name == b"DateStyle":
+            self._text_settings = replace(self._text_settings, date_style=value)
+        elif name == b"TimeZone":
+            self._text_settings = replace(self._text_settings, time_zone=value)
+        self._codec = python_codec(self._client_encoding, self._server_encoding)
 
     def _no_data(self, frame: Frame, out: Output) -> None:
         front = self._front()
@@ -1053,10 +1115,10 @@ def _replace(table: dict[str, _T], name: str, value: _T | None) -> Callable[[], 
     return undo
 
 
-def _subject_value(source: Any, msg: m.Bind) -> SubjectValue | None:
+def _subject_value(source: Any, msg: m.Bind, codec: str | None) -> SubjectValue | None:
     """Return a row's subject value from a Bind, or None when it is NULL or absent."""
     if source.param is None:
-        return SubjectValue(source.literal.encode("utf-8"))
+        return SubjectValue(source.literal.encode(codec or "utf-8"))
     index = source.param - 1
     if index >= len(msg.params) or msg.params[index] is None:
         return None

@@ -83,7 +83,7 @@ class FakePlanner:
             return StatementPlan(literals=(_literal(sql, NOTE_COLUMN),))
         return EMPTY_PLAN
 
-    def seal_literals(self, sql: str, plan: StatementPlan) -> str:
+    def seal_literals(self, sql: str, plan: StatementPlan, encoding: str = "utf-8") -> str:
         if "nokey" in sql:
             raise KeyringError(f"no data key is loaded for column {COLUMN.identity}")
         return sql.replace("'x'", "'sealed:x'")
@@ -96,13 +96,14 @@ class FakePlanner:
         declared_oid: int = 0,
         associated: tuple[bytes | None, ...] = (),
         subject: Any = None,
+        settings: Any = None,
     ) -> bytes:
         if value == b"nokey":
             raise KeyringError(f"no data key is loaded for column {column.identity}")
         return PREFIX + value
 
     def seal_array_param(
-        self, column: Any, value: bytes, fmt: int, declared_oid: int = 0
+        self, column: Any, value: bytes, fmt: int, declared_oid: int = 0, settings: Any = None
     ) -> bytes:
         raise AssertionError("no test binds an array")
 

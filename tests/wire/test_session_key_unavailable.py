@@ -56,6 +56,7 @@ class UnloadedKeyPlanner(FakePlanner):
         declared_oid: int = 0,
         associated: tuple[bytes | None, ...] = (),
         subject: Any = None,
+        settings: Any = None,
     ) -> bytes:
         if value == b"nokey":
             raise KeyUnavailableError(f"no data key is loaded for column {column.identity}")
