@@ -67,6 +67,9 @@ class KeyCache:
             _check_positive("max_values_per_key", max_values_per_key)
         self._keys = _WipingTTLCache(maxsize, ttl)
         self._active: TTLCache[str, KeyRef] = TTLCache(maxsize, active_ttl)
+        # Each key name's versions that are not retired, oldest first, as the
+        # last load from the key store listed them.
+        self._live: dict[str, tuple[KeyRef, ...]] = {}
         self.max_values_per_key = max_values_per_key
         self.on_limit: LimitCallback | None = None
         """Called once per data key when it reaches max_values_per_key."""
@@ -92,6 +95,7 @@ class KeyCache:
     def discard(self, key_id: int, version: int) -> None:
         """Remove a data key, as for a retired version, and overwrite it."""
         self._active_drop((key_id, version))
+        self._live_drop((key_id, version))
         self._sealed.pop((key_id, version), None)
         self._keys.discard((key_id, version))
 
@@ -105,6 +109,26 @@ class KeyCache:
 
     def set_active(self, key_name: str, ref: KeyRef) -> None:
         self._active[key_name] = ref
+        live = self._live.get(key_name, ())
+        if ref not in live:
+            self._live[key_name] = tuple(sorted((*live, ref)))
+
+    def live_refs(self, key_name: str) -> tuple[KeyRef, ...]:
+        """Return the name's versions that are not retired, oldest first.
+
+        A deterministic column's lookups must match values sealed under any
+        of them. Without a load from the key store, only the active version
+        is known.
+        """
+        live = self._live.get(key_name)
+        if live:
+            return live
+        active = self._active.get(key_name)
+        return (active,) if active is not None else ()
+
+    def set_live(self, key_name: str, refs: tuple[KeyRef, ...]) -> None:
+        """Record the name's versions that are not retired, as the key store lists them."""
+        self._live[key_name] = tuple(sorted(refs))
 
     def note_sealed(self, key_name: str, ref: KeyRef) -> None:
         """Count one value sealed under ref, and call on_limit when it reaches the limit.
@@ -127,7 +151,13 @@ class KeyCache:
     def clear(self) -> None:
         self._keys.clear()
         self._active.clear()
+        self._live.clear()
         self._sealed.clear()
+
+    def _live_drop(self, ref: KeyRef) -> None:
+        for name, live in list(self._live.items()):
+            if ref in live:
+                self._live[name] = tuple(r for r in live if r != ref)
 
     def _active_drop(self, ref: KeyRef) -> None:
         for name, active in list(self._active.items()):

@@ -240,10 +240,12 @@ class KeyStore:
                 rows = await conn.fetch(_LIST_VERSIONS_SQL, names)
 
         keys: list[DataKey] = []
+        live: dict[str, list[KeyRef]] = {}
         for row in rows:
             if row["state"] == "retired":
                 self._cache.discard(row["key_id"], row["version"])
                 continue
+            live.setdefault(row["key_name"], []).append((row["key_id"], row["version"]))
             key = await self.get_key(row["key_id"], row["version"])
             # Storing it again restarts its age, so a key in use never
             # expires between two refreshes.
@@ -252,6 +254,8 @@ class KeyStore:
             # Rows come in version order, so the last active one wins.
             if row["state"] == "active":
                 self._cache.set_active(row["key_name"], (key.key_id, key.version))
+        for name, refs in live.items():
+            self._cache.set_live(name, tuple(refs))
         logger.debug("loaded %d data keys for %d key names", len(keys), len(names))
         return keys
 

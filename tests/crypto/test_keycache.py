@@ -115,3 +115,23 @@ def test_no_limit_counts_nothing() -> None:
 def test_limit_must_be_positive(value: int) -> None:
     with pytest.raises((ValueError, TypeError)):
         KeyCache(max_values_per_key=value)
+
+
+def test_live_refs_follow_active_and_discard() -> None:
+    cache = KeyCache()
+    assert cache.live_refs("public.t.c") == ()
+    cache.set_active("public.t.c", (1, 1))
+    assert cache.live_refs("public.t.c") == ((1, 1),)
+    cache.set_active("public.t.c", (1, 2))
+    assert cache.live_refs("public.t.c") == ((1, 1), (1, 2))
+    cache.discard(1, 1)
+    assert cache.live_refs("public.t.c") == ((1, 2),)
+
+
+def test_set_live_replaces_versions() -> None:
+    cache = KeyCache()
+    cache.set_active("public.t.c", (1, 1))
+    cache.set_live("public.t.c", ((1, 3), (1, 2)))
+    assert cache.live_refs("public.t.c") == ((1, 2), (1, 3))
+    cache.clear()
+    assert cache.live_refs("public.t.c") == ()
