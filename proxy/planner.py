@@ -12,7 +12,7 @@ import struct
 from dataclasses import dataclass
 
 from proxy.catalog import Catalog, EncryptedColumn, Storage
-from proxy.crypto.keystore import KeyCache
+from proxy.crypto.keystore import KeyCache, KeyRef
 from proxy.crypto.values import (
     Algorithm,
     DataKey,
@@ -23,10 +23,23 @@ from proxy.crypto.values import (
     seal,
 )
 from proxy.errors import DecryptionError, KeyringError, StatementRejected
+from proxy.lookups import (
+    SealedStatement,
+    check_versions,
+    covered,
+    lookup_edits,
+    statement_keys,
+)
 from proxy.rules import Encryption, OnDecryptError
-from proxy.sql.analyze import Analyzer, StatementPlan
-from proxy.sql.arrays import map_binary_array, map_text_array
-from proxy.sql.literals import LiteralSlot, quote_literal, replace_literals
+from proxy.sql.analyze import Analyzer, SearchValue, StatementPlan
+from proxy.sql.arrays import (
+    build_array,
+    flat_map_binary_array,
+    flat_map_text_array,
+    map_binary_array,
+    map_text_array,
+)
+from proxy.sql.literals import LiteralSlot, quote_literal, replace_spans
 from proxy.wire.messages import BINARY_FORMAT, TEXT_FORMAT, Field
 
 Candidates = tuple[EncryptedColumn, ...]
@@ -60,6 +73,25 @@ class KeyView:
             self.cache.note_sealed(column.key_name, (key.key_id, key.version))
         return key
 
+    def live_refs(self, key_name: str) -> tuple[KeyRef, ...]:
+        """Return the key name's versions that are not retired, oldest first."""
+        return self.cache.live_refs(key_name)
+
+    def live_keys(self, column: EncryptedColumn) -> tuple[DataKey, ...]:
+        """Return the data key of every live version of the column's key, oldest first."""
+        keys = []
+        for key_id, version in self.cache.live_refs(column.key_name):
+            key = self.cache.get(key_id, version)
+            if key is None:
+                raise KeyringError(
+                    f"data key {key_id} version {version} of column "
+                    f"{column.identity} is not loaded"
+                )
+            keys.append(key)
+        if not keys:
+            raise KeyringError(f"no data key is loaded for column {column.identity}")
+        return tuple(keys)
+
     def for_value(self, blob: bytes) -> DataKey:
         if not self.can_open:
             raise KeyringError("no configured keyring can unwrap, so no value opens")
@@ -86,16 +118,41 @@ class ColumnPlanner:
     def statement(self, sql: str, search_path: tuple[str, ...] | None = None) -> StatementPlan:
         return self._analyzer.plan(sql, search_path)
 
-    def seal_literals(self, sql: str, plan: StatementPlan) -> str:
-        return replace_literals(sql, plan.literals, self._seal_literal)
+    def seal_statement(self, sql: str, plan: StatementPlan) -> SealedStatement:
+        """Seal the literals of `sql` and rewrite its lookups for the live key versions.
 
-    def _seal_literal(self, slot: LiteralSlot) -> str:
+        Raises StatementRejected for a join, grouping or deduplication on a
+        deterministic column whose key has several live versions.
+        """
+        names = statement_keys(plan)
+        if not names:
+            return SealedStatement(sql)
+        versions = self.key_versions(names)
+        live = dict(versions)
+        check_versions(plan, live)
+        edits, arrays = lookup_edits(plan, live, self._seal_search_literal)
+        for slot in plan.literals:
+            if not covered(slot.start, slot.end, edits):
+                edits.append((slot.start, slot.end, self._seal_literal(slot)))
+        text = replace_spans(sql, edits) if edits else sql
+        return SealedStatement(text, versions, arrays)
+
+    def key_versions(self, names: tuple[str, ...]) -> tuple[tuple[str, tuple[KeyRef, ...]], ...]:
+        """Return the live versions of each key name, to compare with a sealed statement's."""
+        return tuple((name, self._keys.live_refs(name)) for name in names)
+
+    def _seal_search_literal(self, search: SearchValue) -> list[str]:
+        assert search.literal is not None
+        keys = self._keys.live_keys(search.column)
+        return [self._seal_literal(search.literal, key) for key in keys]
+
+    def _seal_literal(self, slot: LiteralSlot, key: DataKey | None = None) -> str:
         column = slot.column
         try:
             plaintext = column.logical.from_wire(slot.value.encode("utf-8"), TEXT_FORMAT)
         except (ValueError, UnicodeError):
             raise _invalid_input(column) from None
-        sealed = self._seal(column, plaintext)
+        sealed = self._seal(column, plaintext, key)
         if column.storage is Storage.BYTEA:
             return quote_literal("\\x" + sealed.hex())
         return quote_literal(armour(sealed).decode("ascii"))
@@ -110,7 +167,24 @@ class ColumnPlanner:
         input the server would reject for the logical type.
         """
         plaintext = column.logical.from_wire(value, fmt, declared_oid)
-        sealed = self._seal(column, plaintext)
+        return self._wire_form(column, self._seal(column, plaintext), fmt)
+
+    def seal_param_versions(
+        self, column: EncryptedColumn, value: bytes, fmt: int, declared_oid: int = 0
+    ) -> bytes:
+        """Seal a parameter under every live version, as an array in the same format.
+
+        For a lookup parameter that the statement compares with
+        `= ANY($n::text[])` while the column's key has several live versions.
+        """
+        plaintext = column.logical.from_wire(value, fmt, declared_oid)
+        elements = [
+            self._wire_form(column, self._seal(column, plaintext, key), fmt)
+            for key in self._keys.live_keys(column)
+        ]
+        return build_array(elements, column.storage_oid, fmt)
+
+    def _wire_form(self, column: EncryptedColumn, sealed: bytes, fmt: int) -> bytes:
         if column.storage is Storage.TEXT:
             return armour(sealed)
         if fmt == BINARY_FORMAT:
@@ -125,12 +199,29 @@ class ColumnPlanner:
         Elements are read as the column's logical type; `declared_oid` is the
         array's own type and is not used.
         """
+        if column.rule.encryption is Encryption.DETERMINISTIC:
+            keys = self._keys.live_keys(column)
+            if len(keys) > 1:
+                # Each element matches under every live version.
+                def seal_all(element: bytes) -> list[bytes]:
+                    plaintext = column.logical.from_wire(element, fmt)
+                    return [
+                        self._wire_form(column, self._seal(column, plaintext, key), fmt)
+                        for key in keys
+                    ]
+
+                if fmt == BINARY_FORMAT:
+                    return flat_map_binary_array(value, seal_all)
+                return flat_map_text_array(value, seal_all)
         if fmt == BINARY_FORMAT:
             return map_binary_array(value, lambda v: self.seal_param(column, v, fmt))
         return map_text_array(value, lambda v: self.seal_param(column, v, fmt))
 
-    def _seal(self, column: EncryptedColumn, plaintext: bytes) -> bytes:
-        key = self._keys.active(column)
+    def _seal(
+        self, column: EncryptedColumn, plaintext: bytes, key: DataKey | None = None
+    ) -> bytes:
+        if key is None:
+            key = self._keys.active(column)
         return seal(key, plaintext, store_id=self._keys.store_id, context=column.key_name)
 
     def row_plan(

@@ -17,10 +17,10 @@ from typing import Any
 import cachetools
 from pglast import parser
 
-from proxy.catalog import Catalog, EncryptedColumn, RuledTable
+from proxy.catalog import TEXT_OID, Catalog, EncryptedColumn, RuledTable
 from proxy.errors import StatementRejected
 from proxy.rules import Encryption
-from proxy.sql.literals import LiteralSlot, find_literal_span
+from proxy.sql.literals import LiteralSlot, find_literal_span, value_span
 from proxy.sql.outputs import Trace, passes_through, trace_select
 from proxy.sql.prepared import SqlDeallocate, SqlExecute, SqlPrepare
 from proxy.wire.copy import CopyOptions
@@ -54,6 +54,36 @@ CacheKey = tuple[tuple[str, ...] | None, str]
 
 
 @dataclass(frozen=True, slots=True)
+class SearchValue:
+    """A parameter or literal compared with a deterministic column by `=` or `<>`.
+
+    While the column's key has several live versions, the proxy rewrites the
+    value in the text so that it matches a value sealed under any of them.
+    """
+
+    column: EncryptedColumn
+    # The value's span in the statement text, in characters, casts included.
+    start: int
+    end: int
+    negated: bool
+    in_list: bool
+    number: int | None = None
+    literal: LiteralSlot | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class VersionCheck:
+    """A construct that gives wrong results while the column has several live versions.
+
+    Equal plaintexts sealed under different versions differ as ciphertext,
+    so joins, grouping and deduplication on the column are rejected then.
+    """
+
+    column: EncryptedColumn
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
 class StatementPlan:
     """The values to seal in one statement text before it reaches the server."""
 
@@ -68,6 +98,8 @@ class StatementPlan:
     # Parameters that are arrays whose elements are each sealed (= ANY($1)).
     arrays: frozenset[int] = frozenset()
     search_path: SearchPathChange | None = None
+    searches: tuple[SearchValue, ...] = ()
+    version_checks: tuple[VersionCheck, ...] = ()
 
     @property
     def is_empty(self) -> bool:
@@ -79,6 +111,7 @@ class StatementPlan:
             or self.sql_executes
             or self.copy
             or self.search_path
+            or self.version_checks
         )
 
 
@@ -176,6 +209,9 @@ class _Walker:
         self._sql_executes: list[SqlExecute] = []
         self._copies: list[CopyPlan] = []
         self._arrays: set[int] = set()
+        self._searches: list[SearchValue] = []
+        self._version_checks: list[VersionCheck] = []
+        self._written: set[int] = set()
 
     def result(self) -> StatementPlan:
         outputs = self._outputs[0] if len(self._outputs) == 1 else None
@@ -190,8 +226,27 @@ class _Walker:
             self._copies[0] if len(self._copies) == 1 else None,
             frozenset(self._arrays),
             self._search_path_change,
+            tuple(self._searches),
+            tuple(self._version_checks) + self._mixed_parameters(),
         )
         return EMPTY_PLAN if plan.is_empty else plan
+
+    def _mixed_parameters(self) -> tuple[VersionCheck, ...]:
+        """Return a check for each lookup parameter that is also stored or bound as an array.
+
+        The rewrite during a rotation turns a lookup parameter into an array,
+        which its other uses could not take.
+        """
+        searched = {s.number: s.column for s in self._searches if s.number is not None}
+        return tuple(
+            VersionCheck(
+                column,
+                f"parameter ${number} is both compared with it and stored or "
+                "used as an array",
+            )
+            for number, column in sorted(searched.items())
+            if number in self._written or number in self._arrays
+        )
 
     def statement(self, stmt: Node) -> None:
         self._outputs.append(None)
@@ -229,6 +284,7 @@ class _Walker:
             else:
                 self._merge(body)
         self._check_references(stmt, handled)
+        self._check_join_using(stmt)
         for select in _selects(stmt):
             self._check_positions(select)
         self._outputs[-1] = self._trace_outputs(stmt)
@@ -269,7 +325,25 @@ class _Walker:
         inner = _Walker(self._catalog, self._sql, self._search_path)
         inner.statement(body["query"])
         self._literals.extend(inner._literals)
-        self._sql_prepared.append(SqlPrepare(body["name"], dict(inner._params)))
+        # An EXECUTE sends scalar arguments, so a PREPARE cannot take part in
+        # the lookup rewrite. Its lookups are rejected while several versions
+        # are live.
+        checks = [
+            VersionCheck(
+                search.column,
+                "a statement prepared with PREPARE compares it with a value",
+            )
+            for search in inner._searches
+        ]
+        checks += inner._version_checks
+        self._version_checks.extend(checks)
+        # An EXECUTE is checked against the live versions of these keys,
+        # because the server keeps the literals sealed at PREPARE.
+        keys = {slot.column.key_name for slot in inner._literals if not _randomized(slot.column)}
+        keys |= {check.column.key_name for check in checks}
+        self._sql_prepared.append(
+            SqlPrepare(body["name"], dict(inner._params), tuple(checks), tuple(sorted(keys)))
+        )
 
     def _copy(self, body: Node) -> None:
         fields = self._copy_fields(body)
@@ -358,6 +432,7 @@ class _Walker:
             kind, body = _only(body["arg"])
         if kind == "ParamRef":
             self._param(body["number"], column)
+            self._written.add(body["number"])
         elif kind == "A_Const":
             if not body.get("isnull"):
                 self._literals.append(find_literal_span(self._sql, body, column))
@@ -408,15 +483,20 @@ class _Walker:
                 raise reject(
                     column, "DISTINCT, UNION, INTERSECT and EXCEPT compare ciphertext"
                 )
+            if _deduplicated(outer):
+                self._version_check(column, "DISTINCT, UNION, INTERSECT and EXCEPT")
             return
         parent_kind, parent = parents[-1] if parents else ("", {})
         if parent_kind == "SelectStmt" and not _randomized(column):
             # GROUP BY and DISTINCT ON group equal ciphertexts, which are
             # equal plaintexts under deterministic encryption.
+            self._version_check(column, "GROUP BY and DISTINCT ON")
             return
         if parent_kind == "NullTest":
             return
         if parent_kind == "FuncCall" and _func_name(parent) == "count":
+            if parent.get("agg_distinct"):
+                self._version_check(column, "count(DISTINCT ...)")
             return
         if parent_kind == "A_Expr":
             self._comparison(parent, ref, column)
@@ -440,10 +520,13 @@ class _Walker:
                 "Set 'encryption: deterministic' on the column to search it "
                 "by equality.",
             )
-        other = expr["rexpr"] if expr.get("lexpr", {}).get("ColumnRef") is ref else expr["lexpr"]
-        items = other["List"]["items"] if "List" in other else [other]
+        column_first = expr.get("lexpr", {}).get("ColumnRef") is ref
+        other = expr["rexpr"] if column_first else expr["lexpr"]
+        in_list = "List" in other
+        items = other["List"]["items"] if in_list else [other]
         for item in items:
-            self._search_value(item, column)
+            if self._search_value(item, column):
+                self._search_site(item, column, operator == "<>", column_first, in_list)
 
     def _array_comparison(
         self, expr: Node, ref: Node, column: EncryptedColumn, operator: str
@@ -464,23 +547,73 @@ class _Walker:
         self._param(body["number"], column)
         self._arrays.add(body["number"])
 
-    def _search_value(self, node: Node, column: EncryptedColumn) -> None:
-        """Accept a value compared with a deterministic column, or reject it."""
+    def _search_value(self, node: Node, column: EncryptedColumn) -> bool:
+        """Accept a value compared with a deterministic column, or reject it.
+
+        Returns whether the value is a parameter or literal, not a column.
+        """
         kind, body = _only(node)
         if kind == "TypeCast" and _cast_name(body) in _TEXT_CASTS:
             kind, body = _only(body["arg"])
         if kind == "ParamRef":
             self._param(body["number"], column)
+            return True
         elif kind == "A_Const" and not body.get("isnull"):
             self._literals.append(find_literal_span(self._sql, body, column))
+            return True
         elif kind == "ColumnRef" and self._same_key(body, column):
             self._handled.add(id(body))
+            self._version_check(column, "a comparison with another encrypted column")
+            return False
         else:
             raise reject(
                 column,
                 "it can only be compared with a parameter, a literal or the "
                 "same column of another row",
             )
+
+    def _search_site(
+        self,
+        node: Node,
+        column: EncryptedColumn,
+        negated: bool,
+        column_first: bool,
+        in_list: bool,
+    ) -> None:
+        """Record where a compared value sits, for the rewrite during a rotation."""
+        if not column_first:
+            # TODO: rewrite `'a' = col` too, by moving the column to the left.
+            self._version_check(column, "a value on the left of = or <>")
+            return
+        kind, body = _only(node)
+        cast = kind == "TypeCast"
+        if cast:
+            kind, body = _only(body["arg"])
+        if cast and column.storage_oid != TEXT_OID:
+            self._version_check(column, "a cast on a bytea value compared with it")
+            return
+        start, end = value_span(self._sql, node, column)
+        if kind == "ParamRef":
+            site = SearchValue(column, start, end, negated, in_list, number=body["number"])
+        else:
+            site = SearchValue(column, start, end, negated, in_list, literal=self._literals[-1])
+        self._searches.append(site)
+
+    def _version_check(self, column: EncryptedColumn, construct: str) -> None:
+        reason = f"{construct} would compare values sealed under different versions"
+        self._version_checks.append(VersionCheck(column, reason))
+
+    def _check_join_using(self, stmt: Node) -> None:
+        """Record `JOIN ... USING (col)` on deterministic columns, which compares ciphertext."""
+        for _, join in _nodes_of_kinds(stmt, ("JoinExpr",)):
+            for item in join.get("usingClause", []):
+                ref = {"fields": [item]}
+                column = self._resolve(ref)
+                if column is None:
+                    continue
+                if _randomized(column):
+                    raise reject(column, "JOIN ... USING on it would compare ciphertext")
+                self._version_check(column, "JOIN ... USING")
 
     def _same_key(self, ref: Node, column: EncryptedColumn) -> bool:
         other = self._resolve(ref)
@@ -506,6 +639,7 @@ class _Walker:
                 continue
             if clause == "ORDER BY" or _randomized(column):
                 raise reject(column, f"{clause} on it would compare ciphertext")
+            self._version_check(column, clause)
 
     def _resolve(self, ref: Node) -> EncryptedColumn | None:
         names = _field_names(ref)

@@ -25,6 +25,7 @@ from proxy.errors import (
     ProtocolError,
     StatementRejected,
 )
+from proxy.lookups import KeyVersions, SealedStatement, check_versions
 from proxy.sql.analyze import EMPTY_PLAN, StatementPlan
 from proxy.sql.prepared import SqlDeallocate, SqlPrepare, SqlPreparedStatements
 from proxy.wire import messages as m
@@ -49,6 +50,9 @@ _REJECTED_STATEMENT = "\x01pgseal rejected statement"
 _PREPARE_TAGS = (b"PREPARE", b"DEALLOCATE")
 # Declared types whose values are text on the wire: varchar, bpchar, name, unknown.
 _TEXT_LIKE = frozenset({25, 1043, 1042, 19, 705})
+# Array types of the storage types text and bytea, for lookup parameters
+# that the proxy turns into arrays of the value under each key version.
+_ARRAY_OF = {25: 1009, 17: 1001}
 
 # CommandComplete tags after which relation OIDs or view definitions change.
 _DDL_TAGS = (
@@ -70,7 +74,13 @@ class Planner(Protocol):
         self, sql: str, search_path: tuple[str, ...] | None = None
     ) -> StatementPlan: ...
 
-    def seal_literals(self, sql: str, plan: StatementPlan) -> str: ...
+    def seal_statement(self, sql: str, plan: StatementPlan) -> SealedStatement: ...
+
+    def key_versions(self, names: tuple[str, ...]) -> KeyVersions: ...
+
+    def seal_param_versions(
+        self, column: Any, value: bytes, fmt: int, declared_oid: int = 0
+    ) -> bytes: ...
 
     def seal_param(
         self, column: Any, value: bytes, fmt: int, declared_oid: int = 0
@@ -87,6 +97,9 @@ class Planner(Protocol):
     def open_value(self, column: Any, value: bytes, fmt: int) -> bytes | None: ...
 
 
+_UNSEALED = SealedStatement("")
+
+
 @dataclass(slots=True)
 class Statement:
     plan: StatementPlan
@@ -94,6 +107,11 @@ class Statement:
     # Parameter types the client declared in Parse for encrypted columns,
     # which the proxy replaced by the storage type.
     declared: dict[int, int] = field(default_factory=dict)
+    # The client's Parse, kept to parse the statement again when the live
+    # key versions that its sealed text depends on change.
+    query: str = ""
+    param_types: tuple[int, ...] = ()
+    sealed: SealedStatement = _UNSEALED
 
 
 @dataclass(slots=True)
@@ -210,14 +228,16 @@ class Session:
             # TODO: a randomized column's literal in a named statement is
             # sealed once here; binding it as an extra parameter would give
             # each execution a fresh nonce.
-            query = self._seal_literals(msg.query, plan)
+            sealed = self._seal_statement(msg.query, plan)
         except StatementRejected as exc:
             self._reject(pending, exc, out, m.Parse(msg.statement, _REJECTED_QUERY, ()))
             return
-        statement = Statement(plan)
-        types = self._storage_types(msg.param_types, plan, statement.declared)
+        statement = Statement(plan, query=msg.query, param_types=msg.param_types)
+        statement.sealed = sealed
+        types = self._storage_types(msg.param_types, plan, statement.declared, sealed.arrays)
         pending.undo = self._define_statement(msg.statement, statement)
         self._pending.append(pending)
+        query = sealed.text
         if query is msg.query and types == msg.param_types:
             out.to_server.append(frame.raw)
         else:
@@ -225,13 +245,17 @@ class Session:
 
     @staticmethod
     def _storage_types(
-        types: tuple[int, ...], plan: StatementPlan, declared: dict[int, int]
+        types: tuple[int, ...],
+        plan: StatementPlan,
+        declared: dict[int, int],
+        versioned: frozenset[int] = frozenset(),
     ) -> tuple[int, ...]:
         """Replace declared parameter types of encrypted columns by their storage type.
 
         The server stores ciphertext as text or bytea, so a parameter declared
         as, say, int4 would not fit; the declared type is kept to read the
-        client's binary values.
+        client's binary values. A `versioned` parameter becomes an array of
+        the storage type.
         """
         if not plan.params or not types:
             return types
@@ -241,6 +265,11 @@ class Session:
             if index >= len(result) or number in plan.arrays:
                 continue
             oid = result[index]
+            if number in versioned:
+                if oid != 0:
+                    declared[number] = oid
+                result[index] = _ARRAY_OF[column.storage_oid]
+                continue
             if oid in (0, column.storage_oid):
                 continue
             if column.storage_oid == TEXT_OID and oid in _TEXT_LIKE and not column.retyped:
@@ -250,13 +279,16 @@ class Session:
             result[index] = column.storage_oid
         return tuple(result)
 
-    def _seal_literals(self, sql: str, plan: StatementPlan) -> str:
-        """Return `sql` with its literals sealed, or `sql` itself if it has none."""
+    def _seal_statement(self, sql: str, plan: StatementPlan) -> SealedStatement:
+        """Seal the literals of `sql` and rewrite its lookups for the live key versions.
+
+        The text is `sql` itself when nothing changes.
+        """
         assert self._planner is not None
-        if not plan.literals:
-            return sql
+        if not (plan.literals or plan.searches or plan.version_checks):
+            return SealedStatement(sql)
         try:
-            return self._planner.seal_literals(sql, plan)
+            return self._planner.seal_statement(sql, plan)
         except KeyringError as exc:
             raise StatementRejected(
                 "22023", f"a literal could not be sealed: {exc}", _SEAL_HINT
@@ -275,9 +307,40 @@ class Session:
         if path is not None:
             path = tuple(self._user if name == "$user" else name for name in path)
         plan = self._sql_prepared.apply(self._planner.statement(sql, path), sql)
+        if plan.sql_executes:
+            self._check_sql_executes(plan)
+        if plan.sql_prepared:
+            plan = replace(plan, sql_prepared=tuple(map(self._stamp, plan.sql_prepared)))
         if plan.search_path is not None:
             self._search_path = plan.search_path.value
         return plan
+
+    def _stamp(self, change: SqlPrepare | SqlDeallocate) -> SqlPrepare | SqlDeallocate:
+        """Record in a PREPARE the key versions its sealed literals depend on."""
+        assert self._planner is not None
+        if isinstance(change, SqlDeallocate) or not change.keys:
+            return change
+        return replace(change, versions=self._planner.key_versions(change.keys))
+
+    def _check_sql_executes(self, plan: StatementPlan) -> None:
+        """Reject an EXECUTE whose PREPARE sealed literals under other key versions."""
+        assert self._planner is not None
+        for execute in plan.sql_executes:
+            prepared = self._sql_prepared.get(execute.name)
+            if prepared is None or prepared.versions is None:
+                continue
+            current = self._planner.key_versions(prepared.keys)
+            if current != prepared.versions:
+                # While several versions are live, PREPARE again would fail
+                # too, so that rejection comes first.
+                check_versions(plan, dict(current))
+                raise StatementRejected(
+                    "0A000",
+                    f"prepared statement {execute.name!r} was prepared under other "
+                    f"data key versions of {', '.join(prepared.keys)}, so its "
+                    "encrypted literals and lookups would miss rows",
+                    f"Run DEALLOCATE {execute.name} and PREPARE it again.",
+                )
 
     def _define_statement(self, name: str, statement: Statement) -> Callable[[], None]:
         return _replace(self._statements, name, statement)
@@ -289,6 +352,13 @@ class Session:
         portal = Portal(statement)
         pending = Pending("bind", portal_name, portal=portal)
         raw = frame.raw
+        if statement is not None and statement.sealed.versions:
+            try:
+                self._reseal_if_stale(statement_name, statement, portal_name, out)
+            except StatementRejected as exc:
+                bad = m.Bind(portal_name, _REJECTED_STATEMENT, (), (), ())
+                self._reject(pending, exc, out, bad)
+                return
         if statement is not None and (
             statement.plan.params or statement.fields is not None
         ):
@@ -310,6 +380,56 @@ class Session:
         self._pending.append(pending)
         out.to_server.append(raw)
 
+    def _reseal_if_stale(
+        self, name: str, statement: Statement, portal_name: str, out: Output
+    ) -> None:
+        """Parse the statement again if the key versions its text depends on changed.
+
+        A rotation or retirement since the Parse would otherwise make its
+        lookups miss rows, or its literals seal under a retired version. The
+        proxy closes the server's statement and parses it again under the same
+        name, hiding both replies from the client.
+        """
+        assert self._planner is not None
+        if self.transaction_status == "E":
+            # The server rejects this Bind anyway, and a Parse would fail
+            # after the Close, leaving the client's statement closed.
+            return
+        key_names = tuple(key_name for key_name, _ in statement.sealed.versions)
+        if self._planner.key_versions(key_names) == statement.sealed.versions:
+            return
+        # Closing the statement closes its portals on the server too.
+        if any(
+            portal.statement is statement
+            for other, portal in self._portals.items()
+            if other and other != portal_name
+        ):
+            raise StatementRejected(
+                "0A000",
+                f"prepared statement {name!r} must be parsed again because the data "
+                "key versions of its encrypted columns changed, but a portal of it "
+                "is still open",
+                "Close the portal or end the transaction, then run the statement again.",
+            )
+        sealed = self._seal_statement(statement.query, statement.plan)
+        declared: dict[int, int] = {}
+        types = self._storage_types(
+            statement.param_types, statement.plan, declared, sealed.arrays
+        )
+        statements = self._statements
+
+        def forget() -> None:
+            if statements.get(name) is statement:
+                del statements[name]
+
+        self._pending.append(Pending("close", name, hidden=True))
+        self._pending.append(Pending("parse", name, undo=forget, hidden=True))
+        out.to_server.append(build(b"C", b"S" + name.encode("utf-8") + b"\0"))
+        out.to_server.append(m.Parse(name, sealed.text, types).encode())
+        statement.sealed = sealed
+        statement.declared = declared
+        log.debug("[%s] parsed statement %r again for new key versions", self._conn_id, name)
+
     def _seal_params(self, msg: m.Bind, statement: Statement) -> bytes:
         assert self._planner is not None
         plan = statement.plan
@@ -323,6 +443,8 @@ class Session:
             seal = self._planner.seal_param
             if number in plan.arrays:
                 seal = self._planner.seal_array_param
+            elif number in statement.sealed.arrays:
+                seal = self._planner.seal_param_versions
             try:
                 params[index] = seal(
                     column, value, msg.param_format(index), statement.declared.get(number, 0)
@@ -400,7 +522,7 @@ class Session:
         pending = Pending("query")
         try:
             plan = self._plan(sql)
-            sealed = self._seal_literals(sql, plan)
+            sealed = self._seal_statement(sql, plan).text
         except StatementRejected as exc:
             self._reject(pending, exc, out, None)
             return
@@ -408,7 +530,7 @@ class Session:
         pending.sql_changes.extend(plan.sql_prepared)
         self._pending.append(pending)
         self._copy.statement_sent(plan.copy)
-        if plan.literals:
+        if sealed is not sql:
             out.to_server.append(m.encode_query(sealed))
         else:
             out.to_server.append(frame.raw)
@@ -453,8 +575,8 @@ class Session:
         return self._pending[0] if self._pending else None
 
     def _answered(self, frame: Frame, out: Output) -> None:
-        if self._pending:
-            self._pending.popleft()
+        if self._pending and self._pending.popleft().hidden:
+            return
         out.to_client.append(frame.raw)
 
     def _row_description(self, frame: Frame, out: Output) -> None:
@@ -490,7 +612,9 @@ class Session:
                 continue
             # The server reports what the client declared; a type the proxy
             # replaced for the server is shown as the client declared it.
-            if number in statement.declared:
+            if number in statement.sealed.arrays:
+                types[number - 1] = statement.declared.get(number, column.logical.oid)
+            elif number in statement.declared:
                 types[number - 1] = statement.declared[number]
             elif column.retyped:
                 types[number - 1] = column.logical.oid
