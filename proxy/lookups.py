@@ -90,7 +90,12 @@ def lookup_edits(
             text = _array_parameter(search, element, count)
         else:
             text = _literal_list(search, element, seal_literal(search))
-        edits.append((search.start, search.end, text))
+        if search.column_span is None:
+            edits.append((search.start, search.end, text))
+            continue
+        # `'a' = col` becomes `col = ANY(...)`, because ANY is allowed only right of the operator.
+        edits.append((search.start, search.end, search.column_text))
+        edits.append((*search.column_span, text))
     return edits, frozenset(arrays)
 
 

@@ -17,10 +17,15 @@ from typing import Any
 import cachetools
 from pglast import parser
 
-from proxy.catalog import TEXT_OID, Catalog, EncryptedColumn, RuledTable
+from proxy.catalog import Catalog, EncryptedColumn, RuledTable
 from proxy.errors import StatementRejected
 from proxy.rules import Encryption
-from proxy.sql.literals import LiteralSlot, find_literal_span, value_span
+from proxy.sql.literals import (
+    LiteralSlot,
+    column_ref_span,
+    find_literal_span,
+    value_span,
+)
 from proxy.sql.outputs import Trace, passes_through, trace_select
 from proxy.sql.prepared import SqlDeallocate, SqlExecute, SqlPrepare
 from proxy.wire.copy import CopyOptions
@@ -69,6 +74,9 @@ class SearchValue:
     in_list: bool
     number: int | None = None
     literal: LiteralSlot | None = None
+    # The column's span and text when it is right of the value.
+    column_span: tuple[int, int] | None = None
+    column_text: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -526,7 +534,8 @@ class _Walker:
         items = other["List"]["items"] if in_list else [other]
         for item in items:
             if self._search_value(item, column):
-                self._search_site(item, column, operator == "<>", column_first, in_list)
+                moved = None if column_first else ref
+                self._search_site(item, column, operator == "<>", in_list, moved)
 
     def _array_comparison(
         self, expr: Node, ref: Node, column: EncryptedColumn, operator: str
@@ -577,26 +586,35 @@ class _Walker:
         node: Node,
         column: EncryptedColumn,
         negated: bool,
-        column_first: bool,
         in_list: bool,
+        moved: Node | None,
     ) -> None:
-        """Record where a compared value sits, for the rewrite during a rotation."""
-        if not column_first:
-            # TODO: rewrite `'a' = col` too, by moving the column to the left.
-            self._version_check(column, "a value on the left of = or <>")
-            return
+        """Record where a compared value sits, for the rewrite during a rotation.
+
+        `moved` is the column reference when it is right of the value
+        (`'a' = col`): the rewrite swaps the two, because ANY must be right.
+        """
         kind, body = _only(node)
-        cast = kind == "TypeCast"
-        if cast:
+        if kind == "TypeCast":
             kind, body = _only(body["arg"])
-        if cast and column.storage_oid != TEXT_OID:
-            self._version_check(column, "a cast on a bytea value compared with it")
+        try:
+            start, end = value_span(self._sql, node, column)
+            column_span = None
+            if moved is not None:
+                column_span = column_ref_span(self._sql, moved, column)
+        except StatementRejected:
+            # Without the spans there is nothing to rewrite, which matters
+            # only while several versions are live.
+            self._version_check(column, "a comparison the proxy cannot rewrite")
             return
-        start, end = value_span(self._sql, node, column)
+        site = SearchValue(column, start, end, negated, in_list)
         if kind == "ParamRef":
-            site = SearchValue(column, start, end, negated, in_list, number=body["number"])
+            site = replace(site, number=body["number"])
         else:
-            site = SearchValue(column, start, end, negated, in_list, literal=self._literals[-1])
+            site = replace(site, literal=self._literals[-1])
+        if column_span is not None:
+            column_text = self._sql[column_span[0] : column_span[1]]
+            site = replace(site, column_span=column_span, column_text=column_text)
         self._searches.append(site)
 
     def _version_check(self, column: EncryptedColumn, construct: str) -> None:

@@ -97,6 +97,19 @@ def value_span(sql: str, node: dict[str, Any], column: EncryptedColumn) -> tuple
     return inner_start, _type_name_end(tokens, type_start, column)
 
 
+def column_ref_span(
+    sql: str, ref: dict[str, Any], column: EncryptedColumn
+) -> tuple[int, int]:
+    """Return the character span of a column reference such as `a."email"`."""
+    start = _char_offset(sql, ref["location"])
+    following = [token for token in parser.scan(sql) if token.start >= start]
+    # Each name is one token, quoted or not, with a dot between two names.
+    count = 2 * len(ref.get("fields", [])) - 1
+    if count < 1 or len(following) < count or following[0].start != start:
+        raise _unlocatable(column)
+    return start, int(following[count - 1].end) + 1
+
+
 def _token_span(
     sql: str, tokens: Sequence[Any], byte_offset: int, column: EncryptedColumn
 ) -> tuple[int, int]:

@@ -68,6 +68,17 @@ def _rewrite(analyzer: Analyzer, sql: str, live: dict[str, tuple[tuple[int, int]
             "SELECT id FROM accounts WHERE email <> 'a'::text",
             "SELECT id FROM accounts WHERE email <> ALL(ARRAY['a@v1', 'a@v2']::text[])",
         ),
+        (
+            "SELECT id FROM accounts WHERE $1 = email AND id = 2",
+            "SELECT id FROM accounts WHERE email = ANY($1::text[]) AND id = 2",
+        ),
+        (
+            "SELECT id FROM accounts WHERE 'a' <> accounts.\"email\"",
+            (
+                "SELECT id FROM accounts WHERE accounts.\"email\" <> "
+                "ALL(ARRAY['a@v1', 'a@v2']::text[])"
+            ),
+        ),
     ],
 )
 def test_lookup_rewritten_for_two_versions(
@@ -98,7 +109,6 @@ def test_rewritten_parameters_listed(analyzer: Analyzer) -> None:
         "SELECT count(DISTINCT email) FROM accounts",
         "SELECT 1 FROM accounts a JOIN accounts b ON a.email = b.email",
         "SELECT 1 FROM accounts a JOIN accounts b USING (email)",
-        "SELECT id FROM accounts WHERE $1 = email",
         "UPDATE accounts SET email = $1 WHERE email = $1",
         "SELECT id FROM accounts WHERE email = $1 OR email = ANY($1)",
         "PREPARE p AS SELECT id FROM accounts WHERE email = $1",
