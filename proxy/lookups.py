@@ -4,14 +4,16 @@ AES-SIV seals one plaintext to one ciphertext per data key version. After an
 operator rotates a deterministic column's key, and until reencrypt has moved
 every row and the old versions are retired, the table contains values sealed
 under each live version. A lookup must then match any of them, so the proxy
-rewrites each compared value:
+rewrites each compared value. With versions v1 and v2 live:
 
-| in the statement | sent to the server, with versions v1 and v2 live |
-| --- | --- |
-| `col = $1` / `col <> $1` | `col = ANY($1::text[])` / `col <> ALL($1::text[])`, and each Bind sends an array of the value sealed under v1 and v2 |
-| `col IN ($1)` / `NOT IN` | `col IN (($1::text[])[1], ($1::text[])[2])` |
-| `col = 'a'` / `col <> 'a'` | `col = ANY(ARRAY['a' under v1, 'a' under v2]::text[])` / `<> ALL(...)` |
-| `col IN ('a')` / `NOT IN` | `col IN ('a' under v1, 'a' under v2)` |
+- `col = $1` is sent as `col = ANY($1::text[])`, and each Bind carries an
+  array of the value sealed under v1 and under v2. `col <> $1` becomes
+  `col <> ALL($1::text[])`.
+- `col IN ($1)` becomes `col IN (($1::text[])[1], ($1::text[])[2])`, and
+  `NOT IN` likewise.
+- `col = 'a'` becomes `col = ANY(ARRAY['a' under v1, 'a' under v2]::text[])`,
+  and `col IN ('a')` becomes `col IN ('a' under v1, 'a' under v2)`.
+- `'a' = col` swaps the two sides first.
 
 With one live version nothing is rewritten. Joins, grouping and
 deduplication on such a column cannot be rewritten and are rejected while
@@ -62,7 +64,7 @@ def statement_keys(plan: StatementPlan) -> tuple[str, ...]:
 
 
 def check_versions(plan: StatementPlan, live: Mapping[str, tuple[KeyRef, ...]]) -> None:
-    """Reject a join, grouping or deduplication on a column with several live versions."""
+    """Reject a join or grouping on a column whose key has several live versions."""
     for check in plan.version_checks:
         count = len(live.get(check.column.key_name, ()))
         if count > 1:
@@ -93,7 +95,8 @@ def lookup_edits(
         if search.column_span is None:
             edits.append((search.start, search.end, text))
             continue
-        # `'a' = col` becomes `col = ANY(...)`, because ANY is allowed only right of the operator.
+        # `'a' = col` becomes `col = ANY(...)`, because ANY is allowed only
+        # right of the operator.
         edits.append((search.start, search.end, search.column_text))
         edits.append((*search.column_span, text))
     return edits, frozenset(arrays)

@@ -24,6 +24,7 @@ from proxy.crypto.values import (
 )
 from proxy.errors import DecryptionError, KeyringError, StatementRejected
 from proxy.lookups import (
+    KeyVersions,
     SealedStatement,
     check_versions,
     covered,
@@ -78,7 +79,10 @@ class KeyView:
         return self.cache.live_refs(key_name)
 
     def live_keys(self, column: EncryptedColumn) -> tuple[DataKey, ...]:
-        """Return the data key of every live version of the column's key, oldest first."""
+        """Return the data keys of the column's live versions, oldest first.
+
+        Raises KeyringError when one of them is not loaded.
+        """
         keys = []
         for key_id, version in self.cache.live_refs(column.key_name):
             key = self.cache.get(key_id, version)
@@ -137,8 +141,8 @@ class ColumnPlanner:
         text = replace_spans(sql, edits) if edits else sql
         return SealedStatement(text, versions, arrays)
 
-    def key_versions(self, names: tuple[str, ...]) -> tuple[tuple[str, tuple[KeyRef, ...]], ...]:
-        """Return the live versions of each key name, to compare with a sealed statement's."""
+    def key_versions(self, names: tuple[str, ...]) -> KeyVersions:
+        """Return the live versions of each key name, to compare with a statement's."""
         return tuple((name, self._keys.live_refs(name)) for name in names)
 
     def _seal_search_literal(self, search: SearchValue) -> list[str]:
@@ -222,7 +226,8 @@ class ColumnPlanner:
     ) -> bytes:
         if key is None:
             key = self._keys.active(column)
-        return seal(key, plaintext, store_id=self._keys.store_id, context=column.key_name)
+        store_id = self._keys.store_id
+        return seal(key, plaintext, store_id=store_id, context=column.key_name)
 
     def row_plan(
         self, fields: tuple[Field, ...], outputs: tuple[Candidates, ...] | None = None

@@ -127,7 +127,7 @@ class KeyCache:
         return (active,) if active is not None else ()
 
     def set_live(self, key_name: str, refs: tuple[KeyRef, ...]) -> None:
-        """Record the name's versions that are not retired, as the key store lists them."""
+        """Record the name's versions that are not retired, from the key store."""
         self._live[key_name] = tuple(sorted(refs))
 
     def note_sealed(self, key_name: str, ref: KeyRef) -> None:

@@ -240,7 +240,7 @@ class _Walker:
         return EMPTY_PLAN if plan.is_empty else plan
 
     def _mixed_parameters(self) -> tuple[VersionCheck, ...]:
-        """Return a check for each lookup parameter that is also stored or bound as an array.
+        """Return a check for each lookup parameter also stored or bound as an array.
 
         The rewrite during a rotation turns a lookup parameter into an array,
         which its other uses could not take.
@@ -347,10 +347,16 @@ class _Walker:
         self._version_checks.extend(checks)
         # An EXECUTE is checked against the live versions of these keys,
         # because the server keeps the literals sealed at PREPARE.
-        keys = {slot.column.key_name for slot in inner._literals if not _randomized(slot.column)}
+        keys = {
+            slot.column.key_name
+            for slot in inner._literals
+            if not _randomized(slot.column)
+        }
         keys |= {check.column.key_name for check in checks}
         self._sql_prepared.append(
-            SqlPrepare(body["name"], dict(inner._params), tuple(checks), tuple(sorted(keys)))
+            SqlPrepare(
+                body["name"], dict(inner._params), tuple(checks), tuple(sorted(keys))
+            )
         )
 
     def _copy(self, body: Node) -> None:
@@ -622,7 +628,7 @@ class _Walker:
         self._version_checks.append(VersionCheck(column, reason))
 
     def _check_join_using(self, stmt: Node) -> None:
-        """Record `JOIN ... USING (col)` on deterministic columns, which compares ciphertext."""
+        """Record `JOIN ... USING (col)`, which compares the columns' ciphertext."""
         for _, join in _nodes_of_kinds(stmt, ("JoinExpr",)):
             for item in join.get("usingClause", []):
                 ref = {"fields": [item]}
@@ -630,7 +636,8 @@ class _Walker:
                 if column is None:
                     continue
                 if _randomized(column):
-                    raise reject(column, "JOIN ... USING on it would compare ciphertext")
+                    reason = "JOIN ... USING on it would compare ciphertext"
+                    raise reject(column, reason)
                 self._version_check(column, "JOIN ... USING")
 
     def _same_key(self, ref: Node, column: EncryptedColumn) -> bool:

@@ -33,7 +33,7 @@ def map_text_array(value: bytes, transform: Transform) -> bytes:
 
 
 def flat_map_text_array(value: bytes, transform: FlatTransform) -> bytes:
-    """Replace every non-NULL element of a text-format array by the elements `transform` returns."""
+    """Replace each non-NULL element of a text array by `transform`'s elements."""
     elements: list[bytes | None] = []
     for element in parse_text_array(value):
         if element is None:
@@ -59,7 +59,8 @@ def _render_text_array(elements: Sequence[bytes | None]) -> bytes:
         if element is None:
             rendered.append(b"NULL")
         else:
-            rendered.append(b'"' + element.replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"')
+            escaped = element.replace(b"\\", b"\\\\").replace(b'"', b'\\"')
+            rendered.append(b'"' + escaped + b'"')
     return b"{" + b",".join(rendered) + b"}"
 
 
@@ -139,7 +140,7 @@ def map_binary_array(value: bytes, transform: Transform) -> bytes:
 
 
 def flat_map_binary_array(value: bytes, transform: FlatTransform) -> bytes:
-    """Replace every non-NULL element of a binary-format array by the elements `transform` returns."""
+    """Replace each non-NULL element of a binary array by `transform`'s elements."""
     dimensions, flags, element_type = _HEADER.unpack_from(value, 0)
     if dimensions > 1:
         raise ValueError("only one-dimensional arrays can be sealed")

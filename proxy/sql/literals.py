@@ -65,7 +65,10 @@ def replace_literals(
 
 
 def replace_spans(sql: str, edits: Sequence[tuple[int, int, str]]) -> str:
-    """Return `sql` with each (start, end, text) edit applied. Spans must not overlap."""
+    """Return `sql` with each (start, end, text) edit applied.
+
+    The spans must not overlap.
+    """
     pieces = []
     position = 0
     for start, end, text in sorted(edits):
@@ -76,7 +79,9 @@ def replace_spans(sql: str, edits: Sequence[tuple[int, int, str]]) -> str:
     return "".join(pieces)
 
 
-def value_span(sql: str, node: dict[str, Any], column: EncryptedColumn) -> tuple[int, int]:
+def value_span(
+    sql: str, node: dict[str, Any], column: EncryptedColumn
+) -> tuple[int, int]:
     """Return the character span of a parameter or constant, with a cast around it.
 
     The forms are `$1`, `'a'`, `$1::varchar(20)`, `CAST($1 AS text)` and

@@ -74,7 +74,7 @@ class SqlPreparedStatements:
             self._prepared.pop(change.name, None)
 
     def get(self, name: str) -> SqlPrepare | None:
-        """Return the committed PREPARE of a statement name, if it touches encrypted columns."""
+        """Return the committed PREPARE of a name, if it touches encrypted columns."""
         return self._prepared.get(name)
 
     def apply(self, plan: StatementPlan, sql: str) -> StatementPlan:

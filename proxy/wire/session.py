@@ -234,7 +234,9 @@ class Session:
             return
         statement = Statement(plan, query=msg.query, param_types=msg.param_types)
         statement.sealed = sealed
-        types = self._storage_types(msg.param_types, plan, statement.declared, sealed.arrays)
+        types = self._storage_types(
+            msg.param_types, plan, statement.declared, sealed.arrays
+        )
         pending.undo = self._define_statement(msg.statement, statement)
         self._pending.append(pending)
         query = sealed.text
@@ -310,7 +312,8 @@ class Session:
         if plan.sql_executes:
             self._check_sql_executes(plan)
         if plan.sql_prepared:
-            plan = replace(plan, sql_prepared=tuple(map(self._stamp, plan.sql_prepared)))
+            stamped = tuple(map(self._stamp, plan.sql_prepared))
+            plan = replace(plan, sql_prepared=stamped)
         if plan.search_path is not None:
             self._search_path = plan.search_path.value
         return plan
@@ -409,7 +412,8 @@ class Session:
                 f"prepared statement {name!r} must be parsed again because the data "
                 "key versions of its encrypted columns changed, but a portal of it "
                 "is still open",
-                "Close the portal or end the transaction, then run the statement again.",
+                "Close the portal or end the transaction, then run the statement "
+                "again.",
             )
         sealed = self._seal_statement(statement.query, statement.plan)
         declared: dict[int, int] = {}
@@ -428,7 +432,9 @@ class Session:
         out.to_server.append(m.Parse(name, sealed.text, types).encode())
         statement.sealed = sealed
         statement.declared = declared
-        log.debug("[%s] parsed statement %r again for new key versions", self._conn_id, name)
+        log.debug(
+            "[%s] parsed statement %r again for new key versions", self._conn_id, name
+        )
 
     def _seal_params(self, msg: m.Bind, statement: Statement) -> bytes:
         assert self._planner is not None
