@@ -237,6 +237,8 @@ def test_any_array_finds_every_version(rotated: RunningProxy, binary: bool) -> N
         ).fetchall()
     assert ids(found) == [1, 3]
     assert ids(others) == [2, 4]
+    assert stored_version(rotated, 1) == 1
+    assert stored_version(rotated, 3) == 2
 
 
 def test_simple_protocol_finds_every_version(rotated: RunningProxy) -> None:
@@ -258,6 +260,8 @@ def test_simple_protocol_finds_every_version(rotated: RunningProxy) -> None:
     assert rotated.run(run()) == ("UPDATE 1", "UPDATE 1")
     plans = rotated.direct("SELECT id, plan FROM customers ORDER BY id")
     assert plans == [(1, "pro"), (2, "team"), (3, "pro"), (4, "team")]
+    assert stored_version(rotated, 2) == 1
+    assert stored_version(rotated, 4) == 2
 
 
 def test_asyncpg_finds_every_version(rotated: RunningProxy) -> None:
@@ -285,6 +289,7 @@ def test_asyncpg_finds_every_version(rotated: RunningProxy) -> None:
     assert single == [1, 4]
     assert sorted(many) == [2, 3]
     assert sorted(listed) == [1, 3]
+    assert [stored_version(rotated, row_id) for row_id in (1, 2, 3, 4)] == [1, 1, 2, 2]
 
 
 def test_prepared_before_rotation_sees_new_version(
@@ -339,6 +344,7 @@ def test_asyncpg_prepared_across_rotation(
     assert before == 1
     assert during == [2, 4]
     assert after == [2, 4]
+    assert [stored_version(customers, row_id) for row_id in (2, 4)] == [2, 2]
 
 
 def test_writes_seal_under_newest_version(rotated: RunningProxy) -> None:
