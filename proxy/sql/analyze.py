@@ -628,8 +628,17 @@ class _Walker:
         self._version_checks.append(VersionCheck(column, reason))
 
     def _check_join_using(self, stmt: Node) -> None:
-        """Record `JOIN ... USING (col)`, which compares the columns' ciphertext."""
+        """Record `JOIN ... USING (col)`, which compares the columns' ciphertext.
+
+        A NATURAL JOIN may compare any column that both sides have, so it
+        counts for every deterministic column in scope.
+        """
         for _, join in _nodes_of_kinds(stmt, ("JoinExpr",)):
+            if join.get("isNatural"):
+                for table in self._scope.values():
+                    for shared in table.encrypted.values():
+                        if not _randomized(shared):
+                            self._version_check(shared, "NATURAL JOIN")
             for item in join.get("usingClause", []):
                 ref = {"fields": [item]}
                 column = self._resolve(ref)

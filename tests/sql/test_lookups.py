@@ -109,6 +109,7 @@ def test_rewritten_parameters_listed(analyzer: Analyzer) -> None:
         "SELECT count(DISTINCT email) FROM accounts",
         "SELECT 1 FROM accounts a JOIN accounts b ON a.email = b.email",
         "SELECT 1 FROM accounts a JOIN accounts b USING (email)",
+        "SELECT 1 FROM accounts NATURAL JOIN accounts",
         "UPDATE accounts SET email = $1 WHERE email = $1",
         "SELECT id FROM accounts WHERE email = $1 OR email = ANY($1)",
         "PREPARE p AS SELECT id FROM accounts WHERE email = $1",
