@@ -234,8 +234,8 @@ class _Walker:
             self._copies[0] if len(self._copies) == 1 else None,
             frozenset(self._arrays),
             self._search_path_change,
-            tuple(self._searches),
-            tuple(self._version_checks) + self._mixed_parameters(),
+            searches=tuple(self._searches),
+            version_checks=tuple(self._version_checks) + self._mixed_parameters(),
         )
         return EMPTY_PLAN if plan.is_empty else plan
 
