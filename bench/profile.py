@@ -35,7 +35,7 @@ from bench import valuepath
 from bench.pgbench import run_pgbench
 from bench.services import Stack
 from bench.workloads import Workloads
-from proxy.crypto.values import armour, dearmour, open_sealed, seal
+from proxy.crypto.values import armour, dearmour, seal
 from proxy.wire.messages import TEXT_FORMAT
 
 log = logging.getLogger(__name__)
@@ -182,25 +182,23 @@ def profile_value_path(stack: Stack, count: int = VALUE_PATH_CALLS) -> dict[str,
     armoured = armour(blob)
     encrypt = nacl.bindings.crypto_aead_xchacha20poly1305_ietf_encrypt
     nonce = os.urandom(valuepath.NONCE_SIZE)
+    sealer = view.sealer(column)
+    opener = view.opener(blob, column.key_name)
 
     steps: dict[str, Callable[[], object]] = {
         "seal_param, text column": lambda: planner.seal_param(
             column, value, TEXT_FORMAT
         ),
-        "  KeyView.active (two TTLCache lookups)": lambda: view.active(column),
-        "  values.seal": lambda: seal(
-            key, value, store_id=store_id, context=column.key_name
-        ),
+        "  KeyView.sealer (memoized cipher)": lambda: view.sealer(column),
+        "  ValueCipher.seal": lambda: sealer.seal(value),
         "    PyNaCl encrypt alone": lambda: encrypt(value, None, nonce, key.material),
         "  values.armour": lambda: armour(blob),
         "open_value, text column": lambda: planner.open_value(
             fields, armoured, TEXT_FORMAT
         ),
         "  values.dearmour": lambda: dearmour(armoured),
-        "  KeyView.for_value": lambda: view.for_value(blob),
-        "  values.open_sealed": lambda: open_sealed(
-            blob, key, store_id=store_id, context=column.key_name
-        ),
+        "  KeyView.opener (memoized cipher)": lambda: view.opener(blob, column.key_name),
+        "  ValueCipher.open": lambda: opener.open(blob),
     }
     per_second = valuepath.rates(steps, count)
     return {

@@ -231,7 +231,7 @@ def _value_lines(values: dict[str, Any]) -> Iterator[str]:
     yield f"| pgseal | seal, deterministic text column | {_cell(pgseal['seal_deterministic_text_per_s'])} | |"
     yield f"| pgseal | open, text column | {_cell(pgseal['open_text_per_s'])} | |"
     yield f"| pgseal | open, bytea column | {_cell(pgseal['open_bytea_per_s'])} | |"
-    yield f"| pgseal | `seal()` alone, no planner or armour | {_cell(pgseal['crypto_seal_only_per_s'])} | |"
+    yield f"| pgseal | `ValueCipher.seal` alone, no planner or armour | {_cell(pgseal['crypto_seal_only_per_s'])} | |"
     yield f"| PyNaCl | encrypt, fresh nonce from os.urandom | {_cell(nacl['encrypt_fresh_nonce_per_s'])} | {nacl['stored_bytes']} |"
     yield f"| PyNaCl | encrypt, fixed nonce | {_cell(nacl['encrypt_fixed_nonce_per_s'])} | |"
     yield f"| PyNaCl | decrypt | {_cell(nacl['decrypt_per_s'])} | |"

@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import asyncpg
@@ -13,13 +14,26 @@ import asyncpg
 from proxy.audit import AuditLog
 from proxy.catalog import Catalog, load_catalog
 from proxy.crypto.keyring import Keyring, RemoteKeyring, parse_keyring_spec
-from proxy.crypto.keystore import KeyCache, KeyStore
+from proxy.crypto.keystore import KeyCache, KeyNotFoundError, KeyStore
+from proxy.crypto.subjects import (
+    KeyRequest,
+    StoredKeyRequest,
+    SubjectKeyRequest,
+    UnavailableKeys,
+)
 from proxy.crypto.values import Algorithm
-from proxy.errors import ConfigError, KeyStoreError, PgsealError
+from proxy.errors import (
+    ConfigError,
+    KeyringError,
+    KeyStoreError,
+    KeyUnavailableError,
+    PgsealError,
+)
+from proxy.keyring_sets import KeyringSets, load_keyring_sets
 from proxy.planner import ColumnPlanner, KeyView, algorithm_of
 from proxy.rotation import KeyRotator
 from proxy.rules import RuleSet, load_rules
-from proxy.server import Listener, Relay, Upstream
+from proxy.server import DEFAULT_STARTUP_TIMEOUT, Listener, Relay, Upstream
 from proxy.tls import load_client_tls
 from proxy.wire.frames import DEFAULT_MAX_MESSAGE
 from proxy.wire.session import Planner
@@ -37,8 +51,12 @@ class ProxySettings:
     listen_port: int
     upstream: Upstream
     rules_dir: Path
+    # The default keyring set: specs that wrap the data keys of every column
+    # whose rule names no set.
     keyrings: tuple[str, ...]
     max_message: int = DEFAULT_MAX_MESSAGE
+    # Seconds a client has to send its startup packet after it connects.
+    startup_timeout: float = DEFAULT_STARTUP_TIMEOUT
     # Seconds between checks of the rules folder for changed files; 0 turns
     # the check off, leaving SIGHUP as the way to reload.
     rules_poll_seconds: float = 1.0
@@ -54,6 +72,9 @@ class ProxySettings:
     max_values_per_key: int | None = None
     # JSON-lines file that records key creation and rotation; None for none.
     audit_log: Path | None = None
+    # Named keyring sets other than the default, from the config file, for
+    # rule columns that set 'keyring: NAME'.
+    keyring_sets: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
 
 
 class Proxy:
@@ -62,6 +83,8 @@ class Proxy:
     def __init__(self, settings: ProxySettings) -> None:
         self.settings = settings
         self._cache = KeyCache(max_values_per_key=settings.max_values_per_key)
+        # A key that failed to load is tried again after one refresh interval.
+        self._unavailable = UnavailableKeys(settings.key_refresh_seconds)
         self._rotator: KeyRotator | None = None
         self._audit: AuditLog | None = None
         self._pool: asyncpg.Pool[asyncpg.Record] | None = None
@@ -76,6 +99,7 @@ class Proxy:
         self.relay: Relay | None = None
         self.port = settings.listen_port
         self.keyrings: tuple[Keyring, ...] = ()
+        self.keyring_sets = KeyringSets({})
 
     @property
     def keystore(self) -> KeyStore:
@@ -94,14 +118,19 @@ class Proxy:
         settings = self.settings
         client_tls = load_client_tls(settings.tls_cert, settings.tls_key)
         # A KMS keyring imports boto3 and builds its client, which may block.
-        self.keyrings = await asyncio.to_thread(_parse_keyrings, settings.keyrings)
+        self.keyring_sets = await asyncio.to_thread(
+            load_keyring_sets, settings.keyrings, settings.keyring_sets
+        )
+        self.keyrings = self.keyring_sets.keyrings
         rules = load_rules(settings.rules_dir)
+        self.keyring_sets.for_rules(rules)
         self._pool = await asyncpg.create_pool(
             **settings.upstream.connect_args(), min_size=1, max_size=4
         )
         if settings.audit_log is not None:
             self._audit = AuditLog(settings.audit_log, db_user=settings.upstream.user)
         self._keystore = KeyStore(self._pool, self.keyrings, self._cache, self._audit)
+        self.keyring_sets.assign(self._keystore, rules)
         await self._keystore.setup()
         self._rotator = KeyRotator(self._keystore)
         self._cache.on_limit = self._rotator.limit_reached
@@ -109,9 +138,14 @@ class Proxy:
         self._catalogs = await self._load_catalogs(rules)
         await self._load_keys()
         self.relay = Relay(
-            settings.upstream, self._planners(), settings.max_message, client_tls
+            settings.upstream,
+            self._planners(),
+            settings.max_message,
+            client_tls,
+            startup_timeout=settings.startup_timeout,
         )
         self.relay.on_catalog_change = self._catalog_changed
+        self.relay.fetch_keys = self._fetch_keys
         self._server = await Listener.start(
             self.relay.accept, settings.listen_host, settings.listen_port
         )
@@ -138,11 +172,13 @@ class Proxy:
         """
         try:
             rules = load_rules(self.settings.rules_dir)
+            self.keyring_sets.for_rules(rules)
             catalogs = await self._load_catalogs(rules)
         except (PgsealError, OSError, asyncpg.PostgresError) as exc:
             log.error("new rules rejected, the rules in force stay: %s", exc)
             return False
         self._rules = rules
+        self.keyring_sets.assign(self.keystore, rules)
         self._catalogs = catalogs
         await self._load_keys()
         if self.relay is not None:
@@ -185,7 +221,15 @@ class Proxy:
         for catalog in self._catalogs.values():
             for table in catalog.tables:
                 for column in table.encrypted.values():
-                    await keystore.active_key(column.key_name, algorithm_of(column))
+                    if column.subject_column is not None:
+                        # Subject keys are created and loaded on first use.
+                        continue
+                    try:
+                        await keystore.active_key(column.key_name, algorithm_of(column))
+                    except KeyUnavailableError as exc:
+                        # Statements that need this key fail until it loads,
+                        # and the other columns keep working.
+                        log.error("column %s: %s", column.identity, exc)
                     names.append(column.key_name)
                     columns.append(column)
         if self._rotator is not None:
@@ -194,7 +238,13 @@ class Proxy:
 
     def _planners(self) -> dict[str, Planner]:
         keystore = self.keystore
-        view = KeyView(self._cache, keystore.store_id, keystore.can_unwrap)
+        view = KeyView(
+            self._cache,
+            keystore.store_id,
+            keystore.can_unwrap,
+            keystore.subject_secret,
+            self._unavailable,
+        )
         for database in list(self._column_planners):
             if database not in self._catalogs:
                 del self._column_planners[database]
@@ -230,11 +280,30 @@ class Proxy:
         finally:
             self._reloading = None
 
+    async def _fetch_keys(self, requests: tuple[KeyRequest, ...]) -> None:
+        """Load or create the data keys a session needs, into the cache.
+
+        A key that fails is remembered as unavailable, so the session then
+        treats it as a value that does not open, or a value it cannot seal.
+        """
+        keystore = self.keystore
+        for request in requests:
+            try:
+                if isinstance(request, SubjectKeyRequest):
+                    await keystore.subject_key(request)
+                elif isinstance(request, StoredKeyRequest):
+                    await keystore.get_key(request.key_id, request.version)
+            except (KeyStoreError, KeyringError) as exc:
+                log.warning("data key unavailable for %gs: %s", self._unavailable.ttl, exc)
+                gone = isinstance(exc, KeyNotFoundError)
+                self._unavailable.add(request, _unavailable_reason(exc), gone)
+
     async def _refresh_keys(self) -> None:
         while True:
             await asyncio.sleep(self.settings.key_refresh_seconds)
             try:
                 self._cache.purge()
+                await self.keystore.drop_destroyed()
                 await self._load_keys()
             except (PgsealError, OSError, asyncpg.PostgresError) as exc:
                 log.warning("data key refresh failed, cached keys stay in use: %s", exc)
@@ -282,6 +351,14 @@ class Proxy:
                 keyring.service,
                 ", ".join(f"{name} {count}" for name, count in operations) or "none",
             )
+
+
+def _unavailable_reason(exc: PgsealError) -> str:
+    """Return why a data key is unavailable, in words fit for a client's error."""
+    if isinstance(exc, KeyNotFoundError):
+        return "it is not in the key store, for example because it was shredded"
+    # The exception names keyrings and endpoints, which the log already has.
+    return f"loading it failed ({type(exc).__name__}); the proxy log has the reason"
 
 
 def _parse_keyrings(specs: tuple[str, ...]) -> tuple[Keyring, ...]:

@@ -13,6 +13,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from proxy.crypto.subjects import SUBJECT_TYPE_NAMES
 from proxy.errors import PgsealError, RuleError
 from proxy.rules import ColumnRule, TableRule
 from proxy.types import TYPES, LogicalType
@@ -32,10 +33,31 @@ class Storage(enum.Enum):
 
 
 @dataclass(frozen=True, slots=True)
+class AssociatedColumn:
+    """A plain column whose value in the row is bound into a sealed value."""
+
+    name: str
+    attnum: int
+    type: LogicalType
+
+    def canonical(self, value: bytes | None, fmt: int, declared_oid: int = 0) -> bytes | None:
+        """Return the text bound into the associated data for a wire value.
+
+        Raises ValueError on input that is not valid for the column's type.
+        """
+        if value is None:
+            return None
+        return self.type.from_wire(value, fmt, declared_oid)
+
+
+@dataclass(frozen=True, slots=True)
 class EncryptedColumn:
     rule: ColumnRule
     attnum: int
     storage: Storage
+    associated: tuple[AssociatedColumn, ...] = ()
+    # With key_scope subject: the type OID of the subject column.
+    subject_type: int = 0
 
     @property
     def logical(self) -> LogicalType:
@@ -63,6 +85,11 @@ class EncryptedColumn:
     def key_name(self) -> str:
         return self.rule.key_name
 
+    @property
+    def subject_column(self) -> str | None:
+        """The plain column whose value selects the data key, if keyed per subject."""
+        return self.rule.subject_column
+
 
 @dataclass(frozen=True, slots=True)
 class RuledTable:
@@ -71,6 +98,9 @@ class RuledTable:
     `encrypted` maps this relation's column names to the encrypted columns
     they hold; for a view, those are columns of the base table. `fields`
     maps attribute numbers to the encrypted columns a value may come from.
+    `associated` maps the name of an encrypted column bound to other
+    columns to the names of this relation's columns that carry their values
+    in the same row, or to None when the relation does not carry them all.
     """
 
     oid: int
@@ -80,11 +110,18 @@ class RuledTable:
     encrypted: dict[str, EncryptedColumn] = field(hash=False)
     fields: dict[int, tuple[EncryptedColumn, ...]] = field(hash=False, default_factory=dict)
     is_view: bool = False
+    associated: dict[str, tuple[str, ...] | None] = field(
+        hash=False, default_factory=dict
+    )
 
     def __post_init__(self) -> None:
         if not self.fields:
             for column in self.encrypted.values():
                 self.fields[column.attnum] = (column,)
+        if not self.is_view and not self.associated:
+            for name, column in self.encrypted.items():
+                if column.associated:
+                    self.associated[name] = tuple(a.name for a in column.associated)
 
     @property
     def qualified_name(self) -> str:
@@ -232,9 +269,68 @@ def _ruled_table(rule: TableRule, found: dict[tuple[str, str], list[Any]]) -> Ru
                 "generated, so the server would store a value in plaintext; "
                 "drop the default (ALTER TABLE ... ALTER COLUMN ... DROP DEFAULT)"
             )
-        encrypted[column.column] = EncryptedColumn(column, row["attnum"], storage)
+        associated = tuple(
+            _associated(rule, column, by_name, name) for name in column.associated_columns
+        )
+        subject_type = _subject_type(rule, column, by_name)
+        encrypted[column.column] = EncryptedColumn(
+            column, row["attnum"], storage, associated, subject_type
+        )
     columns = tuple(row["attname"] for row in rows)
     return RuledTable(rows[0]["oid"], rule.schema, rule.table, columns, encrypted)
+
+
+_TYPES_BY_OID = {t.oid: t for t in TYPES.values()}
+
+
+def _associated(
+    rule: TableRule, column: ColumnRule, by_name: dict[str, Any], name: str
+) -> AssociatedColumn:
+    """Check a column named in `associated_columns` against the table."""
+    row = by_name.get(name)
+    where = f"{column.source}: 'associated_columns' of {column.identity}"
+    if row is None:
+        raise RuleError(f"{where}: unknown column '{name}' in {rule.qualified_name}")
+    if row["generated"]:
+        raise RuleError(
+            f"{where}: column {name} is generated, so no statement can give its "
+            "value; name a column that INSERT sets"
+        )
+    logical = _TYPES_BY_OID.get(row["atttypid"])
+    if logical is None:
+        raise RuleError(
+            f"{where}: column {name} has a type (OID {row['atttypid']}) that the "
+            "proxy cannot put in canonical form; use a column of one of these "
+            f"types: {', '.join(TYPES)}"
+        )
+    if row["atttypmod"] >= 0:
+        raise RuleError(
+            f"{where}: column {name} has a type modifier, with which the server may "
+            "round or cut a value so that it differs from what the statement sent; "
+            "drop the modifier (such as the length or precision)"
+        )
+    return AssociatedColumn(name, row["attnum"], logical)
+
+
+def _subject_type(rule: TableRule, column: ColumnRule, by_name: dict[str, Any]) -> int:
+    """Check a column's subject column against the table and return its type OID."""
+    name = column.subject_column
+    if name is None:
+        return 0
+    row = by_name.get(name)
+    if row is None:
+        raise RuleError(
+            f"{column.source}: unknown subject_column '{name}' in "
+            f"{rule.qualified_name}"
+        )
+    if row["atttypid"] not in SUBJECT_TYPE_NAMES:
+        supported = ", ".join(sorted(set(SUBJECT_TYPE_NAMES.values())))
+        raise RuleError(
+            f"{column.source}: subject_column {rule.qualified_name}.{name} has a "
+            f"type that cannot select data keys; supported types: {supported}"
+        )
+    type_oid: int = row["atttypid"]
+    return type_oid
 
 
 def _storage(column: ColumnRule, type_oid: int, type_modifier: int) -> Storage:
@@ -306,24 +402,34 @@ async def _add_views(conn: Any, catalog: Catalog) -> Catalog:
 def _ruled_view(analyzer: Any, row: Any, columns: list[Any]) -> RuledTable | None:
     name = f"{row['nspname']}.{row['relname']}"
     try:
-        outputs = analyzer.plan(row["definition"]).outputs or ()
+        plan = analyzer.plan(row["definition"])
     except PgsealError as exc:
+        # The view's encrypted columns stay untraced, so they read as ciphertext.
         log.warning("view %s over an encrypted column cannot be traced: %s", name, exc)
-        outputs = ()
+        return None
+    outputs = plan.outputs or ()
+    names = tuple(column["attname"] for column in columns)
     fields = {}
     encrypted = {}
-    for column, trace in zip(columns, outputs):
+    associated: dict[str, tuple[str, ...] | None] = {}
+    for index, (column, trace) in enumerate(zip(columns, outputs)):
         if trace:
             fields[column["attnum"]] = trace
             encrypted[column["attname"]] = trace[0]
+        if any(candidate.associated for candidate in trace):
+            indexes = plan.associations.get(index)
+            associated[column["attname"]] = (
+                tuple(names[i] for i in indexes) if indexes is not None else None
+            )
     if not encrypted:
         return None
     return RuledTable(
         row["oid"],
         row["nspname"],
         row["relname"],
-        tuple(column["attname"] for column in columns),
+        names,
         encrypted,
         fields,
         is_view=True,
+        associated=associated,
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import math
 import signal
 import sys
 from pathlib import Path
@@ -13,14 +14,22 @@ from typing import Any
 import asyncpg
 
 from proxy.app import Proxy, ProxySettings
+from proxy.config import keyring_options, load_config
 from proxy.crypto.keyring import SodiumKeyring, parse_sodium_spec, read_passphrase
 from proxy.errors import ConfigError, PgsealError
+from proxy.keyring_sets import set_names
 from proxy.keys_admin import add_key_commands, add_reencrypt_command
-from proxy.server import Upstream
+from proxy.rules import load_rules
+from proxy.server import DEFAULT_STARTUP_TIMEOUT, Upstream
 from proxy.tls import SslMode
 from proxy.wire.frames import DEFAULT_MAX_MESSAGE
 
 log = logging.getLogger("pgseal")
+
+# The smallest --max-message-size. PostgreSQL limits the messages it expects
+# to be short, such as a SASL response, to 10000 bytes (PQ_SMALL_MESSAGE_LIMIT
+# in src/include/libpq/libpq.h), so every session fits under this.
+MIN_MAX_MESSAGE = 65536
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -72,12 +81,28 @@ def _build_parser() -> argparse.ArgumentParser:
         "is the proxy's own, for its key store and catalog reads",
     )
     serve.add_argument("--rules", default="rules", type=Path, help="folder of *.yaml rule files")
-    _add_keyring(serve, many=True)
+    _add_keyring(serve, many=True, required=False)
+    serve.add_argument(
+        "--config",
+        type=Path,
+        metavar="FILE",
+        help="YAML file of named keyring sets and the audit file, instead of "
+        "--keyring; see the README",
+    )
     serve.add_argument(
         "--max-message-size",
         type=int,
         default=DEFAULT_MAX_MESSAGE,
-        help="largest protocol message accepted, in bytes",
+        help="largest protocol message accepted from the client or the server, in "
+        f"bytes (default: {DEFAULT_MAX_MESSAGE}, at least {MIN_MAX_MESSAGE}); a "
+        "larger one ends that connection with a FATAL error",
+    )
+    serve.add_argument(
+        "--startup-timeout",
+        type=float,
+        default=DEFAULT_STARTUP_TIMEOUT,
+        help="seconds a client has from connecting to sending its startup packet, "
+        f"TLS negotiation included (default: {DEFAULT_STARTUP_TIMEOUT:g})",
     )
     serve.add_argument(
         "--rules-poll-interval",
@@ -123,6 +148,12 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     check.add_argument("--upstream", required=True, help="postgresql:// URI of the server")
     check.add_argument("--rules", default="rules", type=Path, help="folder of *.yaml rule files")
+    check.add_argument(
+        "--config",
+        type=Path,
+        metavar="FILE",
+        help="config file whose keyring sets the rules' 'keyring' entries must name",
+    )
     check.set_defaults(run=_rules_check)
 
     demo = commands.add_parser(
@@ -163,16 +194,19 @@ def _add_tls_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _add_keyring(parser: argparse.ArgumentParser, many: bool) -> None:
+def _add_keyring(
+    parser: argparse.ArgumentParser, many: bool, required: bool = True
+) -> None:
     parser.add_argument(
         "--keyring",
-        required=True,
+        required=required,
         action="append" if many else "store",
         help=(
             "keyring spec: sodium:KEYDIR[?passphrase_env=VAR], aws-kms:KEY (a "
             "KMS key id, ARN or alias/NAME) or vault-transit:KEY_NAME; give it "
             "once per keyring, and data keys are wrapped by all of them and "
-            "unwrapped by the first that works, in order"
+            "unwrapped by the first that works, in order; required unless "
+            "--config is given"
             if many
             else "keyring spec, sodium:KEYDIR[?passphrase_env=VAR]"
         ),
@@ -187,6 +221,17 @@ def _serve(args: argparse.Namespace) -> int:
         raise ConfigError(
             f"--max-values-per-key must be at least 1, got {args.max_values_per_key}"
         )
+    if args.max_message_size < MIN_MAX_MESSAGE:
+        raise ConfigError(
+            f"--max-message-size must be at least {MIN_MAX_MESSAGE} bytes, "
+            f"got {args.max_message_size}"
+        )
+    if not 0 < args.startup_timeout < math.inf:
+        raise ConfigError(
+            "--startup-timeout must be more than 0 seconds and finite, "
+            f"got {args.startup_timeout}"
+        )
+    keys = keyring_options(args.keyring, args.config, args.audit_log)
     settings = ProxySettings(
         listen_host=host,
         listen_port=int(port),
@@ -194,12 +239,14 @@ def _serve(args: argparse.Namespace) -> int:
             args.upstream, args.upstream_sslmode, args.upstream_sslrootcert
         ),
         rules_dir=args.rules,
-        keyrings=tuple(args.keyring),
+        keyrings=keys.default,
+        keyring_sets=keys.named,
         max_message=args.max_message_size,
+        startup_timeout=args.startup_timeout,
         rules_poll_seconds=args.rules_poll_interval,
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
-        audit_log=args.audit_log,
+        audit_log=keys.audit_file,
         max_values_per_key=args.max_values_per_key,
     )
     asyncio.run(_run_proxy(settings))
@@ -232,15 +279,29 @@ def _rules_check(args: argparse.Namespace) -> int:
     from proxy.rules_check import check_rules
 
     report = asyncio.run(check_rules(Upstream.parse(args.upstream), args.rules))
+    problems = list(report.problems)
+    if args.config is not None:
+        problems.extend(_keyring_set_problems(args.config, args.rules))
     for warning in report.warnings:
         print(f"warning: {warning}")
-    for problem in report.problems:
+    for problem in problems:
         print(f"error: {problem}")
-    if report.problems:
-        print(f"{len(report.problems)} problems found in {args.rules}")
+    if problems:
+        print(f"{len(problems)} problems found in {args.rules}")
         return 1
     print(f"ok: {report.tables} tables and {report.columns} encrypted columns checked")
     return 0
+
+
+def _keyring_set_problems(config: Path, rules_dir: Path) -> list[str]:
+    """Check that every rule's keyring set is defined in the config file."""
+    sets = load_config(config).keyring_sets
+    columns = [c for table in load_rules(rules_dir).tables for c in table.columns]
+    try:
+        set_names(columns, sets)
+    except ConfigError as exc:
+        return [str(exc)]
+    return []
 
 
 def _keys_init(args: argparse.Namespace) -> int:
@@ -262,7 +323,13 @@ def _add_backup_commands(key_commands: argparse._SubParsersAction[Any]) -> None:
         "backup", help="write an encrypted key store backup and recovery shares"
     )
     backup.add_argument("--upstream", required=True, help="postgresql:// URI of the database")
-    _add_keyring(backup, many=False)
+    _add_keyring(backup, many=False, required=False)
+    backup.add_argument(
+        "--config",
+        type=Path,
+        metavar="FILE",
+        help="config file whose one sodium keyring to back up, instead of --keyring",
+    )
     backup.add_argument("--shares", type=int, required=True, help="number of share files")
     backup.add_argument(
         "--threshold", type=int, required=True, help="shares needed to recover, at least 2"
@@ -283,7 +350,13 @@ def _add_backup_commands(key_commands: argparse._SubParsersAction[Any]) -> None:
         "--share", type=Path, action="append", required=True, help="a share file; repeat"
     )
     restore.add_argument(
-        "--keydir", type=Path, required=True, help="new folder for the sodium key pair"
+        "--keydir", type=Path, help="new folder for the sodium key pair"
+    )
+    restore.add_argument(
+        "--config",
+        type=Path,
+        metavar="FILE",
+        help="config file whose one sodium keyring's folder is the default --keydir",
     )
     restore.add_argument(
         "--passphrase-env",
@@ -296,7 +369,7 @@ def _add_backup_commands(key_commands: argparse._SubParsersAction[Any]) -> None:
 def _keys_backup(args: argparse.Namespace) -> int:
     from proxy.crypto.backup import backup_key_store
 
-    keyring = parse_sodium_spec(args.keyring).load()
+    keyring = parse_sodium_spec(_sodium_spec(args)).load()
     upstream = Upstream.parse(args.upstream)
     summary = asyncio.run(
         backup_key_store(
@@ -323,6 +396,10 @@ def _keys_restore(args: argparse.Namespace) -> int:
 
     passphrase = read_passphrase(args.passphrase_env) if args.passphrase_env else None
     upstream = Upstream.parse(args.upstream)
+    if args.keydir is None and args.config is None:
+        raise ConfigError("give --keydir DIR, or --config FILE with one sodium keyring")
+    if args.keydir is None:
+        args.keydir = parse_sodium_spec(_sodium_spec(args)).keydir
     summary = asyncio.run(
         restore_key_store(
             upstream.connect_args(), args.source, args.share, args.keydir, passphrase
@@ -339,6 +416,24 @@ def _keys_restore(args: argparse.Namespace) -> int:
             "configure one of their other keyrings to read their values"
         )
     return 0
+
+
+def _sodium_spec(args: argparse.Namespace) -> str:
+    """Return the sodium keyring spec of --keyring, or the only one of --config."""
+    keyring = getattr(args, "keyring", None)
+    if args.config is None:
+        if keyring is None:
+            raise ConfigError("give --keyring sodium:KEYDIR or --config FILE")
+        return str(keyring)
+    if keyring is not None:
+        raise ConfigError("give --keyring or --config, not both")
+    specs = [s for s in load_config(args.config).all_specs() if s.startswith("sodium:")]
+    if len(specs) != 1:
+        raise ConfigError(
+            f"config file {args.config} names {len(specs)} sodium keyrings, so it "
+            "does not say which to use; give --keyring sodium:KEYDIR instead"
+        )
+    return specs[0]
 
 
 def _demo(args: argparse.Namespace) -> int:

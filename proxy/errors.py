@@ -23,6 +23,15 @@ class KeyringError(PgsealError):
     """A key-encryption key that is missing, unreadable or unusable."""
 
 
+class KeyUnavailableError(KeyringError):
+    """A data key that no keyring could unwrap just now, or that is not loaded.
+
+    The keyrings that hold a copy failed, for example because the KMS could
+    not be reached, so the key may load on a later try. Statements that need
+    it fail, but the proxy keeps running.
+    """
+
+
 class KeyStoreError(PgsealError):
     """The data-key store in PostgreSQL could not be read or written."""
 
@@ -38,8 +47,38 @@ class DecryptionError(PgsealError):
         super().__init__("sealed value could not be opened")
 
 
+class AssociatedValuesMissing(DecryptionError):
+    """A value of a bound column in a result row that lacks its associated columns.
+
+    The analysis could not trace the row's associated values, as for a
+    column read through a subquery, so the value cannot be opened. It names
+    the column because no cryptographic check ran.
+    """
+
+    def __init__(self, column: str) -> None:
+        PgsealError.__init__(
+            self,
+            f"the result does not contain the associated columns of {column} "
+            "from the same row",
+        )
+        self.column = column
+
+
 class ProtocolError(PgsealError):
     """A peer sent bytes that break the PostgreSQL v3 protocol."""
+
+
+class MessageTooLarge(ProtocolError):
+    """A peer announced a message longer than the proxy's maximum message size."""
+
+    def __init__(self, source: str, size: int, limit: int) -> None:
+        super().__init__(
+            f"message of {size} bytes from the {source} exceeds the maximum "
+            f"message size of {limit} bytes"
+        )
+        self.source = source
+        self.size = size
+        self.limit = limit
 
 
 class StatementRejected(PgsealError):

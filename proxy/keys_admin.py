@@ -1,4 +1,4 @@
-"""Key lifecycle commands: `pgseal keys list|rotate|rewrap|retire` and `pgseal reencrypt`.
+"""Key lifecycle commands: `pgseal keys list|rotate|rewrap|retire|shred`, `pgseal reencrypt`.
 
 Each command connects to the server as `pgseal serve` does (`--upstream` and
 one or more `--keyring`), changes the key store in short transactions under
@@ -20,15 +20,18 @@ from typing import Any
 
 import asyncpg
 
-from proxy.audit import AuditLog, AuditRecord
+from proxy.audit import AuditLog, AuditRecord, audit_operation
 from proxy.catalog import EncryptedColumn, RuledTable, load_catalog
+from proxy.config import DEFAULT_SET, keyring_options
 from proxy.crypto.keycache import KeyCache
 from proxy.crypto.keyring import Keyring, parse_keyring_spec
 from proxy.crypto.keystore import KeyStore
 from proxy.crypto.keyversions import KeyVersion, describe_versions, retire_versions
 from proxy.crypto.rewrap import drop_keyrings, rewrap
+from proxy.crypto.shred import ShredResult, shred_subject, subject_digests
 from proxy.crypto.values import Algorithm
 from proxy.errors import ConfigError, KeyStoreError
+from proxy.keyring_sets import KeyringSets, load_keyring_sets
 from proxy.planner import KeyView
 from proxy.progress import ProgressBar
 from proxy.reencrypt import ReencryptOptions, Reencryptor, count_key_versions
@@ -50,6 +53,9 @@ class AdminSession:
     upstream: Upstream
     store: KeyStore
     cache: KeyCache
+    keyring_sets: KeyringSets
+    specs: dict[str, Keyring]
+    """Each keyring spec given, by its text."""
 
 
 def add_key_commands(key_commands: Any) -> None:
@@ -97,6 +103,12 @@ def add_key_commands(key_commands: Any) -> None:
         "aws-kms:alias/old, or one of the specs given; repeatable",
     )
     rewrap_parser.add_argument(
+        "--rules",
+        type=Path,
+        help="folder of *.yaml rule files; with --config, every data key is "
+        "also wrapped by each keyring of its column's set that lacks a copy",
+    )
+    rewrap_parser.add_argument(
         "--no-verify",
         action="store_true",
         help="skip unwrapping each new copy once to check it",
@@ -123,6 +135,39 @@ def add_key_commands(key_commands: Any) -> None:
         "reads of such values then fail",
     )
     retire.set_defaults(run=_sync(_retire))
+
+    shred = key_commands.add_parser(
+        "shred",
+        help="destroy every data key of one subject, so its values never open again",
+    )
+    shred.add_argument(
+        "--upstream",
+        required=True,
+        help="postgresql://USER:PASSWORD@HOST:PORT/DBNAME of the database that "
+        "holds the key store",
+    )
+    subject = shred.add_mutually_exclusive_group(required=True)
+    subject.add_argument(
+        "--subject",
+        help="the subject's value in the rules' subject_column, such as a creator id",
+    )
+    subject.add_argument(
+        "--subject-hmac",
+        action="append",
+        help="a subject digest (64 hex digits) from the audit line of an earlier "
+        "shred, to repeat it after restoring an older backup; repeatable",
+    )
+    shred.add_argument(
+        "--column",
+        help="SCHEMA.TABLE.COLUMN to shred the subject's key of; default: every "
+        "column keyed per subject",
+    )
+    shred.add_argument(
+        "--audit-log",
+        type=Path,
+        help="file to append one JSON line per key operation to (mode 0600)",
+    )
+    shred.set_defaults(run=_sync(_shred))
 
 
 def add_reencrypt_command(commands: Any) -> None:
@@ -176,7 +221,14 @@ def _add_connection(
         help="postgresql://USER:PASSWORD@HOST:PORT/DBNAME of the database that "
         "holds the key store",
     )
-    parser.add_argument("--keyring", required=True, action="append", help=keyring_help)
+    parser.add_argument("--keyring", action="append", help=keyring_help)
+    parser.add_argument(
+        "--config",
+        type=Path,
+        metavar="FILE",
+        help="config file of keyring sets, as for pgseal serve, instead of "
+        "--keyring; with --rules, each column's data keys use its set",
+    )
     parser.add_argument(
         "--audit-log",
         type=Path,
@@ -203,12 +255,29 @@ def _sync(
 async def open_key_store(
     args: argparse.Namespace, cache: KeyCache | None = None
 ) -> AsyncIterator[AdminSession]:
-    """Connect to the key store with the command's --upstream and --keyring."""
+    """Connect to the key store with the command's --upstream and keyrings.
+
+    The keyrings come from --keyring or --config. With --rules, each key
+    name of the rules is wrapped by its column's keyring set.
+    """
     upstream = Upstream.parse(args.upstream)
-    keyrings = await asyncio.to_thread(_parse_keyrings, args.keyring)
+    options = keyring_options(args.keyring, args.config, args.audit_log)
+    sets = await asyncio.to_thread(load_keyring_sets, options.default, options.named)
+    rules_dir = getattr(args, "rules", None)
+    rules = load_rules(rules_dir) if rules_dir is not None else None
+    if rules is not None:
+        sets.for_rules(rules)
+    specs = {
+        spec: keyring
+        for name, keyring_specs in (
+            (DEFAULT_SET, options.default),
+            *options.named.items(),
+        )
+        for spec, keyring in zip(keyring_specs, sets.sets[name])
+    }
     audit = None
-    if args.audit_log is not None:
-        audit = AuditLog(args.audit_log, db_user=upstream.user)
+    if options.audit_file is not None:
+        audit = AuditLog(options.audit_file, db_user=upstream.user)
     cache = cache if cache is not None else KeyCache()
     try:
         pool = await asyncpg.create_pool(
@@ -223,9 +292,10 @@ async def open_key_store(
             f"cannot connect to {upstream.host}:{upstream.port}: {exc}"
         ) from exc
     try:
-        store = KeyStore(pool, keyrings, cache, audit)
+        store = KeyStore(pool, sets.keyrings, cache, audit)
+        sets.assign(store, rules)
         await store.setup()
-        yield AdminSession(upstream, store, cache)
+        yield AdminSession(upstream, store, cache, sets, specs)
     finally:
         await pool.close()
         if audit is not None:
@@ -260,6 +330,11 @@ async def _rotate(args: argparse.Namespace) -> int:
     key_name = _key_name(args, rules)
     async with open_key_store(args) as session:
         store = session.store
+        if len(session.keyring_sets.sets) > 1 and rules is None:
+            raise ConfigError(
+                "the config file names several keyring sets, so give --rules: "
+                "the new version is wrapped by the keyring set of its column"
+            )
         algorithm = await store.key_algorithm(key_name)
         if algorithm is None:
             raise KeyStoreError(
@@ -299,12 +374,15 @@ async def _rotate(args: argparse.Namespace) -> int:
 
 
 async def _rewrap(args: argparse.Namespace) -> int:
-    if not args.new_keyring and not args.drop_keyring:
-        raise ConfigError("give --new-keyring SPEC, --drop-keyring NAME, or both")
+    by_sets = args.rules is not None and args.config is not None
+    if not args.new_keyring and not args.drop_keyring and not by_sets:
+        raise ConfigError(
+            "give --new-keyring SPEC, --drop-keyring NAME, or --config with --rules"
+        )
     new_keyrings = await asyncio.to_thread(_parse_keyrings, args.new_keyring)
     async with open_key_store(args) as session:
         store = session.store
-        specs = dict(zip(args.keyring, store.keyrings))
+        specs = dict(session.specs)
         specs.update(zip(args.new_keyring, new_keyrings))
         drop = _drop_names(args.drop_keyring, specs)
         kept_new = [k.name for k in new_keyrings if k.name in drop]
@@ -312,8 +390,13 @@ async def _rewrap(args: argparse.Namespace) -> int:
             raise ConfigError(
                 f"keyring {kept_new[0]} is both new and dropped; give it only once"
             )
-        if new_keyrings:
-            report = await rewrap(store, new_keyrings, verify=not args.no_verify)
+        if new_keyrings or by_sets:
+            report = await rewrap(
+                store,
+                new_keyrings,
+                verify=not args.no_verify,
+                key_sets=_rule_sets(session, args.rules) if by_sets else None,
+            )
             print(
                 f"rewrapped: {len(report.added)} wrapped copies added, "
                 f"{report.present} already present"
@@ -367,6 +450,95 @@ async def _retire(args: argparse.Namespace) -> int:
     return 0
 
 
+async def _shred(args: argparse.Namespace) -> int:
+    if args.column is not None and len(args.column.split(".")) != 3:
+        raise ConfigError(f"--column must be SCHEMA.TABLE.COLUMN, got {args.column!r}")
+    upstream = Upstream.parse(args.upstream)
+    audit = None
+    if args.audit_log is not None:
+        audit = AuditLog(args.audit_log, db_user=upstream.user)
+    try:
+        result = await _shred_with_audit(args, upstream, audit)
+    finally:
+        if audit is not None:
+            audit.close()
+
+    if not result.keys:
+        print("no data keys found for this subject; nothing was destroyed")
+        return 0
+    print(
+        f"destroyed {len(result.keys)} data key versions "
+        f"({result.wrapped_copies} wrapped copies) of this subject for "
+        f"{', '.join(result.columns)}"
+    )
+    print(
+        "running proxies drop their cached copies at the next key refresh "
+        "(every 20 seconds by default); physical backups and WAL archives taken "
+        "before now still hold the wrapped keys until they expire"
+    )
+    return 0
+
+
+async def _shred_with_audit(
+    args: argparse.Namespace, upstream: Upstream, audit: AuditLog | None
+) -> ShredResult:
+    column = args.column
+    details: dict[str, Any] = {"column": column or "all columns keyed per subject"}
+    with audit_operation(audit, "shred", details=details) as record:
+        try:
+            pool = await asyncpg.create_pool(**upstream.connect_args(), min_size=1, max_size=2)
+        except (OSError, asyncpg.PostgresError) as exc:
+            raise KeyStoreError(
+                f"cannot connect to {upstream.host}:{upstream.port}: {exc}"
+            ) from exc
+        try:
+            digests = await _digests(pool, args)
+            record.details["subject_hmac"] = sorted(digest.hex() for digest in digests)
+            result = ShredResult()
+            if digests:
+                result = await shred_subject(pool, digests, column)
+        finally:
+            await pool.close()
+        record.keys.extend(result.keys)
+        record.key_names.extend(ref.name for ref in result.keys)
+        record.details["destroyed_versions"] = len(result.keys)
+        record.details["wrapped_copies"] = result.wrapped_copies
+    return result
+
+
+async def _digests(
+    pool: asyncpg.Pool[asyncpg.Record], args: argparse.Namespace
+) -> list[bytes]:
+    """Return the digests to shred, from --subject-hmac or from --subject."""
+    if args.subject_hmac:
+        try:
+            digests = [bytes.fromhex(text) for text in args.subject_hmac]
+        except ValueError:
+            digests = []
+        if not digests or any(len(digest) != 32 for digest in digests):
+            raise ConfigError(
+                "--subject-hmac must be 64 hex digits, as in the subject_hmac "
+                "list of a shred's audit line"
+            )
+        return digests
+    secret = await _subject_secret(pool)
+    if secret is None:
+        return []
+    return subject_digests(secret, args.subject)
+
+
+async def _subject_secret(pool: asyncpg.Pool[asyncpg.Record]) -> bytes | None:
+    """Return the key store's subject secret, or None if no key store has one."""
+    try:
+        async with pool.acquire() as conn:
+            if not await conn.fetchval("SELECT to_regclass('pgseal.subject_keys')"):
+                return None
+            secret = await conn.fetchval("SELECT subject_secret FROM pgseal.key_store")
+    except (asyncpg.PostgresError, OSError) as exc:
+        raise KeyStoreError(f"key store: reading the subject secret failed: {exc}") from exc
+    return None if secret is None else bytes(secret)
+
+
 async def _reencrypt(args: argparse.Namespace) -> int:
     options = ReencryptOptions(
         batch_size=args.batch_size,
@@ -385,6 +557,7 @@ async def _reencrypt(args: argparse.Namespace) -> int:
         try:
             catalog = await load_catalog(conn, [table_rule])
             table = _base_table(catalog.tables, table_rule)
+            _check_no_subject_keys(table)
             view = KeyView(cache, session.store.store_id)
             progress = None if args.no_progress else ProgressBar(table.qualified_name)
             reencryptor = Reencryptor(
@@ -408,6 +581,16 @@ async def _reencrypt(args: argparse.Namespace) -> int:
         f"{report.current} already current, {report.skipped_count} skipped"
     )
     return 1 if report.skipped_count else 0
+
+
+def _check_no_subject_keys(table: RuledTable) -> None:
+    # TODO: re-seal subject-keyed columns under each row's subject key.
+    keyed = sorted(c.identity for c in table.encrypted.values() if c.subject_column)
+    if keyed:
+        raise ConfigError(
+            f"pgseal reencrypt does not support columns keyed per subject yet: "
+            f"{', '.join(keyed)}; it would re-seal them under a column key"
+        )
 
 
 def _key_name(args: argparse.Namespace, rules: RuleSet | None) -> str:
@@ -555,6 +738,14 @@ def _print_coverage(versions: list[KeyVersion]) -> None:
             counts[name] = counts.get(name, 0) + 1
     for name, count in sorted(counts.items()):
         print(f"keyring {name}: wraps {count} of {len(versions)} data key versions")
+
+
+def _rule_sets(
+    session: AdminSession, rules_dir: Path
+) -> Callable[[str], tuple[Keyring, ...]]:
+    """Return the keyring set of each key name that the rules use, or () for others."""
+    mapping = session.keyring_sets.for_rules(load_rules(rules_dir))
+    return lambda key_name: mapping.get(key_name, ())
 
 
 def _parse_keyrings(specs: list[str]) -> tuple[Keyring, ...]:

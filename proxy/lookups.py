@@ -23,7 +23,7 @@ several versions are live (see VersionCheck).
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from proxy.catalog import BYTEA_OID, EncryptedColumn
 from proxy.crypto.keycache import KeyRef
@@ -100,6 +100,36 @@ def lookup_edits(
         edits.append((search.start, search.end, search.column_text))
         edits.append((*search.column_span, text))
     return edits, frozenset(arrays)
+
+
+def move_searches(
+    searches: tuple[SearchValue, ...], position: Callable[[int], int]
+) -> tuple[SearchValue, ...]:
+    """Return the searches with their spans mapped into a rewritten text.
+
+    `position` maps an offset of the original text to the rewritten one, as
+    after randomized literals became hidden parameters.
+    """
+    moved = []
+    for search in searches:
+        literal = search.literal
+        if literal is not None:
+            literal = replace(
+                literal, start=position(literal.start), end=position(literal.end)
+            )
+        column_span = search.column_span
+        if column_span is not None:
+            column_span = (position(column_span[0]), position(column_span[1]))
+        moved.append(
+            replace(
+                search,
+                start=position(search.start),
+                end=position(search.end),
+                literal=literal,
+                column_span=column_span,
+            )
+        )
+    return tuple(moved)
 
 
 def covered(start: int, end: int, edits: Sequence[tuple[int, int, str]]) -> bool:

@@ -8,21 +8,39 @@ text format.
 
 from __future__ import annotations
 
+import dataclasses
 import struct
 from dataclasses import dataclass
 
 from proxy.catalog import Catalog, EncryptedColumn, Storage
 from proxy.crypto.keystore import KeyCache, KeyRef
+from proxy.crypto.subjects import (
+    KeyRequest,
+    KeysNeeded,
+    StoredKeyRequest,
+    SubjectKeyRequest,
+    SubjectValue,
+    UnavailableKeys,
+    canonical_subject,
+    subject_digest,
+    subject_key_name,
+)
 from proxy.crypto.values import (
     Algorithm,
     DataKey,
+    ValueCipher,
     armour,
     dearmour,
-    open_sealed,
     read_key_ref,
     seal,
 )
-from proxy.errors import DecryptionError, KeyringError, StatementRejected
+from proxy.errors import (
+    AssociatedValuesMissing,
+    DecryptionError,
+    KeyringError,
+    KeyUnavailableError,
+    StatementRejected,
+)
 from proxy.lookups import (
     KeyVersions,
     SealedStatement,
@@ -34,6 +52,8 @@ from proxy.lookups import (
 from proxy.rules import Encryption, OnDecryptError
 from proxy.sql.analyze import Analyzer, SearchValue, StatementPlan
 from proxy.sql.arrays import (
+    TEXT_LIKE_OIDS,
+    binary_element_type,
     build_array,
     flat_map_binary_array,
     flat_map_text_array,
@@ -41,10 +61,15 @@ from proxy.sql.arrays import (
     map_text_array,
 )
 from proxy.sql.literals import LiteralSlot, quote_literal, replace_spans
-from proxy.wire.messages import BINARY_FORMAT, TEXT_FORMAT, Field
+from proxy.wire.messages import BINARY_FORMAT, TEXT_FORMAT, Field, format_code
 
 Candidates = tuple[EncryptedColumn, ...]
-RowPlan = tuple[tuple[int, Candidates, int], ...]
+# Per associated column of a bound field, the index and format of the field
+# that contains its value in the same row. None means the row lacks them.
+AssociatedFields = tuple[tuple[int, int], ...] | None
+# The associated values of one row, as (wire value, format) pairs.
+AssociatedRow = tuple[tuple[bytes | None, int], ...] | None
+RowPlan = tuple[tuple[int, Candidates, int, AssociatedFields], ...]
 
 
 def algorithm_of(column: EncryptedColumn) -> Algorithm:
@@ -62,39 +87,115 @@ class KeyView:
     # False for a write-only proxy. It keeps the data keys it created, but
     # opens no value, so its reads never depend on which replica sealed a row.
     can_open: bool = True
+    # The key store's HMAC key for subject values; empty when the view
+    # cannot seal columns keyed per subject.
+    subject_secret: bytes = dataclasses.field(default=b"", repr=False)
+    # Keys that failed to load. Without it, a key missing from the cache is
+    # an error at once. With it, KeysNeeded tells the caller to fetch the key.
+    unavailable: UnavailableKeys | None = None
 
     def active(self, column: EncryptedColumn) -> DataKey:
         ref = self.cache.active_ref(column.key_name)
         key = self.cache.get(*ref) if ref is not None else None
         if key is None:
-            raise KeyringError(f"no data key is loaded for column {column.identity}")
+            raise KeyUnavailableError(
+                f"no data key is loaded for column {column.identity}"
+            )
         # Each call seals one value. For randomized columns the count feeds
         # max_values_per_key, past which the proxy rolls a new version.
         if column.rule.encryption is Encryption.RANDOMIZED:
             self.cache.note_sealed(column.key_name, (key.key_id, key.version))
         return key
 
+    def sealer(self, column: EncryptedColumn) -> ValueCipher:
+        """Return the cipher that seals the next value of column."""
+        key_name = column.key_name
+        cipher = self.cache.sealer(key_name, self.store_id)
+        if cipher is None:
+            raise KeyUnavailableError(
+                f"no data key is loaded for column {column.identity}"
+            )
+        cache = self.cache
+        if cache.max_values_per_key is not None and column.rule.encryption is Encryption.RANDOMIZED:
+            key = cipher.key
+            cache.note_sealed(key_name, (key.key_id, key.version))
+        return cipher
+
     def live_refs(self, key_name: str) -> tuple[KeyRef, ...]:
         """Return the key name's versions that are not retired, oldest first."""
         return self.cache.live_refs(key_name)
 
-    def live_keys(self, column: EncryptedColumn) -> tuple[DataKey, ...]:
-        """Return the data keys of the column's live versions, oldest first.
+    def live_sealers(self, column: EncryptedColumn) -> tuple[ValueCipher, ...]:
+        """Return a cipher for each live version of the column's key, oldest first.
 
-        Raises KeyringError when one of them is not loaded.
+        A lookup seals its value under each of them. Raises KeysNeeded for
+        live versions that are not cached yet, and KeyringError when one of
+        them recently failed to load or no version is known.
         """
-        keys = []
-        for key_id, version in self.cache.live_refs(column.key_name):
-            key = self.cache.get(key_id, version)
-            if key is None:
-                raise KeyringError(
-                    f"data key {key_id} version {version} of column "
+        ciphers = []
+        missing = []
+        for ref in self.cache.live_refs(column.key_name):
+            cipher = self.cache.version_sealer(ref, column.key_name, self.store_id)
+            if cipher is None:
+                missing.append(StoredKeyRequest(*ref))
+            else:
+                ciphers.append(cipher)
+        if missing:
+            if self.unavailable is None:
+                request = missing[0]
+                raise KeyUnavailableError(
+                    f"data key {request.key_id} version {request.version} of column "
                     f"{column.identity} is not loaded"
                 )
-            keys.append(key)
-        if not keys:
-            raise KeyringError(f"no data key is loaded for column {column.identity}")
-        return tuple(keys)
+            for request in missing:
+                name = f"data key {request.key_id} version {request.version}"
+                _raise_if_failed(self.unavailable, request, name)
+            raise KeysNeeded(tuple(missing))
+        if not ciphers:
+            raise KeyUnavailableError(
+                f"no data key is loaded for column {column.identity}"
+            )
+        return tuple(ciphers)
+
+    def opener(self, blob: bytes, context: str) -> ValueCipher:
+        """Return the cipher that opens blob under context (a key name)."""
+        if not self.can_open:
+            raise KeyringError("no configured keyring can unwrap, so no value opens")
+        cipher = self.cache.opener(blob, context, self.store_id)
+        if cipher is None:
+            key_id, version = read_key_ref(blob)
+            if self.unavailable is None:
+                raise KeyUnavailableError(
+                    f"data key {key_id} version {version} is not loaded"
+                )
+            request = StoredKeyRequest(key_id, version)
+            _raise_if_failed(self.unavailable, request, f"data key {key_id} version {version}")
+            raise KeysNeeded((request,))
+        return cipher
+
+    def subject_key(self, column: EncryptedColumn, canonical: str) -> DataKey:
+        """Return the active data key of one subject of a column keyed per subject.
+
+        Raises KeysNeeded when it is not cached yet, and KeyringError when it
+        recently failed to load or be created.
+        """
+        digest = subject_digest(self.subject_secret, canonical)
+        key_name = subject_key_name(column.key_name, digest)
+        ref = self.cache.active_ref(key_name)
+        key = self.cache.get(*ref) if ref is not None else None
+        if key is None:
+            request = SubjectKeyRequest(key_name, column.key_name, digest, algorithm_of(column))
+            if self.unavailable is None:
+                raise KeyUnavailableError(
+                    f"no data key is loaded for this subject of column "
+                    f"{column.identity}: subject keys are not enabled"
+                )
+            _raise_if_failed(
+                self.unavailable, request, f"the data key of this subject of {column.identity}"
+            )
+            raise KeysNeeded((request,))
+        self.cache.note_sealed(key_name, (key.key_id, key.version))
+        return key
 
     def for_value(self, blob: bytes) -> DataKey:
         if not self.can_open:
@@ -102,8 +203,29 @@ class KeyView:
         key_id, version = read_key_ref(blob)
         key = self.cache.get(key_id, version)
         if key is None:
-            raise KeyringError(f"data key {key_id} version {version} is not loaded")
+            if self.unavailable is None:
+                raise KeyUnavailableError(
+                    f"data key {key_id} version {version} is not loaded"
+                )
+            request = StoredKeyRequest(key_id, version)
+            _raise_if_failed(self.unavailable, request, f"data key {key_id} version {version}")
+            raise KeysNeeded((request,))
         return key
+
+
+def _raise_if_failed(unavailable: UnavailableKeys, request: KeyRequest, what: str) -> None:
+    """Raise for a key that recently failed to load, else return.
+
+    A key the key store no longer has, as after a shred, raises KeyringError,
+    so the value fails like any value that does not open. A key that may load
+    later, as when the KMS is unreachable, raises KeyUnavailableError.
+    """
+    reason = unavailable.reason(request)
+    if reason is None:
+        return
+    if unavailable.gone(request):
+        raise KeyringError(f"{what} is not available: {reason}")
+    raise KeyUnavailableError(f"{what} is not available: {reason}")
 
 
 class ColumnPlanner:
@@ -147,31 +269,85 @@ class ColumnPlanner:
 
     def _seal_search_literal(self, search: SearchValue) -> list[str]:
         assert search.literal is not None
-        keys = self._keys.live_keys(search.column)
-        return [self._seal_literal(search.literal, key) for key in keys]
+        ciphers = self._keys.live_sealers(search.column)
+        return [self._seal_literal(search.literal, cipher) for cipher in ciphers]
 
-    def _seal_literal(self, slot: LiteralSlot, key: DataKey | None = None) -> str:
+    def _seal_literal(self, slot: LiteralSlot, cipher: ValueCipher | None = None) -> str:
+        """Seal one literal, under `cipher` if given, else as the column seals values."""
         column = slot.column
+        if slot.array:
+            return self._seal_array_literal(slot)
         try:
             plaintext = column.logical.from_wire(slot.value.encode("utf-8"), TEXT_FORMAT)
         except (ValueError, UnicodeError):
             raise _invalid_input(column) from None
-        sealed = self._seal(column, plaintext, key)
+        subject = None
+        if slot.subject is not None:
+            if slot.subject.literal is None:
+                raise StatementRejected(
+                    "0A000",
+                    f"a literal for column {column.identity}, which is keyed per "
+                    f"subject, takes its subject {column.subject_column} from "
+                    f"parameter ${slot.subject.param}, whose value is not known "
+                    "when the literal is sealed",
+                    "Send the value as a parameter too, or the subject as a literal.",
+                )
+            subject = SubjectValue(slot.subject.literal.encode("utf-8"), TEXT_FORMAT)
+        associated = self._literal_associated(slot)
+        if cipher is None:
+            sealed = self._seal(column, plaintext, associated, subject)
+        else:
+            sealed = cipher.seal(plaintext, associated)
         if column.storage is Storage.BYTEA:
             return quote_literal("\\x" + sealed.hex())
         return quote_literal(armour(sealed).decode("ascii"))
 
+    def _seal_array_literal(self, slot: LiteralSlot) -> str:
+        try:
+            literal = slot.value.encode("utf-8")
+            sealed = self.seal_array_param(slot.column, literal, TEXT_FORMAT)
+        except (ValueError, UnicodeError):
+            raise _invalid_input(slot.column) from None
+        return quote_literal(sealed.decode("ascii"))
+
+    @staticmethod
+    def _literal_associated(slot: LiteralSlot) -> tuple[bytes | None, ...]:
+        values = []
+        for source in slot.associated:
+            text = None if source.literal is None else source.literal.encode("utf-8")
+            try:
+                values.append(source.column.canonical(text, TEXT_FORMAT))
+            except (ValueError, UnicodeError):
+                raise StatementRejected(
+                    "22P02",
+                    f"a literal for column {source.column.name}, which "
+                    f"{slot.column.identity} is bound to, is not valid "
+                    f"{source.column.type.name} input",
+                    "Check the value's format; it is checked by the proxy before sealing.",
+                ) from None
+        return tuple(values)
+
     def seal_param(
-        self, column: EncryptedColumn, value: bytes, fmt: int, declared_oid: int = 0
+        self,
+        column: EncryptedColumn,
+        value: bytes,
+        fmt: int,
+        declared_oid: int = 0,
+        associated: tuple[bytes | None, ...] = (),
+        subject: SubjectValue | None = None,
     ) -> bytes:
         """Seal a parameter for the column's storage, in the same wire format.
 
         Text and bytea send their binary form as plain bytes, so the format
-        code of the parameter never has to change. Raises ValueError on
-        input the server would reject for the logical type.
+        code of the parameter never has to change. `associated` contains the
+        canonical values of the column's associated columns in the row, and
+        `subject` is the row's subject value, for a column keyed per subject.
+        Raises ValueError on input the server would reject for the logical
+        type.
         """
         plaintext = column.logical.from_wire(value, fmt, declared_oid)
-        return self._wire_form(column, self._seal(column, plaintext), fmt)
+        sealed = self._seal(column, plaintext, associated, subject)
+        return self._wire_form(column, sealed, fmt)
 
     def seal_param_versions(
         self, column: EncryptedColumn, value: bytes, fmt: int, declared_oid: int = 0
@@ -180,15 +356,18 @@ class ColumnPlanner:
 
         For a lookup parameter that the statement compares with
         `= ANY($n::text[])` while the column's key has several live versions.
+        Deterministic columns have no associated columns and no subject, so
+        the value is sealed without them.
         """
         plaintext = column.logical.from_wire(value, fmt, declared_oid)
         elements = [
-            self._wire_form(column, self._seal(column, plaintext, key), fmt)
-            for key in self._keys.live_keys(column)
+            self._wire_form(column, cipher.seal(plaintext), fmt)
+            for cipher in self._keys.live_sealers(column)
         ]
         return build_array(elements, column.storage_oid, fmt)
 
-    def _wire_form(self, column: EncryptedColumn, sealed: bytes, fmt: int) -> bytes:
+    @staticmethod
+    def _wire_form(column: EncryptedColumn, sealed: bytes, fmt: int) -> bytes:
         if column.storage is Storage.TEXT:
             return armour(sealed)
         if fmt == BINARY_FORMAT:
@@ -201,42 +380,90 @@ class ColumnPlanner:
         """Seal every element of an array parameter, as for `col = ANY($1)`.
 
         Elements are read as the column's logical type; `declared_oid` is the
-        array's own type and is not used.
+        array's own type and is not used. A binary array reads its elements
+        by the element type in its header, and leaves with the storage type
+        there unless its elements are already text-like for a text column.
         """
-        if column.rule.encryption is Encryption.DETERMINISTIC:
-            keys = self._keys.live_keys(column)
-            if len(keys) > 1:
-                # Each element matches under every live version.
-                def seal_all(element: bytes) -> list[bytes]:
-                    plaintext = column.logical.from_wire(element, fmt)
-                    return [
-                        self._wire_form(column, self._seal(column, plaintext, key), fmt)
-                        for key in keys
-                    ]
+        if fmt != BINARY_FORMAT:
+            return map_text_array(value, lambda v: self.seal_param(column, v, fmt))
+        element_oid = binary_element_type(value)
+        stored_oid = column.storage_oid
+        if column.storage is Storage.TEXT and element_oid in TEXT_LIKE_OIDS:
+            stored_oid = element_oid
+        return map_binary_array(
+            value, lambda v: self.seal_param(column, v, fmt, element_oid), stored_oid
+        )
 
-                if fmt == BINARY_FORMAT:
-                    return flat_map_binary_array(value, seal_all)
-                return flat_map_text_array(value, seal_all)
+    def seal_lookup_array(
+        self, column: EncryptedColumn, value: bytes, fmt: int, declared_oid: int = 0
+    ) -> bytes:
+        """Seal an array compared with ANY or ALL, so that it matches every live version.
+
+        While a deterministic column's key has several live versions, each
+        element becomes one element per version, so `col = ANY($1)` finds rows
+        sealed under any of them. Otherwise it is sealed as seal_array_param
+        does. An array stored by a batch INSERT must go through
+        seal_array_param instead, which keeps one element per row.
+        """
+        live = self._keys.live_refs(column.key_name)
+        if column.rule.encryption is not Encryption.DETERMINISTIC or len(live) <= 1:
+            return self.seal_array_param(column, value, fmt, declared_oid)
+        ciphers = self._keys.live_sealers(column)
+        element_oid = 0
+        stored_oid = column.storage_oid
         if fmt == BINARY_FORMAT:
-            return map_binary_array(value, lambda v: self.seal_param(column, v, fmt))
-        return map_text_array(value, lambda v: self.seal_param(column, v, fmt))
+            element_oid = binary_element_type(value)
+            if column.storage is Storage.TEXT and element_oid in TEXT_LIKE_OIDS:
+                stored_oid = element_oid
+
+        def seal_all(element: bytes) -> list[bytes]:
+            plaintext = column.logical.from_wire(element, fmt, element_oid)
+            return [
+                self._wire_form(column, cipher.seal(plaintext), fmt) for cipher in ciphers
+            ]
+
+        if fmt == BINARY_FORMAT:
+            return flat_map_binary_array(value, seal_all, stored_oid)
+        return flat_map_text_array(value, seal_all)
 
     def _seal(
-        self, column: EncryptedColumn, plaintext: bytes, key: DataKey | None = None
+        self,
+        column: EncryptedColumn,
+        plaintext: bytes,
+        associated: tuple[bytes | None, ...] = (),
+        subject: SubjectValue | None = None,
     ) -> bytes:
-        if key is None:
-            key = self._keys.active(column)
-        store_id = self._keys.store_id
-        return seal(key, plaintext, store_id=store_id, context=column.key_name)
+        if len(associated) != len(column.associated):
+            raise ValueError(
+                f"column {column.identity} needs {len(column.associated)} associated "
+                f"values, got {len(associated)}"
+            )
+        if column.subject_column is None:
+            return self._keys.sealer(column).seal(plaintext, associated)
+        key = self._keys.subject_key(column, _canonical_subject(column, subject))
+        return seal(
+            key,
+            plaintext,
+            store_id=self._keys.store_id,
+            context=column.key_name,
+            associated=associated,
+        )
 
     def row_plan(
-        self, fields: tuple[Field, ...], outputs: tuple[Candidates, ...] | None = None
+        self,
+        fields: tuple[Field, ...],
+        outputs: tuple[Candidates, ...] | None = None,
+        formats: tuple[int, ...] = (),
+        associations: dict[int, tuple[int, ...]] | None = None,
     ) -> RowPlan | None:
         """Return which fields of a row to open, and under which columns.
 
         A field named by table OID and attribute number is looked up in the
         catalog. A computed field (OID 0) falls back to the statement's own
-        trace, when its output count matches the row description.
+        trace, when its output count matches the row description. `formats`
+        are the result formats of a Bind, when they are not yet in `fields`.
+        `associations` gives, per field of a bound column, the fields of
+        its associated values, as the statement's analysis traced them.
         """
         if outputs is not None and len(outputs) != len(fields):
             outputs = None
@@ -248,16 +475,28 @@ class ColumnPlanner:
             elif field.table_oid == 0 and outputs is not None:
                 candidates = outputs[index] or None
             if candidates:
-                plan.append((index, candidates, field.format))
+                fmt = format_code(formats, index) if formats else field.format
+                associated = _associated_fields(
+                    candidates, index, fields, formats, associations
+                )
+                plan.append((index, candidates, fmt, associated))
         return tuple(plan) or None
 
-    def open_value(self, columns: Candidates, value: bytes, fmt: int) -> bytes | None:
+    def open_value(
+        self,
+        columns: Candidates,
+        value: bytes,
+        fmt: int,
+        associated: AssociatedRow = (),
+    ) -> bytes | None:
         """Open a result value, or apply the column's on_decrypt_error setting.
 
+        `associated` contains the row's values of the column's associated
+        columns. None means the row lacks them, so the value cannot open.
         Raises DecryptionError or KeyringError only for `error`, the default.
         """
         try:
-            return self._open_value(columns, value, fmt)
+            return self._open_value(columns, value, fmt, associated)
         except (DecryptionError, KeyringError):
             policy = columns[0].rule.on_decrypt_error
             if policy is OnDecryptError.NULL:
@@ -266,8 +505,11 @@ class ColumnPlanner:
                 return value
             raise
 
-    def _open_value(self, columns: Candidates, value: bytes, fmt: int) -> bytes:
+    def _open_value(
+        self, columns: Candidates, value: bytes, fmt: int, associated: AssociatedRow
+    ) -> bytes:
         column = columns[0]
+        bound = _canonical_associated(columns, associated)
         if column.storage is Storage.TEXT:
             blob = dearmour(value)
         elif fmt == BINARY_FORMAT:
@@ -277,21 +519,88 @@ class ColumnPlanner:
                 blob = decode_bytea_text(value)
             except ValueError:
                 raise DecryptionError() from None
-        plaintext = self._open(columns, blob)
+        plaintext = self._open(columns, blob, bound)
         try:
             return column.logical.to_wire(plaintext, fmt)
         except (ValueError, UnicodeError, struct.error):
             raise DecryptionError() from None
 
-    def _open(self, columns: Candidates, blob: bytes) -> bytes:
-        key = self._keys.for_value(blob)
-        store_id = self._keys.store_id
+    def _open(
+        self, columns: Candidates, blob: bytes, associated: tuple[bytes | None, ...] = ()
+    ) -> bytes:
+        keys = self._keys
+        if len(columns) == 1:
+            return keys.opener(blob, columns[0].key_name).open(blob, associated)
         for column in columns[:-1]:
             try:
-                return open_sealed(blob, key, store_id=store_id, context=column.key_name)
+                return keys.opener(blob, column.key_name).open(blob, associated)
             except DecryptionError:
                 continue
-        return open_sealed(blob, key, store_id=store_id, context=columns[-1].key_name)
+        return keys.opener(blob, columns[-1].key_name).open(blob, associated)
+
+
+def _associated_fields(
+    candidates: Candidates,
+    index: int,
+    fields: tuple[Field, ...],
+    formats: tuple[int, ...],
+    associations: dict[int, tuple[int, ...]] | None,
+) -> AssociatedFields:
+    """Return where a bound field's associated values are in the row, if known."""
+    if not any(column.associated for column in candidates):
+        return ()
+    indexes = (associations or {}).get(index)
+    if indexes is None or any(i >= len(fields) for i in indexes):
+        return None
+    return tuple(
+        (i, format_code(formats, i) if formats else fields[i].format) for i in indexes
+    )
+
+
+def _canonical_associated(
+    columns: Candidates, associated: AssociatedRow
+) -> tuple[bytes | None, ...]:
+    """Return the canonical associated values of a row, or raise DecryptionError.
+
+    Every candidate must bind the same associated columns, because only one
+    set of values is read from the row.
+    """
+    expected = columns[0].associated
+    if len(columns) > 1 and any(c.associated != expected for c in columns[1:]):
+        raise DecryptionError()
+    if not expected:
+        return ()
+    if associated is None:
+        raise AssociatedValuesMissing(columns[0].identity)
+    if len(associated) != len(expected):
+        raise DecryptionError()
+    try:
+        return tuple(
+            column.canonical(value, fmt)
+            for column, (value, fmt) in zip(expected, associated)
+        )
+    except (ValueError, UnicodeError, struct.error):
+        raise DecryptionError() from None
+
+
+def _canonical_subject(column: EncryptedColumn, subject: SubjectValue | None) -> str:
+    if subject is None:
+        raise StatementRejected(
+            "0A000",
+            f"column {column.identity} is keyed per subject, but the row's subject "
+            f"{column.subject_column} is NULL or missing, so no data key can seal "
+            "the value",
+            f"Set {column.subject_column} to a non-null value in the same statement.",
+        )
+    try:
+        return canonical_subject(column.subject_type, subject.raw, subject.format)
+    except (ValueError, UnicodeError):
+        raise StatementRejected(
+            "22P02",
+            f"the subject {column.subject_column} of column {column.identity} is "
+            "not valid input for its type",
+            "Check the value's format; the proxy reads it to choose the data key.",
+        ) from None
 
 
 def _invalid_input(column: EncryptedColumn) -> StatementRejected:

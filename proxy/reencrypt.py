@@ -329,7 +329,8 @@ class Reencryptor:
             if value is None:
                 continue
             try:
-                change = self._plan_value(column, value)
+                associated = _associated_values(row, index, column)
+                change = self._plan_value(column, value, associated)
             except _Skip as skip:
                 counts.skip(
                     SkippedValue(self._row_label(row), column.identity, str(skip))
@@ -342,7 +343,10 @@ class Reencryptor:
         return changes
 
     def _plan_value(
-        self, column: EncryptedColumn, value: str | bytes
+        self,
+        column: EncryptedColumn,
+        value: str | bytes,
+        associated: tuple[bytes | None, ...] = (),
     ) -> _Change | None:
         """Return the change for one stored value, None if it is current.
 
@@ -351,15 +355,15 @@ class Reencryptor:
         raw = value.encode("utf-8") if isinstance(value, str) else value
         prefix = ARMOUR_PREFIX if column.storage is Storage.TEXT else MAGIC
         if not raw.startswith(prefix):
-            return self._plan_plaintext(column, raw)
+            return self._plan_plaintext(column, raw, associated)
 
         try:
             blob = dearmour(raw) if column.storage is Storage.TEXT else raw
             active = self._view.active(column)
-            if read_key_ref(blob) == (active.key_id, active.version):
-                self._open(column, blob)
+            current = read_key_ref(blob) == (active.key_id, active.version)
+            plaintext, bound = self._open_migrating(column, blob, associated)
+            if current and bound:
                 return None
-            plaintext = self._open(column, blob)
         except DecryptionError:
             raise _Skip(
                 "the value does not open as a sealed value of this column"
@@ -367,14 +371,20 @@ class Reencryptor:
         except KeyringError as exc:
             raise _Skip(f"its data key is not available: {exc}") from None
         sealed = seal(
-            active, plaintext, store_id=self._view.store_id, context=column.key_name
+            active,
+            plaintext,
+            store_id=self._view.store_id,
+            context=column.key_name,
+            associated=associated,
         )
         stored = (
             armour(sealed).decode("ascii") if column.storage is Storage.TEXT else sealed
         )
         return _Change(column, stored, "resealed")
 
-    def _plan_plaintext(self, column: EncryptedColumn, raw: bytes) -> _Change:
+    def _plan_plaintext(
+        self, column: EncryptedColumn, raw: bytes, associated: tuple[bytes | None, ...]
+    ) -> _Change:
         if not self._options.seal_plaintext:
             raise _Skip(
                 "the value is not sealed; if the column was just put under a rule, "
@@ -389,7 +399,7 @@ class Reencryptor:
                 f"plaintext stored as bytea cannot be read as {column.logical.name}"
             )
         try:
-            sealed = self._planner.seal_param(column, raw, fmt)
+            sealed = self._planner.seal_param(column, raw, fmt, associated=associated)
         except (ValueError, UnicodeError):
             raise _Skip(
                 f"the plaintext is not valid {column.logical.name} input"
@@ -397,10 +407,32 @@ class Reencryptor:
         stored: str | bytes = sealed.decode("ascii") if fmt == TEXT_FORMAT else sealed
         return _Change(column, stored, "plaintext")
 
-    def _open(self, column: EncryptedColumn, blob: bytes) -> bytes:
+    def _open_migrating(
+        self, column: EncryptedColumn, blob: bytes, associated: tuple[bytes | None, ...]
+    ) -> tuple[bytes, bool]:
+        """Open a value and return its plaintext and whether it binds `associated`.
+
+        A value sealed before its rule named associated columns binds no row
+        values. It opens without them here, and only here, so that it can be
+        sealed again with them. The proxy never opens such a value.
+        """
+        try:
+            return self._open(column, blob, associated), True
+        except DecryptionError:
+            if not associated:
+                raise
+        return self._open(column, blob, ()), False
+
+    def _open(
+        self, column: EncryptedColumn, blob: bytes, associated: tuple[bytes | None, ...]
+    ) -> bytes:
         key = self._view.for_value(blob)
         return open_sealed(
-            blob, key, store_id=self._view.store_id, context=column.key_name
+            blob,
+            key,
+            store_id=self._view.store_id,
+            context=column.key_name,
+            associated=associated,
         )
 
     async def _write_row(
@@ -475,6 +507,12 @@ class Reencryptor:
         values = ", ".join(
             f"{_quote(column.name)} AS pgseal_col_{i}"
             for i, column in enumerate(self._columns)
+        )
+        # Associated columns are read as text, the form canonical() takes.
+        values += "".join(
+            f", {_quote(other.name)}::text AS pgseal_assoc_{i}_{k}"
+            for i, column in enumerate(self._columns)
+            for k, other in enumerate(column.associated)
         )
         order = ", ".join(_quote(name) for name, _ in self._pk)
         where = f"WHERE ({order}) > ({self._pk_params(1)})" if after else ""
@@ -578,6 +616,28 @@ def _uint32(column: str, offset: int) -> str:
         f"(get_byte({column}, {offset + i})::bigint << {24 - 8 * i})" for i in range(4)
     )
     return f"({parts})"
+
+
+def _associated_values(
+    row: asyncpg.Record, index: int, column: EncryptedColumn
+) -> tuple[bytes | None, ...]:
+    """Return the canonical values of a column's associated columns in `row`.
+
+    Raises _Skip when one is not valid input for its type.
+    """
+    values = []
+    for k, other in enumerate(column.associated):
+        text = row[f"pgseal_assoc_{index}_{k}"]
+        try:
+            values.append(
+                other.canonical(None if text is None else text.encode("utf-8"), TEXT_FORMAT)
+            )
+        except (ValueError, UnicodeError):
+            raise _Skip(
+                f"its associated column {other.name} contains a value that is not "
+                f"valid {other.type.name} input"
+            ) from None
+    return tuple(values)
 
 
 def _quote(identifier: str) -> str:

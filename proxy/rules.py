@@ -8,6 +8,7 @@ Every `*.yaml` file in the rules folder is read. A file looks like this::
         columns:
           - name: access_token
             encryption: randomized
+            associated_columns: [user_id]   # optional
 
 Validation is strict: an unknown key, a wrong type or a missing field is an
 error that names the file and the line, because a typo in a rule would
@@ -31,6 +32,16 @@ from proxy.types import TYPES
 class Encryption(enum.Enum):
     RANDOMIZED = "randomized"
     DETERMINISTIC = "deterministic"
+
+
+class KeyScope(enum.Enum):
+    """Which values of a column share a data key."""
+
+    COLUMN = "column"
+    """One data key (and its versions) for every value of the column."""
+
+    SUBJECT = "subject"
+    """One data key per value of the row's subject column, such as an owner id."""
 
 
 class OnDecryptError(enum.Enum):
@@ -68,6 +79,16 @@ class ColumnRule:
     # Seconds after which the proxy creates a new data key version for new
     # values; randomized columns only. None means only operators rotate.
     rotation_period: float | None = None
+    # The keyring set of the config file that wraps this column's data keys;
+    # None means the set named 'default'.
+    keyring: str | None = None
+    # Plain columns of the same table whose values in the row are bound into
+    # each value's associated data, in this order.
+    associated_columns: tuple[str, ...] = ()
+    key_scope: KeyScope = KeyScope.COLUMN
+    # With key_scope subject: the plain column of the same table whose
+    # value in each row selects the data key.
+    subject_column: str | None = None
 
     @property
     def identity(self) -> str:
@@ -123,6 +144,10 @@ _COLUMN_KEYS = {
     "type",
     "storage",
     "rotation_period",
+    "keyring",
+    "associated_columns",
+    "key_scope",
+    "subject_column",
 }
 _DURATION_UNITS = {"d": 86400, "h": 3600, "m": 60, "s": 1}
 _STORAGES = ("text", "bytea")
@@ -169,6 +194,8 @@ def _table(path: Path, node: Node) -> TableRule:
     if not column_nodes:
         raise RuleError(f"{_source(path, node)}: table {name} lists no columns")
     columns = tuple(_column(path, item, schema, table) for item in column_nodes)
+    _check_associated_names(path, column_nodes, columns)
+    _check_subject_columns(columns)
     return TableRule(schema, table, database, columns, _source(path, node))
 
 
@@ -195,6 +222,11 @@ def _column(path: Path, node: Node, schema: str, table: str) -> ColumnRule:
             f"{logical}, which cannot carry ciphertext; use 'error' or 'null'"
         )
     rotation_period = _rotation_period(path, mapping, name, encryption)
+    keyring = None
+    if "keyring" in mapping:
+        keyring = _scalar(path, mapping["keyring"], "keyring")
+    associated = _associated_columns(path, mapping, name, encryption)
+    key_scope, subject_column = _key_scope(path, node, mapping, name, encryption)
     return ColumnRule(
         schema,
         table,
@@ -206,7 +238,121 @@ def _column(path: Path, node: Node, schema: str, table: str) -> ColumnRule:
         logical,
         storage,
         rotation_period,
+        keyring,
+        associated,
+        key_scope,
+        subject_column,
     )
+
+
+def _associated_columns(
+    path: Path, mapping: dict[str, Node], name: str, encryption: Encryption
+) -> tuple[str, ...]:
+    if "associated_columns" not in mapping:
+        return ()
+    node = mapping["associated_columns"]
+    if encryption is Encryption.DETERMINISTIC:
+        raise RuleError(
+            f"{_source(path, node)}: column {name} is deterministic and sets "
+            "'associated_columns', but a search value for it would then have to be "
+            "sealed with the values of the row it is looking for; use "
+            "'encryption: randomized' for a column bound to other columns"
+        )
+    items = _sequence(path, node, "associated_columns")
+    if not items:
+        raise RuleError(
+            f"{_source(path, node)}: 'associated_columns' of column {name} is an "
+            "empty list; name at least one column or remove the key"
+        )
+    names: list[str] = []
+    for item in items:
+        other = _scalar(path, item, "associated_columns")
+        if other == name:
+            raise RuleError(
+                f"{_source(path, item)}: column {name} lists itself in "
+                "'associated_columns'; name other columns of the same table"
+            )
+        if other in names:
+            raise RuleError(
+                f"{_source(path, item)}: column {name} lists {other!r} twice in "
+                "'associated_columns'"
+            )
+        names.append(other)
+    return tuple(names)
+
+
+def _check_associated_names(
+    path: Path, nodes: list[Node], columns: tuple[ColumnRule, ...]
+) -> None:
+    """Reject an associated column that is itself encrypted.
+
+    Its stored value would be ciphertext, which differs from the plaintext the
+    application sends, so the associated data could not be rebuilt.
+    """
+    encrypted = {column.column for column in columns}
+    for node, column in zip(nodes, columns):
+        items = _associated_items(node)
+        for item, other in zip(items, column.associated_columns):
+            if other in encrypted:
+                raise RuleError(
+                    f"{_source(path, item)}: column {column.column} lists encrypted "
+                    f"column {other!r} in 'associated_columns'; only plain columns "
+                    "of the same table can be associated"
+                )
+
+
+def _key_scope(
+    path: Path, node: Node, mapping: dict[str, Node], name: str, encryption: Encryption
+) -> tuple[KeyScope, str | None]:
+    scope = _choice(path, mapping, "key_scope", KeyScope, KeyScope.COLUMN)
+    subject = None
+    if "subject_column" in mapping:
+        subject = _scalar(path, mapping["subject_column"], "subject_column")
+    if scope is KeyScope.COLUMN:
+        if subject is not None:
+            raise RuleError(
+                f"{_source(path, mapping['subject_column'])}: column {name} sets "
+                "'subject_column' but not 'key_scope: subject'; add it, or remove "
+                "'subject_column'"
+            )
+        return scope, None
+    where = _source(path, mapping["key_scope"])
+    if encryption is Encryption.DETERMINISTIC:
+        raise RuleError(
+            f"{where}: column {name} is deterministic and cannot be keyed per "
+            "subject: equal values of different subjects would seal differently, "
+            "so equality search, joins and unique constraints would stop matching; "
+            "use 'encryption: randomized' or 'key_scope: column'"
+        )
+    if "rotation_period" in mapping:
+        raise RuleError(
+            f"{where}: column {name} is keyed per subject and sets "
+            "'rotation_period', which only rotates column keys; remove it"
+        )
+    if subject is None:
+        raise RuleError(
+            f"{_source(path, node)}: column {name} sets 'key_scope: subject' but "
+            "no 'subject_column'; name the plain column of the same table that "
+            "identifies each row's subject, for example 'subject_column: creator_id'"
+        )
+    if subject == name:
+        raise RuleError(
+            f"{_source(path, mapping['subject_column'])}: column {name} names "
+            "itself as its subject_column; name a plain column of the same table"
+        )
+    return scope, subject
+
+
+def _check_subject_columns(columns: tuple[ColumnRule, ...]) -> None:
+    """Reject a subject column that is itself encrypted: it must stay readable."""
+    encrypted = {column.column for column in columns}
+    for column in columns:
+        if column.subject_column in encrypted:
+            raise RuleError(
+                f"{column.source}: column {column.identity} takes its subject from "
+                f"{column.subject_column}, which is encrypted; the subject column "
+                "must be a plain column, so that the proxy can read each row's subject"
+            )
 
 
 def _rotation_period(
@@ -287,6 +433,13 @@ def _check_duplicates(tables: list[TableRule]) -> None:
                     f"ruled in {seen[key]}"
                 )
             seen[key] = column.source
+
+
+def _associated_items(column_node: Node) -> list[Node]:
+    for key_node, value_node in column_node.value:
+        if key_node.value == "associated_columns":
+            return list(value_node.value)
+    return []
 
 
 def _source(path: Path, node: Node) -> Source:

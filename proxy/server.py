@@ -17,12 +17,13 @@ import logging
 import socket
 import ssl
 import struct
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from proxy.errors import ConfigError, ProtocolError
+from proxy.crypto.subjects import KeyRequest
+from proxy.errors import ConfigError, KeyStoreError, MessageTooLarge, ProtocolError
 from proxy.tls import (
     ChannelBindingGuard,
     ClientLeg,
@@ -47,6 +48,14 @@ from proxy.wire.session import Output, Planner, Session
 log = logging.getLogger(__name__)
 
 CANCEL_REQUEST = 80877102
+# A CancelRequest is its length, its code and the backend's process ID (4
+# bytes each), then the secret key from BackendKeyData: 4 bytes in protocol
+# 3.0, 4 to 256 bytes in 3.2 (PostgreSQL 18 sends 32).
+_CANCEL_HEADER = 12
+_CANCEL_KEY_MIN = 4
+_CANCEL_KEY_MAX = 256
+# How long the proxy waits for the server to close a cancel connection.
+_CANCEL_TIMEOUT_SECONDS = 10.0
 _MAX_STARTUP = 10_000
 _READ_SIZE = 256 * 1024
 # As asyncio.start_server: the listen backlog, and the pause after accept
@@ -58,6 +67,13 @@ _ACCEPT_RETRY_SECONDS = 1.0
 _URI_PARAMETERS = ("sslmode", "sslrootcert")
 # Exceptions that end a connection in the normal course of things.
 _CONNECTION_ENDED = (ConnectionError, asyncio.IncompleteReadError, ssl.SSLError)
+# Seconds a client has from connecting to sending its whole startup packet,
+# TLS negotiation included. As PostgreSQL's authentication_timeout default.
+DEFAULT_STARTUP_TIMEOUT = 60.0
+# After a FATAL protocol error, how long the proxy reads and discards what the
+# client still sends. Closing a socket with unread input sends a TCP reset,
+# which can destroy the error before the client reads it.
+_LINGER_SECONDS = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,6 +148,23 @@ class StartupPacket:
     raw: bytes
     code: int
     params: dict[str, str]
+
+
+@dataclass(slots=True)
+class LiveConnection:
+    """The relay's state of one open client connection: deadline and buffers."""
+
+    # Loop time by which the client must have sent its whole startup packet.
+    startup_deadline: float
+    writers: tuple[asyncio.StreamWriter, ...] = ()
+    frame_readers: tuple[FrameReader, ...] = ()
+
+    def buffered_bytes(self) -> int:
+        """Count the bytes of partial messages and of writes not yet sent."""
+        size = sum(reader.pending_bytes for reader in self.frame_readers)
+        for writer in self.writers:
+            size += writer.transport.get_write_buffer_size()
+        return size
 
 
 ConnectionHandler = Callable[[socket.socket], Coroutine[Any, Any, None]]
@@ -225,15 +258,20 @@ class Relay:
         planners: dict[str, Planner],
         max_message: int = DEFAULT_MAX_MESSAGE,
         client_tls: ClientTls | None = None,
+        startup_timeout: float = DEFAULT_STARTUP_TIMEOUT,
     ) -> None:
         self._upstream = upstream
         self._upstream_tls = upstream.tls_context()
         self._client_tls = client_tls
         self._planners = planners
         self._max_message = max_message
+        self._startup_timeout = startup_timeout
         self._ids = itertools.count(1)
         self.active_connections = 0
+        self.connections: dict[str, LiveConnection] = {}
         self.on_catalog_change: Callable[[str], None] = lambda database: None
+        self.fetch_keys: Callable[[tuple[KeyRequest, ...]], Awaitable[None]] = _no_keys
+        """Loads or creates the data keys a session asked for, into the cache."""
 
     def set_planners(self, planners: dict[str, Planner]) -> None:
         """Use new planners for connections that start from now on."""
@@ -242,6 +280,8 @@ class Relay:
     async def accept(self, sock: socket.socket) -> None:
         """Serve one accepted client socket until either side closes."""
         conn_id = f"c{next(self._ids)}"
+        deadline = asyncio.get_running_loop().time() + self._startup_timeout
+        self.connections[conn_id] = LiveConnection(deadline)
         self.active_connections += 1
         try:
             client = await self._open_client(conn_id, sock)
@@ -249,15 +289,23 @@ class Relay:
                 await self._handle(conn_id, client)
         finally:
             self.active_connections -= 1
+            del self.connections[conn_id]
+
+    def buffered_bytes(self) -> int:
+        """Count the bytes held for all open connections, as LiveConnection does."""
+        return sum(live.buffered_bytes() for live in self.connections.values())
 
     async def _open_client(self, conn_id: str, sock: socket.socket) -> ClientLeg | None:
         try:
-            return await open_client_leg(sock, self._client_tls)
+            async with asyncio.timeout_at(self.connections[conn_id].startup_deadline):
+                return await open_client_leg(sock, self._client_tls)
+        except TimeoutError:
+            self._log_startup_timeout(conn_id)
         except ProtocolError as exc:
             log.warning("[%s] protocol violation: %s", conn_id, exc)
         except ssl.SSLError as exc:
             log.info("[%s] TLS handshake with the client failed: %s", conn_id, exc)
-        except (ConnectionError, TimeoutError) as exc:
+        except ConnectionError as exc:
             log.debug("[%s] connection ended during negotiation: %s", conn_id, exc)
         except BaseException:
             sock.close()
@@ -270,16 +318,27 @@ class Relay:
             await self._serve(conn_id, client)
         except _CONNECTION_ENDED as exc:
             log.debug("[%s] connection ended: %s", conn_id, exc)
+        except MessageTooLarge as exc:
+            log.warning("[%s] protocol violation: %s", conn_id, exc)
+            hint = (
+                f"The proxy accepts messages of up to {exc.limit} bytes. Its "
+                "operator can raise that with pgseal serve --max-message-size."
+            )
+            await _send_fatal(client.writer, "08P01", str(exc), hint)
+            await _linger(client)
         except ProtocolError as exc:
             log.warning("[%s] protocol violation: %s", conn_id, exc)
             await _send_fatal(client.writer, "08P01", str(exc))
+            await _linger(client)
         finally:
             client.writer.close()
             with contextlib.suppress(Exception):
                 await client.writer.wait_closed()
 
     async def _serve(self, conn_id: str, client: ClientLeg) -> None:
-        startup = await _read_startup(client)
+        startup = await self._read_startup_in_time(conn_id, client)
+        if startup is None:
+            return
         if startup.code == CANCEL_REQUEST:
             await self._forward_cancel(conn_id, startup.raw)
             return
@@ -306,6 +365,29 @@ class Relay:
             with contextlib.suppress(Exception):
                 await server.writer.wait_closed()
             log.info("[%s] disconnected", conn_id)
+
+    async def _read_startup_in_time(
+        self, conn_id: str, client: ClientLeg
+    ) -> StartupPacket | None:
+        """Read the startup packet, or return None once the startup timeout passed.
+
+        The caller then closes the connection without an error message, as
+        PostgreSQL does on its authentication_timeout. Once the startup packet
+        is forwarded, the server's own authentication_timeout applies.
+        """
+        try:
+            async with asyncio.timeout_at(self.connections[conn_id].startup_deadline):
+                return await _read_startup(client)
+        except TimeoutError:
+            self._log_startup_timeout(conn_id)
+            return None
+
+    def _log_startup_timeout(self, conn_id: str) -> None:
+        log.info(
+            "[%s] no startup packet within %gs, closing the connection",
+            conn_id,
+            self._startup_timeout,
+        )
 
     def _same_certificate(self, client: ClientLeg, server: ServerLeg) -> bool:
         """Whether the client sees the server's own certificate on the proxy.
@@ -346,6 +428,20 @@ class Relay:
         return None
 
     async def _forward_cancel(self, conn_id: str, raw: bytes) -> None:
+        """Pass a CancelRequest to the server and send the client nothing.
+
+        The server sends no response to a CancelRequest, so a client cannot
+        tell whether its key matched a session. The proxy keeps it so, and
+        closes the client's connection only after the server closed its own.
+        """
+        key_size = len(raw) - _CANCEL_HEADER
+        if not _CANCEL_KEY_MIN <= key_size <= _CANCEL_KEY_MAX:
+            log.warning(
+                "[%s] cancel request dropped: invalid secret key length %d",
+                conn_id,
+                key_size,
+            )
+            return
         # The cancel key goes over TLS when the sslmode gives TLS, since
         # anyone who reads it can cancel that session's queries.
         upstream = self._upstream
@@ -356,11 +452,23 @@ class Relay:
         except (OSError, TlsNegotiationError) as exc:
             log.warning("[%s] cancel request not delivered: %s", conn_id, exc)
             return
-        server.writer.write(raw)
-        await server.writer.drain()
-        server.writer.close()
-        with contextlib.suppress(Exception):
-            await server.writer.wait_closed()
+        try:
+            await _deliver_cancel(server, raw)
+        except TimeoutError:
+            log.warning(
+                "[%s] cancel request sent, but the server did not close the "
+                "connection within %gs",
+                conn_id,
+                _CANCEL_TIMEOUT_SECONDS,
+            )
+            return
+        except _CONNECTION_ENDED as exc:
+            log.warning("[%s] cancel connection to the server failed: %s", conn_id, exc)
+            return
+        finally:
+            server.writer.close()
+            with contextlib.suppress(Exception):
+                await server.writer.wait_closed()
         log.info("[%s] forwarded a cancel request", conn_id)
 
     async def _relay(
@@ -373,6 +481,11 @@ class Relay:
         server: ServerLeg,
     ) -> None:
         writers = (client.writer, server.writer)
+        client_frames = FrameReader(self._max_message, "client")
+        server_frames = FrameReader(self._max_message, "server")
+        live = self.connections[conn_id]
+        live.writers = writers
+        live.frame_readers = (client_frames, server_frames)
 
         def from_client(frames: list[Frame]) -> Output:
             if guard.active:
@@ -386,11 +499,30 @@ class Relay:
                 frames = guard.from_server(frames)
             return session.from_server(frames)
 
+        def forwards_unchanged() -> bool:
+            return session.passes_through and not guard.active
+
         upward = asyncio.create_task(
-            self._pump(client.reader, from_client, writers, server.writer, database)
+            self._pump(
+                client.reader,
+                client_frames,
+                from_client,
+                writers,
+                server.writer,
+                database,
+                forwards_unchanged,
+            )
         )
         downward = asyncio.create_task(
-            self._pump(server.reader, from_server, writers, client.writer, database)
+            self._pump(
+                server.reader,
+                server_frames,
+                from_server,
+                writers,
+                client.writer,
+                database,
+                forwards_unchanged,
+            )
         )
         done, pending = await asyncio.wait(
             {upward, downward}, return_when=asyncio.FIRST_COMPLETED
@@ -411,32 +543,83 @@ class Relay:
     async def _pump(
         self,
         reader: asyncio.StreamReader,
+        frames: FrameReader,
         step: Callable[[list[Frame]], Output],
         writers: tuple[asyncio.StreamWriter, asyncio.StreamWriter],
         destination: asyncio.StreamWriter,
         database: str,
+        forwards_unchanged: Callable[[], bool],
     ) -> None:
         """Read one side, pass its messages through the session, write the result.
 
         Only the side that normally receives the messages is drained, so a
-        slow reader on one side never stops the other direction.
+        slow reader on one side never stops the other direction. Waiting for
+        that drain before the next read bounds what the proxy buffers for a
+        slow reader: asyncio's StreamReader then stops reading the socket.
+
+        Once forwards_unchanged() holds at a message boundary (a session
+        without rules, after authentication), every later read goes on as it
+        was read: only the message lengths are checked, and no message is
+        split out or copied.
         """
         client_writer, server_writer = writers
-        frames = FrameReader(self._max_message)
+        unchanged = False
         while True:
             data = await reader.read(_READ_SIZE)
             if not data:
                 return
+            if unchanged:
+                frames.scan(data)
+                destination.write(data)
+                await destination.drain()
+                continue
             out = step(frames.feed(data))
-            if out.to_client:
-                client_writer.write(b"".join(out.to_client))
-            if out.to_server:
-                server_writer.write(b"".join(out.to_server))
-            await destination.drain()
-            if out.catalog_changed:
-                self.on_catalog_change(database)
-            if out.close:
-                return
+            fetched: tuple[KeyRequest, ...] = ()
+            while True:
+                if out.to_client:
+                    client_writer.write(b"".join(out.to_client))
+                if out.to_server:
+                    server_writer.write(b"".join(out.to_server))
+                # NOTE: a peer that stops reading blocks this drain without a
+                # time limit. Its connection stays open, even after the other
+                # side has ended the session, until it reads again or its
+                # socket fails.
+                await destination.drain()
+                if out.catalog_changed:
+                    self.on_catalog_change(database)
+                if out.close:
+                    return
+                if not out.keys_needed:
+                    break
+                # The session stopped at a message whose data keys are not
+                # cached, and hands back that message and the ones after it.
+                if out.keys_needed == fetched:
+                    raise KeyStoreError(
+                        "data keys were fetched but are still missing from the cache"
+                    )
+                fetched = out.keys_needed
+                await self.fetch_keys(fetched)
+                out = step(out.retry)
+            unchanged = frames.pending_bytes == 0 and forwards_unchanged()
+
+
+async def _no_keys(requests: tuple[KeyRequest, ...]) -> None:
+    raise KeyStoreError("this relay has no key store to fetch data keys from")
+
+
+async def _deliver_cancel(server: ServerLeg, raw: bytes) -> None:
+    """Send a CancelRequest and wait until the server closes the connection.
+
+    The server closes it once it has signalled the backend. libpq's PQcancel
+    waits for that close before it returns, because the client may send its
+    next query right after, and a late signal would cancel that query
+    instead. So the client's cancel connection stays open until then.
+    """
+    server.writer.write(raw)
+    await server.writer.drain()
+    async with asyncio.timeout(_CANCEL_TIMEOUT_SECONDS):
+        while await server.reader.read(_READ_SIZE):
+            pass
 
 
 async def _read_startup(client: ClientLeg) -> StartupPacket:
@@ -469,6 +652,21 @@ def _startup_params(body: bytes) -> dict[str, str]:
             break
         params[key.decode("utf-8", "replace")] = value.decode("utf-8", "replace")
     return params
+
+
+async def _linger(client: ClientLeg) -> None:
+    """Close the client's sending side, then discard its input until it closes.
+
+    Gives the client time to read a FATAL error before the socket closes,
+    for at most _LINGER_SECONDS.
+    """
+    writer = client.writer
+    with contextlib.suppress(*_CONNECTION_ENDED, TimeoutError):
+        if writer.can_write_eof():
+            writer.write_eof()
+        async with asyncio.timeout(_LINGER_SECONDS):
+            while await client.reader.read(_READ_SIZE):
+                pass
 
 
 async def _send_fatal(

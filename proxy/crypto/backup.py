@@ -4,8 +4,8 @@
 
 - ``keystore.backup``: a JSON header and, encrypted with XChaCha20-Poly1305
   under a fresh random 32-byte recovery key, a JSON dump of the tables
-  ``pgseal.key_store``, ``key_names``, ``data_keys`` and ``wrapped_keys`` and
-  the sodium key pair. The header is the associated data, so an edited header
+  ``pgseal.key_store``, ``key_names``, ``subject_keys``, ``data_keys`` and
+  ``wrapped_keys`` and the sodium key pair. The header is the associated data, so an edited header
   fails to open.
 - ``share-1.txt`` to ``share-N.txt``: Shamir shares of the recovery key, any K
   of which recover it. pycryptodome's Shamir splits 16-byte secrets, so each
@@ -61,7 +61,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 BACKUP_FILE = "keystore.backup"
-TABLES = ("key_store", "key_names", "data_keys", "wrapped_keys")
+TABLES = ("key_store", "key_names", "subject_keys", "data_keys", "wrapped_keys")
 """The key store's tables, in an order that satisfies their foreign keys."""
 
 RECOVERY_KEY_SIZE = 32
@@ -298,9 +298,14 @@ async def _dump_tables(connect_args: Mapping[str, Any]) -> dict[str, list[Any]]:
                 f"database {connect_args.get('database')!r} has no pgseal key "
                 "store: check --upstream"
             )
-        tables = {}
+        tables: dict[str, Any] = {}
         async with conn.transaction(isolation="repeatable_read", readonly=True):
             for table in TABLES:
+                if not await conn.fetchval("SELECT to_regclass($1)", f"pgseal.{table}"):
+                    # A key store set up before subject keys existed lacks
+                    # pgseal.subject_keys.
+                    tables[table] = []
+                    continue
                 text = await conn.fetchval(
                     "SELECT coalesce(jsonb_agg(to_jsonb(t)), '[]')::text "
                     f"FROM pgseal.{table} t"
@@ -432,7 +437,8 @@ async def _load_tables(
             await _check_empty(conn)
             await conn.execute("DELETE FROM pgseal.key_store")
             for table in TABLES:
-                await _insert_rows(conn, table, tables[table])
+                # Backups made before subject keys existed lack subject_keys.
+                await _insert_rows(conn, table, tables.get(table, []))
             await conn.execute(
                 "SELECT setval(pg_get_serial_sequence('pgseal.key_names', 'key_id'), "
                 "coalesce(max(key_id), 1), max(key_id) IS NOT NULL) "

@@ -18,12 +18,13 @@ import ctypes
 import logging
 import sys
 import sysconfig
+import time
 from collections.abc import Callable
 from typing import Any
 
 from cachetools import Cache, TTLCache
 
-from proxy.crypto.values import DataKey
+from proxy.crypto.values import HEADER_SIZE, MAGIC, DataKey, ValueCipher, read_key_ref
 
 __all__ = ["KeyCache", "KeyRef", "wipe_bytes"]
 
@@ -31,6 +32,13 @@ logger = logging.getLogger(__name__)
 
 KeyRef = tuple[int, int]
 """A data key's (key_id, version)."""
+
+# The byte range of a sealed value's header (format, algorithm, key id, version).
+_HEADER_START = len(MAGIC)
+_HEADER_END = _HEADER_START + HEADER_SIZE
+
+_Memo = tuple[ValueCipher, float]
+"""A cipher and the monotonic time until which its key stays cached."""
 
 LimitCallback = Callable[[str, KeyRef], None]
 
@@ -50,6 +58,13 @@ class KeyCache:
 
     Both maps expire entries by age. The active map expires sooner, so that a
     new version made by another replica is picked up within active_ttl.
+
+    sealer(), version_sealer() and opener() serve the per-value path. They
+    keep the ciphers they built in plain dicts, each entry valid until the
+    earliest expiry of the cache entries it was built from, and drop them all
+    whenever a key leaves the cache or an active key changes. A lookup then
+    costs one dict access, where TTLCache would take a timer and its
+    bookkeeping per call.
     """
 
     # NOTE: the defaults are starting points, not measured.
@@ -65,11 +80,23 @@ class KeyCache:
         _check_positive("active_ttl", active_ttl)
         if max_values_per_key is not None:
             _check_positive("max_values_per_key", max_values_per_key)
+        self._ttl = ttl
+        self._active_ttl = active_ttl
         self._keys = _WipingTTLCache(maxsize, ttl)
         self._active: TTLCache[str, KeyRef] = TTLCache(maxsize, active_ttl)
         # Each key name's versions that are not retired, oldest first, as the
         # last load from the key store listed them.
         self._live: dict[str, tuple[KeyRef, ...]] = {}
+        # Monotonic times by which the entries above expire, noted just
+        # before each put, so they are never later than TTLCache's own.
+        self._key_expiry: dict[KeyRef, float] = {}
+        self._active_expiry: dict[str, float] = {}
+        self._sealers: dict[tuple[str, bytes], _Memo] = {}
+        self._openers: dict[tuple[bytes, str, bytes], _Memo] = {}
+        self._version_sealers: dict[tuple[KeyRef, str, bytes], _Memo] = {}
+        # The memos refer to data keys, so they go before the wiping cache
+        # checks whether anything else still refers to a dropped key.
+        self._keys.before_release = self._forget_ciphers
         self.max_values_per_key = max_values_per_key
         self.on_limit: LimitCallback | None = None
         """Called once per data key when it reaches max_values_per_key."""
@@ -90,14 +117,21 @@ class KeyCache:
         return self._keys.get((key_id, version))
 
     def put(self, key: DataKey) -> None:
-        self._keys[(key.key_id, key.version)] = key
+        ref = (key.key_id, key.version)
+        self._key_expiry[ref] = time.monotonic() + self._ttl
+        self._keys[ref] = key
 
     def discard(self, key_id: int, version: int) -> None:
         """Remove a data key, as for a retired version, and overwrite it."""
         self._active_drop((key_id, version))
         self._live_drop((key_id, version))
         self._sealed.pop((key_id, version), None)
+        self._key_expiry.pop((key_id, version), None)
         self._keys.discard((key_id, version))
+
+    def refs(self) -> list[KeyRef]:
+        """Return the (key_id, version) of every cached data key."""
+        return list(self._keys.keys())
 
     def purge(self) -> None:
         """Remove the expired data keys now rather than on the next put()."""
@@ -108,6 +142,9 @@ class KeyCache:
         return self._active.get(key_name)
 
     def set_active(self, key_name: str, ref: KeyRef) -> None:
+        if self._active.get(key_name) != ref:
+            self._forget_ciphers()
+        self._active_expiry[key_name] = time.monotonic() + self._active_ttl
         self._active[key_name] = ref
         live = self._live.get(key_name, ())
         if ref not in live:
@@ -130,6 +167,57 @@ class KeyCache:
         """Record the name's versions that are not retired, from the key store."""
         self._live[key_name] = tuple(sorted(refs))
 
+    def sealer(self, key_name: str, store_id: bytes) -> ValueCipher | None:
+        """Return a cipher for the name's active key, or None if it is not cached."""
+        memo = self._sealers.get((key_name, store_id))
+        if memo is not None and time.monotonic() < memo[1]:
+            return memo[0]
+        ref = self._active.get(key_name)
+        key = self._keys.get(ref) if ref is not None else None
+        if ref is None or key is None:
+            return None
+        cipher = ValueCipher(key, store_id=store_id, context=key_name)
+        until = min(self._key_expiry[ref], self._active_expiry[key_name])
+        self._sealers[(key_name, store_id)] = (cipher, until)
+        return cipher
+
+    def version_sealer(
+        self, ref: KeyRef, key_name: str, store_id: bytes
+    ) -> ValueCipher | None:
+        """Return a cipher for one version of a key name, or None if it is not cached.
+
+        Lookups seal under every live version of a deterministic column's key,
+        not only under the active one.
+        """
+        memo = self._version_sealers.get((ref, key_name, store_id))
+        if memo is not None and time.monotonic() < memo[1]:
+            return memo[0]
+        key = self._keys.get(ref)
+        if key is None:
+            return None
+        cipher = ValueCipher(key, store_id=store_id, context=key_name)
+        self._version_sealers[(ref, key_name, store_id)] = (cipher, self._key_expiry[ref])
+        return cipher
+
+    def opener(self, blob: bytes, context: str, store_id: bytes) -> ValueCipher | None:
+        """Return a cipher for the data key that a value's header names.
+
+        Returns None if that key is not cached. Raises DecryptionError if
+        blob is not a well-formed sealed value. The cipher checks the rest
+        of the header when it opens the value.
+        """
+        header = blob[_HEADER_START:_HEADER_END]
+        memo = self._openers.get((header, context, store_id))
+        if memo is not None and time.monotonic() < memo[1]:
+            return memo[0]
+        ref = read_key_ref(blob)
+        key = self._keys.get(ref)
+        if key is None:
+            return None
+        cipher = ValueCipher(key, store_id=store_id, context=context)
+        self._openers[(header, context, store_id)] = (cipher, self._key_expiry[ref])
+        return cipher
+
     def note_sealed(self, key_name: str, ref: KeyRef) -> None:
         """Count one value sealed under ref, and call on_limit when it reaches the limit.
 
@@ -149,10 +237,18 @@ class KeyCache:
         return self._sealed.get(ref, 0)
 
     def clear(self) -> None:
+        self._forget_ciphers()
         self._keys.clear()
         self._active.clear()
         self._live.clear()
         self._sealed.clear()
+        self._key_expiry.clear()
+        self._active_expiry.clear()
+
+    def _forget_ciphers(self) -> None:
+        self._sealers.clear()
+        self._openers.clear()
+        self._version_sealers.clear()
 
     def _live_drop(self, ref: KeyRef) -> None:
         for name, live in list(self._live.items()):
@@ -160,6 +256,7 @@ class KeyCache:
                 self._live[name] = tuple(r for r in live if r != ref)
 
     def _active_drop(self, ref: KeyRef) -> None:
+        self._forget_ciphers()
         for name, active in list(self._active.items()):
             if active == ref:
                 del self._active[name]
@@ -178,6 +275,8 @@ class _WipingTTLCache(TTLCache[KeyRef, DataKey]):
     def __init__(self, maxsize: int, ttl: float) -> None:
         super().__init__(maxsize, ttl)
         self._removed: list[DataKey] = []
+        self.before_release: Callable[[], None] | None = None
+        """Called before dropped keys are checked for outside references."""
         self.wiped = 0
         self.kept = 0
 
@@ -221,6 +320,8 @@ class _WipingTTLCache(TTLCache[KeyRef, DataKey]):
     def _release_removed(self) -> None:
         key_refs, material_refs = _UNSHARED_REFS
         removed = self._removed
+        if removed and self.before_release is not None:
+            self.before_release()
         while removed:
             key = removed.pop()
             # Overwrite only keys that nothing else refers to, because a caller

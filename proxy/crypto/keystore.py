@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import uuid
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -20,10 +21,11 @@ import asyncpg
 from proxy.audit import AuditLog, AuditRecord, KeyVersionRef
 from proxy.crypto.keycache import KeyCache, KeyRef
 from proxy.crypto.keyring import Keyring
+from proxy.crypto.subjects import SUBJECT_SECRET_SIZE, SubjectKeyRequest
 from proxy.crypto.values import STORE_ID_SIZE, Algorithm, DataKey
-from proxy.errors import ConfigError, KeyringError, KeyStoreError
+from proxy.errors import ConfigError, KeyringError, KeyStoreError, KeyUnavailableError
 
-__all__ = ["KeyCache", "KeyRef", "KeyStore", "lock_key_name"]
+__all__ = ["KeyCache", "KeyNotFoundError", "KeyRef", "KeyStore", "lock_key_name"]
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +68,15 @@ CREATE TABLE IF NOT EXISTS pgseal.wrapped_keys (
 );
 
 ALTER TABLE pgseal.data_keys ADD COLUMN IF NOT EXISTS retired_at timestamptz;
+
+ALTER TABLE pgseal.key_store ADD COLUMN IF NOT EXISTS subject_secret bytea;
+
+CREATE TABLE IF NOT EXISTS pgseal.subject_keys (
+    key_id integer PRIMARY KEY REFERENCES pgseal.key_names,
+    column_key_name text NOT NULL,
+    subject_hmac bytea NOT NULL,
+    UNIQUE (subject_hmac, column_key_name)
+);
 """
 
 # age is in seconds, by the server's clock, so that replicas with skewed
@@ -96,6 +107,10 @@ ORDER BY n.key_name, d.version
 
 
 
+class KeyNotFoundError(KeyStoreError):
+    """A data key version that is not in the key store, as after a shred."""
+
+
 class KeyStore:
     """Creates, wraps, stores and unwraps data keys, with a cache in front.
 
@@ -117,6 +132,7 @@ class KeyStore:
         self.audit = audit
         """Where key creation, rotation and retirement are recorded, if anywhere."""
         self._store_id: bytes | None = None
+        self._subject_secret: bytes | None = None
         self._unwrap_locks: dict[KeyRef, asyncio.Lock] = {}
         self.unwrap_calls = 0
         """Number of keyring unwrap() calls made, failed ones included."""
@@ -127,6 +143,12 @@ class KeyStore:
         # unwrap it again once the cache drops it.
         self._own_keys: dict[str, DataKey] = {}
         self._own_keys_lock = asyncio.Lock()
+        # The keyring set of each key name; names not listed use the default
+        # set, which is every keyring unless assign_keyrings() names another.
+        self._sets: dict[str, tuple[Keyring, ...]] = {}
+        self._default_set = self._keyrings
+        self.unavailable: set[str] = set()
+        """Key names with a version that load_keys() could not unwrap."""
 
     @property
     def can_unwrap(self) -> bool:
@@ -136,6 +158,34 @@ class KeyStore:
     @property
     def keyrings(self) -> tuple[Keyring, ...]:
         return self._keyrings
+
+    def assign_keyrings(
+        self,
+        sets: Mapping[str, Sequence[Keyring]],
+        default: Sequence[Keyring] | None = None,
+    ) -> None:
+        """Set the keyring set of each key name, and the set of all other names.
+
+        New data keys of a name are wrapped by every keyring of its set, and
+        unwrapping tries its set first, in order. Every keyring must be one of
+        the store's own.
+        """
+        own = {id(keyring) for keyring in self._keyrings}
+        default_set = tuple(default) if default is not None else self._keyrings
+        checked = {name: tuple(keyrings) for name, keyrings in sets.items()}
+        for keyrings in (default_set, *checked.values()):
+            if not keyrings:
+                raise ConfigError("a keyring set must not be empty")
+            if any(id(keyring) not in own for keyring in keyrings):
+                raise ConfigError(
+                    "a keyring set names a keyring that the key store was not given"
+                )
+        self._sets = checked
+        self._default_set = default_set
+
+    def keyrings_for(self, key_name: str) -> tuple[Keyring, ...]:
+        """Return the keyring set that wraps new data keys of key_name."""
+        return self._sets.get(key_name, self._default_set)
 
     @property
     def pool(self) -> asyncpg.Pool[asyncpg.Record]:
@@ -147,6 +197,13 @@ class KeyStore:
         if self._store_id is None:
             raise KeyStoreError("key store is not set up: call setup() first")
         return self._store_id
+
+    @property
+    def subject_secret(self) -> bytes:
+        """The 32-byte HMAC key that turns subject values into stored digests."""
+        if self._subject_secret is None:
+            raise KeyStoreError("key store is not set up: call setup() first")
+        return self._subject_secret
 
     async def setup(self) -> None:
         """Create the pgseal schema and tables if missing, and read the store id.
@@ -163,11 +220,20 @@ class KeyStore:
                     "ON CONFLICT DO NOTHING",
                     uuid.uuid4(),
                 )
-                stored = await conn.fetchval("SELECT store_id FROM pgseal.key_store")
+                await conn.execute(
+                    "UPDATE pgseal.key_store SET subject_secret = $1 "
+                    "WHERE subject_secret IS NULL",
+                    secrets.token_bytes(SUBJECT_SECRET_SIZE),
+                )
+                stored = await conn.fetchrow(
+                    "SELECT store_id, subject_secret FROM pgseal.key_store"
+                )
+        assert stored is not None
 
-        store_id = uuid.UUID(str(stored)).bytes
+        store_id = uuid.UUID(str(stored["store_id"])).bytes
         assert len(store_id) == STORE_ID_SIZE
         self._store_id = store_id
+        self._subject_secret = bytes(stored["subject_secret"])
         logger.info("key store %s is ready", store_id.hex())
 
     async def active_key(self, key_name: str, algorithm: Algorithm) -> DataKey:
@@ -194,6 +260,65 @@ class KeyStore:
         _check_algorithm(key_name, key.algorithm, algorithm)
         self._cache.set_active(key_name, ref)
         return key
+
+    async def subject_key(self, request: SubjectKeyRequest) -> DataKey:
+        """Return the active data key of one subject, creating it on first use.
+
+        Creation is safe when several processes ask at once: it runs under
+        the key name's advisory lock and re-reads the active version inside
+        it, so exactly one key is created and the others read it.
+        """
+        subject = (request.column_key_name, request.digest)
+        if not self.can_unwrap:
+            return await self._own_key(request.key_name, request.algorithm, subject)
+        ref = self._cache.active_ref(request.key_name)
+        if ref is None:
+            ref = await self._find_active(request.key_name, request.algorithm)
+        if ref is None:
+            result = await self._create_recorded(
+                request.key_name,
+                request.algorithm,
+                "create",
+                "first value of a subject",
+                subject=subject,
+            )
+            return await self._activate(request.key_name, result)
+        key = await self.get_key(*ref)
+        self._cache.set_active(request.key_name, ref)
+        return key
+
+    async def drop_destroyed(self) -> int:
+        """Drop cached data keys whose rows left the key store, as after a shred.
+
+        Their material is overwritten as on any eviction from the cache.
+        Returns the number of keys dropped.
+        """
+        cached = self._cache.refs()
+        own = {(k.key_id, k.version): name for name, k in self._own_keys.items()}
+        refs = sorted(set(cached) | set(own))
+        if not refs:
+            return 0
+        with _database_errors("checking cached data keys"):
+            async with self._pool.acquire() as conn:
+                rows = await conn.fetch(
+                    "SELECT d.key_id, d.version FROM pgseal.data_keys d "
+                    "JOIN unnest($1::int[], $2::int[]) AS r(key_id, version) "
+                    "USING (key_id, version)",
+                    [ref[0] for ref in refs],
+                    [ref[1] for ref in refs],
+                )
+        stored = {(row["key_id"], row["version"]) for row in rows}
+        dropped = [ref for ref in refs if ref not in stored]
+        for ref in dropped:
+            if ref in own:
+                del self._own_keys[own[ref]]
+            self._cache.discard(*ref)
+            logger.info(
+                "dropped data key %d version %d from the cache: it is no longer "
+                "in the key store",
+                *ref,
+            )
+        return len(dropped)
 
     async def get_key(self, key_id: int, version: int) -> DataKey:
         """Return a data key, unwrapping it only on a cache miss.
@@ -241,12 +366,21 @@ class KeyStore:
 
         keys: list[DataKey] = []
         live: dict[str, list[KeyRef]] = {}
+        unavailable: set[str] = set()
         for row in rows:
             if row["state"] == "retired":
                 self._cache.discard(row["key_id"], row["version"])
                 continue
+            # A live version that fails to load stays listed, so a lookup
+            # requests it again or fails, rather than missing its rows.
             live.setdefault(row["key_name"], []).append((row["key_id"], row["version"]))
-            key = await self.get_key(row["key_id"], row["version"])
+            try:
+                key = await self.get_key(row["key_id"], row["version"])
+            except KeyUnavailableError as exc:
+                # The other keys still load, and the next refresh tries again.
+                unavailable.add(row["key_name"])
+                logger.error("data key not loaded: %s", exc)
+                continue
             # Storing it again restarts its age, so a key in use never
             # expires between two refreshes.
             self._cache.put(key)
@@ -256,6 +390,8 @@ class KeyStore:
                 self._cache.set_active(row["key_name"], (key.key_id, key.version))
         for name, refs in live.items():
             self._cache.set_live(name, tuple(refs))
+        self.unavailable.difference_update(names)
+        self.unavailable.update(unavailable)
         logger.debug("loaded %d data keys for %d key names", len(keys), len(names))
         return keys
 
@@ -383,7 +519,7 @@ class KeyStore:
         record = AuditRecord(
             action,
             key_names=[key_name],
-            keyrings=[keyring.name for keyring in self._keyrings],
+            keyrings=[keyring.name for keyring in self.keyrings_for(key_name)],
             details={"reason": reason, "algorithm": algorithm.name},
         )
         try:
@@ -405,6 +541,7 @@ class KeyStore:
         new_version: bool = False,
         if_active: KeyRef | None = None,
         older_than: float | None = None,
+        subject: tuple[str, bytes] | None = None,
     ) -> DataKey | KeyRef:
         """Create the next version of key_name, unless another process just did.
 
@@ -414,19 +551,28 @@ class KeyStore:
         previous holder committed. With new_version, a version is created even
         when an active one exists. With if_active, a version is created when
         the active one is still if_active, and with older_than (seconds), when
-        the active one is older than that.
+        the active one is older than that. With subject (the column's key
+        name and the subject digest), a new key name is also recorded in
+        pgseal.subject_keys, in the same transaction, so shred finds it.
         """
         with _database_errors(f"creating a data key for {key_name!r}"):
             async with self._pool.acquire() as conn, conn.transaction():
                 await lock_key_name(conn, key_name)
                 row = await conn.fetchrow(_FIND_ACTIVE_SQL, key_name)
                 if row is None or new_version or _rotation_due(row, if_active, older_than):
-                    return await self._insert_next_version(conn, key_name, algorithm)
+                    return await self._insert_next_version(
+                        conn, key_name, algorithm, subject
+                    )
 
         _check_algorithm(key_name, _parse_algorithm(row["algorithm"]), algorithm)
         return row["key_id"], row["version"]
 
-    async def _own_key(self, key_name: str, algorithm: Algorithm) -> DataKey:
+    async def _own_key(
+        self,
+        key_name: str,
+        algorithm: Algorithm,
+        subject: tuple[str, bytes] | None = None,
+    ) -> DataKey:
         """Return this process's data key for key_name, creating it on first use.
 
         A write-only store cannot unwrap the versions that other processes
@@ -448,6 +594,7 @@ class KeyStore:
                     "create",
                     "write-only proxy start",
                     new_version=True,
+                    subject=subject,
                 )
                 assert isinstance(created, DataKey)
                 key = self._own_keys[key_name] = created
@@ -478,8 +625,9 @@ class KeyStore:
         conn: asyncpg.pool.PoolConnectionProxy[asyncpg.Record],
         key_name: str,
         algorithm: Algorithm,
+        subject: tuple[str, bytes] | None = None,
     ) -> DataKey:
-        key_id = await self._ensure_key_name(conn, key_name, algorithm)
+        key_id = await self._ensure_key_name(conn, key_name, algorithm, subject)
         version = await conn.fetchval(
             "SELECT coalesce(max(version), 0) + 1 FROM pgseal.data_keys "
             "WHERE key_id = $1",
@@ -512,6 +660,7 @@ class KeyStore:
         conn: asyncpg.pool.PoolConnectionProxy[asyncpg.Record],
         key_name: str,
         algorithm: Algorithm,
+        subject: tuple[str, bytes] | None = None,
     ) -> int:
         row = await conn.fetchrow(
             "SELECT key_id, algorithm FROM pgseal.key_names WHERE key_name = $1",
@@ -527,13 +676,20 @@ class KeyStore:
             key_name,
             int(algorithm),
         )
+        if subject is not None:
+            await conn.execute(
+                "INSERT INTO pgseal.subject_keys (key_id, column_key_name, subject_hmac) "
+                "VALUES ($1, $2, $3)",
+                new_id,
+                *subject,
+            )
         return new_id
 
     async def _wrap_all(self, key: DataKey, key_name: str) -> list[tuple[str, bytes]]:
-        """Wrap key with every keyring. Any failure means nothing is stored."""
+        """Wrap key with every keyring of its set. Any failure means nothing is stored."""
         context = self.wrap_context(key_name, key.version)
         wrapped: list[tuple[str, bytes]] = []
-        for keyring in self._keyrings:
+        for keyring in self.keyrings_for(key_name):
             try:
                 blob = await asyncio.to_thread(keyring.wrap, key.material, context)
             except KeyringError as exc:
@@ -551,7 +707,7 @@ class KeyStore:
             async with self._pool.acquire() as conn:
                 rows = await conn.fetch(_FIND_WRAPPED_SQL, key_id, version)
         if not rows:
-            raise KeyStoreError(
+            raise KeyNotFoundError(
                 f"data key {key_id} version {version} not found in the key store"
             )
 
@@ -566,7 +722,12 @@ class KeyStore:
         wrapped_by: dict[str, bytes] = {row["keyring"]: row["wrapped"] for row in rows}
         context = self.wrap_context(key_name, version)
         failed: list[str] = []
-        for keyring in self._keyrings:
+        # The key's own set first, in its order, then any other keyring
+        # that has a copy, such as one added by pgseal keys rewrap.
+        own_set = self.keyrings_for(key_name)
+        others = [k for k in self._keyrings if all(k is not o for o in own_set)]
+        order = own_set + tuple(others)
+        for keyring in order:
             blob = wrapped_by.get(keyring.name)
             if blob is None or not keyring.can_unwrap:
                 continue
@@ -587,7 +748,10 @@ class KeyStore:
             logger.debug("unwrapped data key %d version %d", key_id, version)
             return _make_key(key_id, version, algorithm, material)
 
-        raise KeyringError(
+        # A keyring that failed, such as a KMS that cannot be reached, may
+        # work on a later try. Without one, no configured keyring has a copy.
+        error = KeyUnavailableError if failed else KeyringError
+        raise error(
             f"no configured keyring can unwrap data key {key_id} version {version} "
             f"({key_name!r}): it is wrapped for {sorted(wrapped_by)}, the "
             f"configured keyrings are {[k.name for k in self._keyrings]}, and "

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import asyncpg
@@ -67,9 +67,16 @@ class RewrapReport:
 
 
 async def rewrap(
-    store: KeyStore, new_keyrings: Sequence[Keyring], *, verify: bool = True
+    store: KeyStore,
+    new_keyrings: Sequence[Keyring],
+    *,
+    verify: bool = True,
+    key_sets: Callable[[str], Sequence[Keyring]] | None = None,
 ) -> RewrapReport:
     """Wrap every stored data key, retired versions included, with new_keyrings.
+
+    With key_sets, each key name is also wrapped by every keyring of the set
+    that key_sets returns for it, as after adding a keyring to a set.
 
     Copies that already exist are kept. Each key name is handled in its own
     transaction, under the lock that key creation takes, so a version that a
@@ -77,8 +84,8 @@ async def rewrap(
     a new keyring that can unwrap must give back the same data key before
     its copy is stored.
     """
-    if not new_keyrings:
-        raise ValueError("new_keyrings must not be empty")
+    if not new_keyrings and key_sets is None:
+        raise ValueError("new_keyrings must not be empty without key_sets")
     report = RewrapReport()
     record = AuditRecord(
         "rewrap",
@@ -88,7 +95,13 @@ async def rewrap(
     try:
         names = sorted({v.key_name for v in await describe_versions(store)})
         for name in names:
-            await _rewrap_name(store, name, new_keyrings, verify, report)
+            targets = list(new_keyrings)
+            if key_sets is not None:
+                targets += [
+                    k for k in key_sets(name) if all(k is not t for t in targets)
+                ]
+            if targets:
+                await _rewrap_name(store, name, targets, verify, report)
     except Exception as exc:
         _fill_record(record, report)
         if store.audit is not None:

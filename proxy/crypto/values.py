@@ -8,12 +8,12 @@ The byte layout is described in docs/value-format.md.
 
 from __future__ import annotations
 
-import base64
 import binascii
 import enum
-import re
+import os
 import secrets
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import nacl.bindings
@@ -26,9 +26,11 @@ from proxy.errors import DecryptionError
 __all__ = [
     "ARMOUR_PREFIX",
     "FORMAT_VERSION",
+    "HEADER_SIZE",
     "MAGIC",
     "Algorithm",
     "DataKey",
+    "ValueCipher",
     "armour",
     "dearmour",
     "is_armoured",
@@ -48,9 +50,24 @@ UINT32_MAX = 2**32 - 1
 
 # Format version, algorithm, key id, key version: all big-endian.
 _HEADER = struct.Struct(">BBII")
+HEADER_SIZE = _HEADER.size
 _CONTEXT_LENGTH = struct.Struct(">I")
+_UINT32 = struct.Struct(">I")
+# The length field of a NULL associated value. Real lengths stay below it.
+_NULL_MARKER = _UINT32.pack(UINT32_MAX)
 _AD_LABEL = b"pgseal/value/1"
-_BASE64URL = re.compile(rb"[A-Za-z0-9_-]*")
+_BASE64URL_DIGITS = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+# Maps the URL-safe alphabet to the standard one, and the standard alphabet's
+# own '+', '/' and '=' to '!', which strict decoding rejects.
+_FROM_BASE64URL = bytes.maketrans(b"-_+/=", b"+/!!!")
+_TO_BASE64URL = bytes.maketrans(b"+/", b"-_")
+_PADDING = (b"", b"", b"==", b"=")
+# The low bits of the last digit that carry no data, by length modulo 4.
+# Only zeros there keep one armoured text per value.
+_UNUSED_BITS = (0, 0, 0x0F, 0x03)
+_DIGIT_VALUES = bytes(
+    _BASE64URL_DIGITS.index(byte) if byte in _BASE64URL_DIGITS else 0 for byte in range(256)
+)
 
 
 class Algorithm(enum.IntEnum):
@@ -122,29 +139,97 @@ class _Header:
         return _HEADER.pack(FORMAT_VERSION, self.algorithm, self.key_id, self.version)
 
 
-def seal(key: DataKey, plaintext: bytes, *, store_id: bytes, context: str) -> bytes:
+class ValueCipher:
+    """A data key bound to a key store and a context, which seals and opens values.
+
+    The header and the associated data depend only on the key, the store id
+    and the context, so they are built once here rather than per value.
+    """
+
+    __slots__ = ("_associated_data", "_min_size", "_prefix", "_siv", "key")
+
+    def __init__(self, key: DataKey, *, store_id: bytes, context: str) -> None:
+        _check_data_key(key)
+        header = _Header(key.algorithm, key.key_id, key.version).pack()
+        self.key = key
+        self._prefix = MAGIC + header
+        self._associated_data = _associated_data(store_id, context, header)
+        self._min_size = len(self._prefix) + key.algorithm.nonce_size + TAG_SIZE
+        self._siv: AESSIV | None = None
+        if key.algorithm is Algorithm.AES_256_SIV:
+            self._siv = AESSIV(key.material)
+
+    def __repr__(self) -> str:
+        return f"ValueCipher(key_id={self.key.key_id}, version={self.key.version})"
+
+    def seal(self, plaintext: bytes, associated: Sequence[bytes | None] = ()) -> bytes:
+        """Encrypt plaintext and return the binary form.
+
+        `associated` contains the canonical text of other columns of the row
+        (None for NULL); the value then opens only with the same values in
+        the same order.
+        """
+        if not isinstance(plaintext, bytes):
+            raise TypeError("plaintext must be bytes")
+        associated_data = self._associated_data
+        if associated:
+            associated_data += _encode_associated(associated)
+        if self._siv is None:
+            nonce = os.urandom(NONCE_SIZE)
+            ciphertext = nacl.bindings.crypto_aead_xchacha20poly1305_ietf_encrypt(
+                plaintext, associated_data, nonce, self.key.material
+            )
+            return self._prefix + nonce + ciphertext
+        # AES-SIV output is the 16-byte synthetic IV (its tag), then the ciphertext.
+        return self._prefix + self._siv.encrypt(plaintext, [associated_data])
+
+    def open(self, blob: bytes, associated: Sequence[bytes | None] = ()) -> bytes:
+        """Decrypt a binary-form value sealed under this key, context and row values.
+
+        Raises DecryptionError, with no detail, if the blob is malformed,
+        names another key or algorithm, or fails authentication.
+        """
+        associated_data = self._associated_data
+        if associated:
+            associated_data += _encode_associated(associated)
+        prefix = self._prefix
+        if len(blob) < self._min_size or not blob.startswith(prefix):
+            raise DecryptionError()
+        start = len(prefix)
+        if self._siv is None:
+            nonce = blob[start : start + NONCE_SIZE]
+            ciphertext = blob[start + NONCE_SIZE :]
+            try:
+                return nacl.bindings.crypto_aead_xchacha20poly1305_ietf_decrypt(
+                    ciphertext, associated_data, nonce, self.key.material
+                )
+            except nacl.exceptions.CryptoError:
+                raise DecryptionError() from None
+        try:
+            return self._siv.decrypt(blob[start:], [associated_data])
+        except InvalidTag:
+            raise DecryptionError() from None
+
+
+def seal(
+    key: DataKey,
+    plaintext: bytes,
+    *,
+    store_id: bytes,
+    context: str,
+    associated: Sequence[bytes | None] = (),
+) -> bytes:
     """Encrypt plaintext under key and return the binary form.
 
     store_id (16 bytes) and context (the column identity, for example
     "public.users.email") go into the associated data, so the value opens
-    only with the same key store and context.
+    only with the same key store and context. `associated` contains the
+    canonical text of other columns of the row (None for NULL); the value
+    then opens only with the same values in the same order. Callers that seal
+    many values under one key keep a ValueCipher instead.
     """
-    _check_data_key(key)
-    if not isinstance(plaintext, bytes):
-        raise TypeError("plaintext must be bytes")
-    header = _Header(key.algorithm, key.key_id, key.version).pack()
-    associated_data = _associated_data(store_id, context, header)
-
-    if key.algorithm is Algorithm.XCHACHA20_POLY1305:
-        nonce = secrets.token_bytes(NONCE_SIZE)
-        ciphertext = nacl.bindings.crypto_aead_xchacha20poly1305_ietf_encrypt(
-            plaintext, associated_data, nonce, key.material
-        )
-        return MAGIC + header + nonce + ciphertext
-
-    # AES-SIV output is the 16-byte synthetic IV (its tag), then the ciphertext.
-    ciphertext = AESSIV(key.material).encrypt(plaintext, [associated_data])
-    return MAGIC + header + ciphertext
+    cipher = ValueCipher(key, store_id=store_id, context=context)
+    return cipher.seal(plaintext, associated)
 
 
 def read_key_ref(blob: bytes) -> tuple[int, int]:
@@ -156,24 +241,23 @@ def read_key_ref(blob: bytes) -> tuple[int, int]:
     return header.key_id, header.version
 
 
-def open_sealed(blob: bytes, key: DataKey, *, store_id: bytes, context: str) -> bytes:
+def open_sealed(
+    blob: bytes,
+    key: DataKey,
+    *,
+    store_id: bytes,
+    context: str,
+    associated: Sequence[bytes | None] = (),
+) -> bytes:
     """Decrypt a binary-form value and return its plaintext.
 
     Raises DecryptionError, with no detail, if the blob is malformed, names
-    another key or algorithm, or fails authentication for store_id and context.
+    another key or algorithm, or fails authentication for store_id, context
+    and the associated column values.
     """
-    _check_data_key(key)
-    header = _parse_header(blob)
-    expected = _Header(key.algorithm, key.key_id, key.version)
-    if header != expected:
-        raise DecryptionError()
-    header_bytes = blob[len(MAGIC) : len(MAGIC) + _HEADER.size]
-    associated_data = _associated_data(store_id, context, header_bytes)
-    body = blob[len(MAGIC) + _HEADER.size :]
-
-    if key.algorithm is Algorithm.XCHACHA20_POLY1305:
-        return _open_xchacha(body, key.material, associated_data)
-    return _open_siv(body, key.material, associated_data)
+    if not isinstance(blob, bytes):
+        raise TypeError("blob must be bytes")
+    return ValueCipher(key, store_id=store_id, context=context).open(blob, associated)
 
 
 def armour(blob: bytes) -> bytes:
@@ -182,8 +266,8 @@ def armour(blob: bytes) -> bytes:
         raise TypeError("blob must be bytes")
     if not blob.startswith(MAGIC):
         raise ValueError("blob must start with the pgseal magic bytes")
-    body = base64.urlsafe_b64encode(blob[len(MAGIC) :]).rstrip(b"=")
-    return ARMOUR_PREFIX + body
+    body = binascii.b2a_base64(blob[len(MAGIC) :], newline=False)
+    return ARMOUR_PREFIX + body.translate(_TO_BASE64URL).rstrip(b"=")
 
 
 def dearmour(text: bytes) -> bytes:
@@ -198,16 +282,16 @@ def dearmour(text: bytes) -> bytes:
     if not text.startswith(ARMOUR_PREFIX):
         raise DecryptionError()
     body = text[len(ARMOUR_PREFIX) :]
-    if not _BASE64URL.fullmatch(body) or len(body) % 4 == 1:
+    remainder = len(body) % 4
+    if remainder == 1:
         raise DecryptionError()
     try:
-        raw = base64.urlsafe_b64decode(body + b"=" * (-len(body) % 4))
+        raw = binascii.a2b_base64(
+            body.translate(_FROM_BASE64URL) + _PADDING[remainder], strict_mode=True
+        )
     except binascii.Error:
         raise DecryptionError() from None
-
-    # Unused low bits in the last character let several strings decode to the
-    # same bytes. Rejecting all but one keeps the stored text canonical.
-    if base64.urlsafe_b64encode(raw).rstrip(b"=") != body:
+    if remainder and _DIGIT_VALUES[body[-1]] & _UNUSED_BITS[remainder]:
         raise DecryptionError()
     return MAGIC + raw
 
@@ -246,18 +330,48 @@ def _parse_header(blob: bytes) -> _Header:
     return _Header(algorithm, key_id, version)
 
 
-def _associated_data(store_id: bytes, context: str, header: bytes) -> bytes:
-    """Build the associated data: label, store id, context, then the header.
+def _associated_data(
+    store_id: bytes,
+    context: str,
+    header: bytes,
+    associated: Sequence[bytes | None] = (),
+) -> bytes:
+    """Build the associated data: label, store id, context, header, row values.
 
-    The label and store id have fixed sizes and the context carries its
-    length, so no two different inputs give the same bytes.
+    The label, store id and header have fixed sizes, the context carries its
+    length, and so do the row values, so no two different inputs give the
+    same bytes. Without row values nothing follows the header, which keeps
+    values sealed before a rule named associated columns opening as before.
     """
     if not isinstance(store_id, bytes):
         raise TypeError("store_id must be bytes")
     if len(store_id) != STORE_ID_SIZE:
         raise ValueError(f"store_id must be {STORE_ID_SIZE} bytes")
     encoded = _encode_context(context)
-    return _AD_LABEL + store_id + _CONTEXT_LENGTH.pack(len(encoded)) + encoded + header
+    data = _AD_LABEL + store_id + _CONTEXT_LENGTH.pack(len(encoded)) + encoded + header
+    if associated:
+        data += _encode_associated(associated)
+    return data
+
+
+def _encode_associated(values: Sequence[bytes | None]) -> bytes:
+    """Encode row values as a count, then each as a length and its bytes.
+
+    NULL is the length field 0xffffffff with no bytes, so it differs from
+    the empty string, whose length is 0.
+    """
+    parts = [_UINT32.pack(len(values))]
+    for value in values:
+        if value is None:
+            parts.append(_NULL_MARKER)
+            continue
+        if not isinstance(value, bytes):
+            raise TypeError("associated values must be bytes or None")
+        if len(value) >= UINT32_MAX:
+            raise ValueError(f"associated values must be shorter than {UINT32_MAX} bytes")
+        parts.append(_UINT32.pack(len(value)))
+        parts.append(value)
+    return b"".join(parts)
 
 
 def _encode_context(context: str) -> bytes:
@@ -269,24 +383,6 @@ def _encode_context(context: str) -> bytes:
         return context.encode("utf-8")
     except UnicodeEncodeError:
         raise ValueError("context must be encodable as UTF-8") from None
-
-
-def _open_xchacha(body: bytes, material: bytes, associated_data: bytes) -> bytes:
-    nonce = body[:NONCE_SIZE]
-    ciphertext = body[NONCE_SIZE:]
-    try:
-        return nacl.bindings.crypto_aead_xchacha20poly1305_ietf_decrypt(
-            ciphertext, associated_data, nonce, material
-        )
-    except nacl.exceptions.CryptoError:
-        raise DecryptionError() from None
-
-
-def _open_siv(body: bytes, material: bytes, associated_data: bytes) -> bytes:
-    try:
-        return AESSIV(material).decrypt(body, [associated_data])
-    except InvalidTag:
-        raise DecryptionError() from None
 
 
 def _check_data_key(key: DataKey) -> None:

@@ -10,7 +10,7 @@ ciphertext, raises StatementRejected instead.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -20,6 +20,9 @@ from pglast import parser
 from proxy.catalog import Catalog, EncryptedColumn, RuledTable
 from proxy.errors import StatementRejected
 from proxy.rules import Encryption
+from proxy.sql import associated as assoc
+from proxy.sql.batch_insert import UnsealableSelect, plan_batch_insert
+from proxy.sql.bound_outputs import associate_outputs
 from proxy.sql.literals import (
     LiteralSlot,
     column_ref_span,
@@ -28,6 +31,12 @@ from proxy.sql.literals import (
 )
 from proxy.sql.outputs import Trace, passes_through, trace_select
 from proxy.sql.prepared import SqlDeallocate, SqlExecute, SqlPrepare
+from proxy.sql.subjects import (
+    SubjectSource,
+    missing_subject,
+    value_subject,
+    where_subject,
+)
 from proxy.wire.copy import CopyOptions
 
 Node = dict[str, Any]
@@ -106,7 +115,21 @@ class StatementPlan:
     # Parameters that are arrays whose elements are each sealed (= ANY($1)).
     arrays: frozenset[int] = frozenset()
     search_path: SearchPathChange | None = None
+    # Per parameter sealed for a column with associated columns, where the
+    # statement gives those columns' values in the same row.
+    bindings: dict[int, assoc.Sources] = field(default_factory=dict)
+    # Per output column of a bound column, the output columns that contain
+    # its associated values from the same row.
+    associations: dict[int, tuple[int, ...]] = field(default_factory=dict)
+    # For parameters bound for columns keyed per subject: where each row's
+    # subject value is.
+    subjects: dict[int, SubjectSource] = field(default_factory=dict)
+    # Values compared with deterministic columns, which the proxy rewrites
+    # while a column's key has several live versions.
     searches: tuple[SearchValue, ...] = ()
+    # Array parameters compared with ANY or ALL. Their elements are sealed
+    # under every live version, unlike those of arrays a batch INSERT stores.
+    lookup_arrays: frozenset[int] = frozenset()
     version_checks: tuple[VersionCheck, ...] = ()
 
     @property
@@ -133,6 +156,11 @@ class CopyPlan:
     direction: str
     options: CopyOptions
     fields: dict[int, Trace]
+    # Per field of a bound column, the fields that contain its associated values.
+    associated: dict[int, tuple[int, ...]] = field(default_factory=dict)
+    # COPY FROM into columns keyed per subject: field index to the index
+    # of the field that contains the row's subject value.
+    subjects: dict[int, int] = field(default_factory=dict)
 
 
 class Analyzer:
@@ -217,8 +245,14 @@ class _Walker:
         self._sql_executes: list[SqlExecute] = []
         self._copies: list[CopyPlan] = []
         self._arrays: set[int] = set()
+        self._bindings: dict[int, assoc.Sources] = {}
+        self._associations: list[dict[int, tuple[int, ...]]] = []
+        self._subjects: dict[int, SubjectSource] = {}
         self._searches: list[SearchValue] = []
+        self._lookup_arrays: set[int] = set()
         self._version_checks: list[VersionCheck] = []
+        # Parameters stored in a column, which a lookup rewrite cannot turn
+        # into arrays.
         self._written: set[int] = set()
 
     def result(self) -> StatementPlan:
@@ -234,19 +268,26 @@ class _Walker:
             self._copies[0] if len(self._copies) == 1 else None,
             frozenset(self._arrays),
             self._search_path_change,
+            dict(self._bindings),
+            self._associations[0] if outputs is not None and self._associations else {},
+            dict(self._subjects),
             searches=tuple(self._searches),
+            lookup_arrays=frozenset(self._lookup_arrays),
             version_checks=tuple(self._version_checks) + self._mixed_parameters(),
         )
+        assoc.check_bindings(self._bindings, self._params)
+        assoc.check_single_bound_result(self._associations, self._outputs)
         return EMPTY_PLAN if plan.is_empty else plan
 
     def _mixed_parameters(self) -> tuple[VersionCheck, ...]:
         """Return a check for each lookup parameter also stored or bound as an array.
 
         The rewrite during a rotation turns a lookup parameter into an array,
-        which its other uses could not take.
+        and an array compared with ANY gets one element per live version,
+        which their other uses could not take.
         """
         searched = {s.number: s.column for s in self._searches if s.number is not None}
-        return tuple(
+        checks = [
             VersionCheck(
                 column,
                 f"parameter ${number} is both compared with it and stored or "
@@ -254,10 +295,19 @@ class _Walker:
             )
             for number, column in sorted(searched.items())
             if number in self._written or number in self._arrays
-        )
+        ]
+        checks += [
+            VersionCheck(
+                self._params[number],
+                f"array parameter ${number} is both compared with it and stored",
+            )
+            for number in sorted(self._lookup_arrays & self._written)
+        ]
+        return tuple(checks)
 
     def statement(self, stmt: Node) -> None:
         self._outputs.append(None)
+        self._associations.append({})
         kind, body = _only(stmt)
         if kind == "ExecuteStmt":
             self._sql_executes.append(SqlExecute(body["name"], tuple(body.get("params", []))))
@@ -296,17 +346,31 @@ class _Walker:
         for select in _selects(stmt):
             self._check_positions(select)
         self._outputs[-1] = self._trace_outputs(stmt)
+        self._associations[-1] = self._associate_outputs(stmt)
 
     # Outputs
 
     def _trace_outputs(self, stmt: Node) -> tuple[Trace, ...] | None:
+        select = self._output_select(stmt)
+        return self._trace_select(select) if select is not None else None
+
+    def _output_select(self, stmt: Node) -> Node | None:
+        """Return the SELECT whose output list a statement returns, if any."""
         kind, body = _only(stmt)
         if kind == "SelectStmt":
-            return trace_select(body, self._resolve, self._expand_star, self._seal_literal)
+            return body
         returning = body.get("returningClause", {}).get("exprs") or body.get("returningList")
         if not returning:
             return None
-        select = {"targetList": returning, "fromClause": [{"RangeVar": body["relation"]}]}
+        return {"targetList": returning, "fromClause": [{"RangeVar": body["relation"]}]}
+
+    def _associate_outputs(self, stmt: Node) -> dict[int, tuple[int, ...]]:
+        select = self._output_select(stmt)
+        if select is None:
+            return {}
+        return associate_outputs(select, self._trace_select, self._table_of)
+
+    def _trace_select(self, select: Node) -> tuple[Trace, ...] | None:
         return trace_select(select, self._resolve, self._expand_star, self._seal_literal)
 
     def _expand_star(self, ref: Node, select: Node) -> list[Trace] | None:
@@ -330,8 +394,30 @@ class _Walker:
             self._literals.append(find_literal_span(self._sql, const, column))
 
     def _prepare(self, body: Node) -> None:
+        # TODO: literals of an SQL-level PREPARE are sealed once, so each
+        # EXECUTE stores the same ciphertext in a randomized column.
         inner = _Walker(self._catalog, self._sql, self._search_path)
         inner.statement(body["query"])
+        if inner._bindings:
+            # TODO: carry the bindings to EXECUTE, whose arguments give the
+            # associated values, as SqlPrepare carries the sealed parameters.
+            number, sources = next(iter(inner._bindings.items()))
+            raise reject(
+                inner._params[number],
+                "SQL-level PREPARE of a statement that seals it with associated "
+                f"column {sources[0].column.name} is not supported yet",
+                "Use the protocol's prepared statements (a driver's parameters), "
+                "or literals.",
+            )
+        keyed = [slot.column for slot in inner._literals if slot.subject is not None]
+        keyed += [inner._params[number] for number in inner._subjects]
+        if keyed:
+            raise reject(
+                keyed[0],
+                "PREPARE of a statement that writes a column keyed per subject is "
+                "not supported",
+                "Use the extended protocol (Parse and Bind), as drivers do.",
+            )
         self._literals.extend(inner._literals)
         # An EXECUTE sends scalar arguments, so a PREPARE cannot take part in
         # the lookup rewrite. Its lookups are rejected while several versions
@@ -374,7 +460,25 @@ class _Walker:
                 )
             return
         options = CopyOptions.from_options(_copy_options(body.get("options", [])))
-        self._copies.append(CopyPlan(direction, options, fields))
+        associated = self._copy_associated(body, fields)
+        subjects = self._copy_subjects(body, fields) if direction == "in" else {}
+        self._copies.append(CopyPlan(direction, options, fields, associated, subjects))
+
+    def _copy_subjects(self, body: Node, fields: dict[int, Trace]) -> dict[int, int]:
+        """Map each COPY FROM field keyed per subject to its subject's field."""
+        table = self._table_of(body["relation"])
+        assert table is not None
+        names = [item["String"]["sval"] for item in body.get("attlist", [])]
+        names = names or list(table.columns)
+        subjects = {}
+        for index, trace in fields.items():
+            column = trace[0]
+            if column.subject_column is None:
+                continue
+            if column.subject_column not in names:
+                raise missing_subject(column, f"COPY into {table.qualified_name}")
+            subjects[index] = names.index(column.subject_column)
+        return subjects
 
     def _copy_fields(self, body: Node) -> dict[int, Trace]:
         if "query" in body:
@@ -389,11 +493,29 @@ class _Walker:
         table = self._table_of(body["relation"])
         if table is None:
             return {}
-        names = [item["String"]["sval"] for item in body.get("attlist", [])]
-        names = names or list(table.columns)
+        names = self._copy_names(body, table)
         return {
             i: (table.encrypted[name],) for i, name in enumerate(names) if name in table.encrypted
         }
+
+    @staticmethod
+    def _copy_names(body: Node, table: RuledTable) -> list[str]:
+        names = [item["String"]["sval"] for item in body.get("attlist", [])]
+        return names or list(table.columns)
+
+    def _copy_associated(
+        self, body: Node, fields: dict[int, Trace]
+    ) -> dict[int, tuple[int, ...]]:
+        """Map each field of a bound column to the fields of its associated values."""
+        if "query" in body:
+            kind, select = _only(body["query"])
+            if kind != "SelectStmt":
+                return {}
+            return associate_outputs(select, self._trace_select, self._table_of)
+        table = self._table_of(body["relation"])
+        if table is None:
+            return {}
+        return assoc.copy_associated(fields, self._copy_names(body, table))
 
     # Writes
 
@@ -401,6 +523,7 @@ class _Walker:
         table = self._table_of(body["relation"])
         if table is None:
             return
+        assoc.check_view_write(table)
         if "cols" in body:
             columns = [_only(col)[1]["name"] for col in body["cols"]]
         else:
@@ -408,48 +531,167 @@ class _Walker:
         select = body.get("selectStmt", {}).get("SelectStmt", {})
         targets = [table.encrypted.get(name) for name in columns]
         if any(targets) and "valuesLists" not in select:
-            # TODO: accept a SELECT over VALUES or UNNEST of parameters, the
-            # form SQLAlchemy and Django use to batch inserts.
-            first = next(t for t in targets if t is not None)
-            raise reject(
-                first,
-                "INSERT ... SELECT would let the server compute the stored value",
-                "Insert the values with VALUES so that the proxy can seal them.",
+            bound = next(
+                (
+                    t
+                    for t in targets
+                    if t is not None and (t.associated or t.subject_column is not None)
+                ),
+                None,
             )
-        for row in select.get("valuesLists", []):
-            for value, column in zip(_only(row)[1]["items"], targets):
-                if column is not None:
-                    self._value(value, column, table, handled)
+            if bound is not None:
+                raise reject(
+                    bound,
+                    "INSERT ... SELECT cannot give the proxy each row's associated "
+                    "values or subject",
+                    "Insert the values with VALUES so that the proxy can seal them.",
+                )
+            self._insert_select(select, targets, handled)
+        rows = [_only(row)[1]["items"] for row in select.get("valuesLists", [])]
+        for items in rows:
+            values = dict(zip(columns, items))
+            for value, column in zip(items, targets):
+                if column is None:
+                    continue
+                sources = assoc.row_sources(column, values, "the INSERT")
+                subject = None
+                if column.subject_column is not None and _sealed_here(value):
+                    place = f"the INSERT into {table.qualified_name}"
+                    subject = value_subject(values.get(column.subject_column), column, place)
+                self._value(value, column, table, handled, sources, subject)
         conflict = body.get("onConflictClause", {})
-        self._assignments(conflict.get("targetList", []), table, handled)
+        if conflict.get("targetList"):
+            inserted = dict(zip(columns, rows[0])) if len(rows) == 1 else None
+            update = assoc.ConflictUpdate(conflict, inserted)
+            self._assignments(conflict["targetList"], table, handled, update.sources)
+            update.check(table)
+
+    def _insert_select(
+        self, select: Node, targets: list[EncryptedColumn | None], handled: set[int]
+    ) -> None:
+        """Seal the cells of a batch INSERT ... SELECT over VALUES or UNNEST."""
+        try:
+            batch = plan_batch_insert(select, targets)
+        except UnsealableSelect as exc:
+            raise reject(
+                exc.column,
+                exc.reason,
+                "Insert the values with VALUES, or select them from VALUES or "
+                "UNNEST of parameters, so that the proxy can seal them.",
+            ) from None
+        handled.update(id(ref) for ref in batch.refs)
+        for value in batch.values:
+            kind, body = _only(value.node)
+            if kind == "ParamRef":
+                self._param(body["number"], value.column)
+                self._written.add(body["number"])
+                if value.array:
+                    self._arrays.add(body["number"])
+            elif not body.get("isnull"):
+                slot = find_literal_span(self._sql, body, value.column)
+                self._literals.append(replace(slot, array=value.array))
+
+
 
     def _update(self, body: Node, handled: set[int]) -> None:
         table = self._table_of(body["relation"])
-        if table is not None:
-            self._assignments(body.get("targetList", []), table, handled)
+        if table is None:
+            return
+        assoc.check_view_write(table)
+        targets = body.get("targetList", [])
+        updates = assoc.set_values(targets)
+        relation = body["relation"]
+        names = (relation.get("alias", {}).get("aliasname") or relation["relname"],)
+        pins = assoc.where_pins(body.get("whereClause"), names)
+        qualifiers = {relation["relname"], relation.get("alias", {}).get("aliasname")}
+        where = (body.get("whereClause"), {q for q in qualifiers if q})
+
+        def sources_of(column: EncryptedColumn) -> assoc.Sources | str:
+            values = {**pins, **updates}
+            return assoc.row_sources(column, values, "the UPDATE")
+
+        self._assignments(targets, table, handled, sources_of, where)
+        assoc.check_update(table, updates)
 
     def _assignments(
-        self, targets: list[Node], table: RuledTable, handled: set[int]
+        self,
+        targets: list[Node],
+        table: RuledTable,
+        handled: set[int],
+        sources_of: Callable[[EncryptedColumn], assoc.Sources | str],
+        where: tuple[Node | None, set[str]] | None = None,
     ) -> None:
+        """Check the SET list of an UPDATE or of ON CONFLICT DO UPDATE.
+
+        `where` is an UPDATE's WHERE clause with the names that qualify the
+        table's columns in it; it may pin the subject of the changed rows.
+        """
+        values = {_only(item)[1].get("name", ""): _only(item)[1].get("val") for item in targets}
         for item in targets:
             target = _only(item)[1]
             column = table.encrypted.get(target.get("name", ""))
-            if column is not None:
-                self._value(target["val"], column, table, handled)
+            if column is None:
+                continue
+            subject = None
+            if column.subject_column is not None and _sealed_here(target["val"]):
+                subject = self._set_subject(column, values, table, where)
+            sources = sources_of(column) if column.associated else ()
+            self._value(target["val"], column, table, handled, sources, subject)
+
+    def _set_subject(
+        self,
+        column: EncryptedColumn,
+        values: dict[str, Node | None],
+        table: RuledTable,
+        where: tuple[Node | None, set[str]] | None,
+    ) -> SubjectSource:
+        assert column.subject_column is not None
+        place = f"the UPDATE of {table.qualified_name}"
+        node = values.get(column.subject_column)
+        if node is not None:
+            return value_subject(node, column, place)
+        pinned = where_subject(where[0], column, where[1]) if where else None
+        if pinned is None:
+            raise missing_subject(column, place)
+        return pinned
 
     def _value(
-        self, node: Node, column: EncryptedColumn, table: RuledTable, handled: set[int]
+        self,
+        node: Node,
+        column: EncryptedColumn,
+        table: RuledTable,
+        handled: set[int],
+        sources: assoc.Sources | str = (),
+        subject: SubjectSource | None = None,
     ) -> None:
-        """Accept a value bound for an encrypted column, or reject it."""
+        """Accept a value bound for an encrypted column, or reject it.
+
+        `sources` gives the associated values of the row, or the reason
+        they are unknown. It matters only when the value is sealed.
+        """
         kind, body = _only(node)
         if kind == "TypeCast" and _cast_name(body) in _TEXT_CASTS:
+            if body.get("typeName", {}).get("typmods"):
+                # An explicit cast to varchar(n) truncates without an error.
+                raise reject(
+                    column,
+                    "a cast with a length would cut the sealed value",
+                    "Cast to text or varchar without a length, or send the "
+                    "parameter without a cast.",
+                )
             kind, body = _only(body["arg"])
+        sealed = kind == "ParamRef" or (kind == "A_Const" and not body.get("isnull"))
+        if sealed and isinstance(sources, str):
+            raise reject(column, sources, assoc.BOUND_HINT)
         if kind == "ParamRef":
-            self._param(body["number"], column)
+            assert not isinstance(sources, str)
+            self._param(body["number"], column, subject)
+            self._bind_sources(body["number"], column, sources)
             self._written.add(body["number"])
         elif kind == "A_Const":
             if not body.get("isnull"):
-                self._literals.append(find_literal_span(self._sql, body, column))
+                assert not isinstance(sources, str)
+                self._literal(body, column, sources, subject)
         elif kind == "SetToDefault":
             return
         elif kind == "ColumnRef" and self._is_same_column(body, column, table):
@@ -462,11 +704,54 @@ class _Walker:
                 "can seal it.",
             )
 
-    def _param(self, number: int, column: EncryptedColumn) -> None:
+    def _bind_sources(
+        self, number: int, column: EncryptedColumn, sources: assoc.Sources
+    ) -> None:
+        if not column.associated:
+            return
+        known = self._bindings.get(number)
+        if known is not None and known != sources:
+            raise reject(
+                column,
+                f"parameter ${number} is sealed for rows with different associated "
+                "values",
+                "Pass each row's value as its own parameter.",
+            )
+        self._bindings[number] = sources
+
+    def _literal(
+        self,
+        const: Node,
+        column: EncryptedColumn,
+        sources: assoc.Sources,
+        subject: SubjectSource | None,
+    ) -> None:
+        if any(source.param is not None for source in sources):
+            raise reject(
+                column,
+                "a literal for it is sealed when the statement is parsed, but its "
+                "associated column's value is a parameter that arrives later",
+                "Send both values as parameters, or both as literals.",
+            )
+        slot = find_literal_span(self._sql, const, column)
+        self._literals.append(replace(slot, associated=sources, subject=subject))
+
+    def _param(
+        self, number: int, column: EncryptedColumn, subject: SubjectSource | None = None
+    ) -> None:
         known = self._params.get(number)
         if known is not None and known.key_name != column.key_name:
             raise reject(column, f"parameter ${number} is also bound for {known.identity}")
+        if known is not None and self._subjects.get(number) != subject:
+            raise reject(
+                column,
+                f"parameter ${number} is stored in rows of different subjects, "
+                "and one sealed value can carry only one subject's key",
+                "Send one parameter per row.",
+            )
         self._params[number] = column
+        if subject is not None:
+            self._subjects[number] = subject
 
     def _is_same_column(
         self, ref: Node, column: EncryptedColumn, table: RuledTable
@@ -561,6 +846,7 @@ class _Walker:
             )
         self._param(body["number"], column)
         self._arrays.add(body["number"])
+        self._lookup_arrays.add(body["number"])
 
     def _search_value(self, node: Node, column: EncryptedColumn) -> bool:
         """Accept a value compared with a deterministic column, or reject it.
@@ -735,6 +1021,17 @@ class _Walker:
             f"{what} on table {table.qualified_name} is not supported yet",
             "Use INSERT, UPDATE and SELECT with parameters for this table.",
         )
+
+
+def _sealed_here(node: Node) -> bool:
+    """Tell whether a stored value is a parameter or literal that the proxy seals.
+
+    Only those need a subject; NULL, DEFAULT and a column's own value do not.
+    """
+    kind, body = _only(node)
+    if kind == "TypeCast":
+        kind, body = _only(body["arg"])
+    return kind == "ParamRef" or (kind == "A_Const" and not body.get("isnull"))
 
 
 def _only(node: Node) -> tuple[str, Node]:

@@ -18,6 +18,27 @@ _INT32 = struct.Struct("!i")
 Transform = Callable[[bytes], bytes]
 FlatTransform = Callable[[bytes], list[bytes]]
 
+# Element types whose values are text on the wire: text, varchar, bpchar, name.
+TEXT_LIKE_OIDS = frozenset({25, 1043, 1042, 19})
+# Their array types: text[], varchar[], bpchar[], name[].
+_TEXT_LIKE_ARRAY_OIDS = frozenset({1009, 1015, 1014, 1003})
+# The array type of each storage type: text[] for text, bytea[] for bytea.
+STORAGE_ARRAY_OIDS = {25: 1009, 17: 1001}
+
+
+def storage_array_type(declared_oid: int, storage_oid: int) -> int:
+    """Return the array type to declare to the server for an array of sealed values.
+
+    A declared type that already fits the stored form is kept, and so is
+    0, which leaves the server to infer the type.
+    """
+    storage_array = STORAGE_ARRAY_OIDS[storage_oid]
+    if declared_oid in (0, storage_array):
+        return declared_oid
+    if storage_oid == 25 and declared_oid in _TEXT_LIKE_ARRAY_OIDS:
+        return declared_oid
+    return storage_array
+
 
 def map_text_array(value: bytes, transform: Transform) -> bytes:
     """Apply `transform` to every non-NULL element of a text-format array."""
@@ -115,13 +136,26 @@ def _next_element(body: bytes, i: int) -> tuple[bytes, int, bool]:
     return bytes(out), i, False
 
 
-def map_binary_array(value: bytes, transform: Transform) -> bytes:
-    """Apply `transform` to every non-NULL element of a binary-format array."""
-    dimensions, flags, element_type = _HEADER.unpack_from(value, 0)
+def binary_element_type(value: bytes) -> int:
+    """Return the element type OID in the header of a binary-format array."""
+    _, _, element_type = _HEADER.unpack_from(value, 0)
+    return int(element_type)
+
+
+def map_binary_array(
+    value: bytes, transform: Transform, element_type: int | None = None
+) -> bytes:
+    """Apply `transform` to every non-NULL element of a binary-format array.
+
+    `element_type`, when given, replaces the element type OID of the header.
+    """
+    dimensions, flags, old_type = _HEADER.unpack_from(value, 0)
     if dimensions > 1:
         raise ValueError("only one-dimensional arrays can be sealed")
+    if element_type is None:
+        element_type = old_type
     pos = _HEADER.size
-    parts = [value[:pos]]
+    parts = [_HEADER.pack(dimensions, flags, element_type)]
     count = 0
     if dimensions == 1:
         count, _ = _DIMENSION.unpack_from(value, pos)
@@ -139,11 +173,18 @@ def map_binary_array(value: bytes, transform: Transform) -> bytes:
     return b"".join(parts)
 
 
-def flat_map_binary_array(value: bytes, transform: FlatTransform) -> bytes:
-    """Replace each non-NULL element of a binary array by `transform`'s elements."""
-    dimensions, flags, element_type = _HEADER.unpack_from(value, 0)
+def flat_map_binary_array(
+    value: bytes, transform: FlatTransform, element_type: int | None = None
+) -> bytes:
+    """Replace each non-NULL element of a binary array by `transform`'s elements.
+
+    `element_type`, when given, replaces the element type OID of the header.
+    """
+    dimensions, flags, old_type = _HEADER.unpack_from(value, 0)
     if dimensions > 1:
         raise ValueError("only one-dimensional arrays can be sealed")
+    if element_type is None:
+        element_type = old_type
     pos = _HEADER.size
     count, lower = 0, 1
     if dimensions == 1:
@@ -160,6 +201,6 @@ def flat_map_binary_array(value: bytes, transform: FlatTransform) -> bytes:
             parts.append(_INT32.pack(len(sealed)) + sealed)
         pos += size
     if not parts:
-        return value[: pos]
+        return _HEADER.pack(dimensions, flags, element_type) + value[_HEADER.size : pos]
     header = _HEADER.pack(1, flags, element_type) + _DIMENSION.pack(len(parts), lower)
     return header + b"".join(parts)

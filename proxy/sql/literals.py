@@ -17,6 +17,8 @@ from proxy.errors import StatementRejected
 
 if TYPE_CHECKING:
     from proxy.catalog import EncryptedColumn
+    from proxy.sql.associated import AssociatedValue
+    from proxy.sql.subjects import SubjectSource
 
 _NUMBER_TOKENS = {"ICONST", "FCONST"}
 
@@ -29,6 +31,13 @@ class LiteralSlot:
     end: int
     value: str
     column: EncryptedColumn
+    # True for an array literal whose elements are each sealed.
+    array: bool = False
+    # Where the statement gives the row's associated values, for a column
+    # with associated columns; every one is a literal or NULL.
+    associated: tuple[AssociatedValue, ...] = ()
+    # Where the row's subject value is, for a column keyed per subject.
+    subject: SubjectSource | None = None
 
 
 def find_literal_span(

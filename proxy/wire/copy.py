@@ -8,13 +8,14 @@ rows. Fields that need no change are copied as their original bytes.
 from __future__ import annotations
 
 import struct
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 from proxy.errors import ProtocolError
 
-# Transforms one field value (None for NULL) in the given wire format.
-FieldTransform = Callable[[int, bytes, int], bytes | None]
+# Transforms one field value (None for NULL) in the given wire format. The
+# mapping contains the row's context fields, decoded, with None for NULL.
+FieldTransform = Callable[[int, bytes, int, Mapping[int, bytes | None]], bytes | None]
 
 BINARY_SIGNATURE = b"PGCOPY\n\xff\r\n\x00"
 _INT16 = struct.Struct("!h")
@@ -58,30 +59,73 @@ class CopyStream:
     """Rewrite the chosen fields of a COPY stream, row by row."""
 
     def __init__(
-        self, options: CopyOptions, fields: set[int], transform: FieldTransform
+        self,
+        options: CopyOptions,
+        fields: set[int],
+        transform: FieldTransform,
+        context: frozenset[int] = frozenset(),
     ) -> None:
+        """`context` names the fields whose values the transform reads as well."""
         self._options = options
         self._fields = fields
         self._transform = transform
+        self._context = context
         self._buffer = b""
         self._skip_header = options.header and options.format != "binary"
         self._binary_header_done = False
+        # The undecoded fields of the row being rewritten, for row_value().
+        self._row_fields: list[bytes] | list[bytes | None] = []
 
     def feed(self, data: bytes) -> bytes:
-        """Return the rewritten whole rows that `data` completes."""
+        """Return the rewritten whole rows that `data` completes.
+
+        If the transform raises, the stream is left as it was before the
+        call, so the same data can be fed again.
+        """
+        state = (self._buffer, self._skip_header, self._binary_header_done)
         self._buffer += data
-        if self._options.format == "binary":
-            return self._feed_binary()
-        return self._feed_lines()
+        try:
+            if self._options.format == "binary":
+                return self._feed_binary()
+            return self._feed_lines()
+        except Exception:
+            self._buffer, self._skip_header, self._binary_header_done = state
+            raise
 
     def finish(self) -> bytes:
-        """Return the rewritten last row, when the stream lacks a final newline."""
-        rest, self._buffer = self._buffer, b""
+        """Return the rewritten last row, when the stream lacks a final newline.
+
+        If the transform raises, the stream is left as it was before the call.
+        """
+        rest = self._buffer
         if not rest:
             return b""
         if self._options.format == "binary":
             raise ProtocolError("binary COPY data ends in the middle of a row")
-        return self._row(rest)
+        skip_header = self._skip_header
+        try:
+            row = self._row(rest)
+        except Exception:
+            self._skip_header = skip_header
+            raise
+        self._buffer = b""
+        return row
+
+    def row_value(self, index: int) -> bytes | None:
+        """Return a field of the row being rewritten, decoded, or None for NULL.
+
+        For a transform that needs another field of the same row.
+        """
+        if index >= len(self._row_fields):
+            return None
+        raw = self._row_fields[index]
+        if self._options.format == "binary" or raw is None:
+            return raw
+        if raw == self._options.null:
+            return None
+        if self._options.format == "csv":
+            return _unquote_csv(raw, self._options)
+        return _unescape_text(raw)
 
     # Text and CSV
 
@@ -120,22 +164,36 @@ class CopyStream:
 
     def _text_row(self, body: bytes) -> bytes:
         fields = body.split(self._options.delimiter)
+        self._row_fields = list(fields)
+        row = {
+            i: None if fields[i] == self._options.null else _unescape_text(fields[i])
+            for i in self._context
+            if i < len(fields)
+        }
         for index in self._fields:
             if index >= len(fields) or fields[index] == self._options.null:
                 continue
-            value = self._transform(index, _unescape_text(fields[index]), 0)
+            value = self._transform(index, _unescape_text(fields[index]), 0, row)
             fields[index] = self._options.null if value is None else _escape_text(value)
         return self._options.delimiter.join(fields)
 
     def _csv_row(self, body: bytes) -> bytes:
         raw_fields = _split_csv(body, self._options)
+        self._row_fields = list(raw_fields)
+        row = {
+            i: None
+            if raw_fields[i] == self._options.null
+            else _unquote_csv(raw_fields[i], self._options)
+            for i in self._context
+            if i < len(raw_fields)
+        }
         for index in self._fields:
             if index >= len(raw_fields):
                 continue
             raw = raw_fields[index]
             if raw == self._options.null:
                 continue
-            value = self._transform(index, _unquote_csv(raw, self._options), 0)
+            value = self._transform(index, _unquote_csv(raw, self._options), 0, row)
             raw_fields[index] = (
                 self._options.null if value is None else _quote_csv(value, self._options)
             )
@@ -186,11 +244,13 @@ class CopyStream:
         return cursor, self._binary_tuple(values)
 
     def _binary_tuple(self, values: list[bytes | None]) -> bytes:
+        self._row_fields = list(values)
+        row = {i: values[i] for i in self._context if i < len(values)}
         for index in self._fields:
             if index < len(values) and values[index] is not None:
                 value = values[index]
                 assert value is not None
-                values[index] = self._transform(index, value, 1)
+                values[index] = self._transform(index, value, 1, row)
         parts = [_INT16.pack(len(values))]
         for value in values:
             if value is None:

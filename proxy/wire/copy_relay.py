@@ -9,8 +9,10 @@ STDOUT starts at the server's CopyOutResponse.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+from proxy.crypto.subjects import KeysNeeded, SubjectValue
 from proxy.errors import PgsealError
 from proxy.wire.copy import CopyStream
 from proxy.wire.frames import Frame, build
@@ -55,17 +57,38 @@ class CopyRelay:
     def _start(self, copy: CopyPlan) -> None:
         planner = self._planner
         fields = copy.fields
+        associated = copy.associated
+        subjects = copy.subjects
 
-        def seal(index: int, value: bytes, fmt: int) -> bytes | None:
-            return planner.seal_param(fields[index][0], value, fmt)  # type: ignore[no-any-return]
+        def seal(
+            index: int, value: bytes, fmt: int, row: Mapping[int, bytes | None]
+        ) -> bytes | None:
+            column = fields[index][0]
+            bound = tuple(
+                other.canonical(row.get(i), fmt)
+                for other, i in zip(column.associated, associated.get(index, ()))
+            )
+            subject = None
+            if index in subjects:
+                assert self._stream is not None
+                raw = self._stream.row_value(subjects[index])
+                subject = None if raw is None else SubjectValue(raw, fmt)
+            return planner.seal_param(  # type: ignore[no-any-return]
+                column, value, fmt, associated=bound, subject=subject
+            )
 
-        def open_(index: int, value: bytes, fmt: int) -> bytes | None:
-            return planner.open_value(fields[index], value, fmt)  # type: ignore[no-any-return]
+        def open_(
+            index: int, value: bytes, fmt: int, row: Mapping[int, bytes | None]
+        ) -> bytes | None:
+            indexes = associated.get(index)
+            bound = None if indexes is None else tuple((row.get(i), fmt) for i in indexes)
+            return planner.open_value(fields[index], value, fmt, bound)  # type: ignore[no-any-return]
 
         self._failed = False
         self._direction = copy.direction
         transform = seal if copy.direction == "in" else open_
-        self._stream = CopyStream(copy.options, set(fields), transform)
+        context = frozenset(i for indexes in associated.values() for i in indexes)
+        self._stream = CopyStream(copy.options, set(fields), transform, context)
 
     def client_data(self, frame: Frame) -> list[bytes]:
         """Return what to send the server for a client's CopyData."""
@@ -75,6 +98,8 @@ class CopyRelay:
             return []
         try:
             data = self._stream.feed(bytes(frame.payload))
+        except KeysNeeded:
+            raise
         except (PgsealError, ValueError) as exc:
             return self._fail(exc)
         return [build(b"d", data)] if data else []
@@ -82,18 +107,21 @@ class CopyRelay:
     def client_end(self, frame: Frame) -> list[bytes]:
         """Return what to send the server for a client's CopyDone or CopyFail."""
         stream = self._stream if self._direction == "in" else None
-        failed = self._failed
-        self.reset()
-        if failed:
+        if self._failed:
+            self.reset()
             return []
         out = []
         if stream is not None and frame.type == ord("c"):
             try:
                 data = stream.finish()
+            except KeysNeeded:
+                raise
             except (PgsealError, ValueError) as exc:
+                self.reset()
                 return self._fail(exc)
             if data:
                 out.append(build(b"d", data))
+        self.reset()
         out.append(frame.raw)
         return out
 
@@ -114,18 +142,20 @@ class CopyRelay:
             return [frame.raw]
         try:
             data = self._stream.feed(bytes(frame.payload))
+        except KeysNeeded:
+            raise
         except (PgsealError, ValueError) as exc:
             raise CopyFailure(str(exc)) from exc
         return [build(b"d", data)] if data else []
 
     def server_done(self, frame: Frame) -> list[bytes]:
         stream = self._stream if self._direction == "out" else None
-        if self._direction == "out":
-            self.reset()
         out = []
         if stream is not None:
             data = stream.finish()
             if data:
                 out.append(build(b"d", data))
+        if self._direction == "out":
+            self.reset()
         out.append(frame.raw)
         return out

@@ -10,13 +10,14 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
-from proxy.errors import ProtocolError
+from proxy.errors import MessageTooLarge, ProtocolError
 
 _LENGTH = struct.Struct("!I")
 
-# The largest message the proxy buffers unless configured otherwise. The
-# server itself accepts about 1 GiB for a single field, so this is a limit of
-# the proxy's memory, not of the protocol.
+# The largest message the proxy buffers unless configured otherwise.
+# PostgreSQL allows a field value of up to 1 GB, so this is a limit of the
+# proxy's memory, not of the protocol. 256 MiB fits a 100 MiB bytea value
+# read back in hex text format, or a 100 MiB text value sealed and armoured.
 DEFAULT_MAX_MESSAGE = 256 * 1024 * 1024
 
 
@@ -37,14 +38,28 @@ class FrameReader:
 
     A partial message is kept until the rest arrives. Its pieces are kept in a
     list and joined once, so a large message arriving in many small reads
-    costs linear time.
+    costs linear time. A message longer than `max_message` raises
+    MessageTooLarge as soon as its header arrives, before its body is read.
+    `source` names the sending side in that error.
     """
 
-    def __init__(self, max_message: int = DEFAULT_MAX_MESSAGE) -> None:
+    def __init__(
+        self, max_message: int = DEFAULT_MAX_MESSAGE, source: str = "peer"
+    ) -> None:
         self._max_message = max_message
+        self._source = source
         self._pending: list[bytes] = []
         self._pending_size = 0
         self._expected = 0
+        # For scan(): the start of a header cut off at the end of the last
+        # read, and the bytes of the current message still to come.
+        self._header_start = b""
+        self._to_skip = 0
+
+    @property
+    def pending_bytes(self) -> int:
+        """Bytes of an incomplete message held until the rest arrives."""
+        return self._pending_size
 
     def feed(self, data: bytes) -> list[Frame]:
         if self._pending:
@@ -56,6 +71,35 @@ class FrameReader:
             self._pending.clear()
             self._pending_size = 0
         return self._split(data)
+
+    def scan(self, data: bytes) -> None:
+        """Check the lengths of the messages in data without splitting it out.
+
+        For a stream whose bytes pass on unchanged. Start scanning at a
+        message boundary (pending_bytes is 0) and do not feed() afterwards.
+        Raises as feed() does for an invalid or too long message.
+        """
+        end = len(data)
+        offset = self._to_skip
+        if self._header_start:
+            missing = 5 - len(self._header_start)
+            if end < missing:
+                self._header_start += data
+                return
+            header = self._header_start + data[:missing]
+            (length,) = _LENGTH.unpack_from(header, 1)
+            self._check_length(header[0], length)
+            offset = length + 1 - len(self._header_start)
+            self._header_start = b""
+        while end - offset >= 5:
+            (length,) = _LENGTH.unpack_from(data, offset + 1)
+            self._check_length(data[offset], length)
+            offset += length + 1
+        if offset < end:
+            self._header_start = data[offset:]
+            self._to_skip = 0
+        else:
+            self._to_skip = offset - end
 
     def _split(self, data: bytes) -> list[Frame]:
         frames: list[Frame] = []
@@ -81,10 +125,7 @@ class FrameReader:
                 f"{chr(msg_type)!r}"
             )
         if length + 1 > self._max_message:
-            raise ProtocolError(
-                f"message of {length + 1} bytes exceeds the maximum message "
-                f"size of {self._max_message} bytes"
-            )
+            raise MessageTooLarge(self._source, length + 1, self._max_message)
 
     def _keep_partial(self, data: bytes, offset: int) -> None:
         rest = data[offset:]

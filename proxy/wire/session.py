@@ -18,27 +18,49 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Protocol, TypeVar
 
 from proxy.catalog import TEXT_OID
+from proxy.crypto.subjects import KeyRequest, KeysNeeded, SubjectValue
 from proxy.errors import (
     DecryptionError,
     KeyringError,
+    KeyUnavailableError,
     PgsealError,
     ProtocolError,
     StatementRejected,
 )
-from proxy.lookups import KeyVersions, SealedStatement, check_versions
+from proxy.lookups import (
+    KeyVersions,
+    SealedStatement,
+    check_versions,
+    move_searches,
+)
 from proxy.sql.analyze import EMPTY_PLAN, StatementPlan
+from proxy.sql.arrays import STORAGE_ARRAY_OIDS, storage_array_type
+from proxy.sql.hidden_params import HiddenParams, hide_randomized_literals
 from proxy.sql.prepared import SqlDeallocate, SqlPrepare, SqlPreparedStatements
 from proxy.wire import messages as m
 from proxy.wire.copy_relay import CopyFailure, CopyRelay
+from proxy.wire.failed_statement import SQLSTATE, FailedStatement
 from proxy.wire.frames import Frame, build
 
 log = logging.getLogger(__name__)
 
-RowPlan = tuple[tuple[int, Any, int], ...]
+RowPlan = tuple[tuple[int, Any, int, Any], ...]
 
 _T = TypeVar("_T")
 
 _SEAL_HINT = "Check that the proxy has loaded a data key for this column."
+
+# SQLSTATE class 58 is for errors external to PostgreSQL itself: here a data
+# key that no keyring of its set could unwrap, such as a KMS out of reach.
+KEY_UNAVAILABLE = "58000"
+_KEY_UNAVAILABLE_HINT = (
+    "No keyring of the column's keyring set could unwrap the data key, for "
+    "example because the KMS cannot be reached; see the proxy's log. The "
+    "proxy tries again at every key refresh, and other columns keep working."
+)
+
+# Server messages passed on while the rest of a failed result is dropped.
+_KEPT_DURING_FAILURE = frozenset(b"NAS")
 
 # Sent in place of a rejected statement: it fails to parse on every server
 # version, so the server itself reports the error and skips to Sync exactly
@@ -50,9 +72,6 @@ _REJECTED_STATEMENT = "\x01pgseal rejected statement"
 _PREPARE_TAGS = (b"PREPARE", b"DEALLOCATE")
 # Declared types whose values are text on the wire: varchar, bpchar, name, unknown.
 _TEXT_LIKE = frozenset({25, 1043, 1042, 19, 705})
-# Array types of the storage types text and bytea, for lookup parameters
-# that the proxy turns into arrays of the value under each key version.
-_ARRAY_OF = {25: 1009, 17: 1001}
 
 # CommandComplete tags after which relation OIDs or view definitions change.
 _DDL_TAGS = (
@@ -83,18 +102,34 @@ class Planner(Protocol):
     ) -> bytes: ...
 
     def seal_param(
-        self, column: Any, value: bytes, fmt: int, declared_oid: int = 0
+        self,
+        column: Any,
+        value: bytes,
+        fmt: int,
+        declared_oid: int = 0,
+        associated: tuple[bytes | None, ...] = (),
+        subject: SubjectValue | None = None,
     ) -> bytes: ...
 
     def seal_array_param(
         self, column: Any, value: bytes, fmt: int, declared_oid: int = 0
     ) -> bytes: ...
 
+    def seal_lookup_array(
+        self, column: Any, value: bytes, fmt: int, declared_oid: int = 0
+    ) -> bytes: ...
+
     def row_plan(
-        self, fields: tuple[m.Field, ...], outputs: tuple[Any, ...] | None = None
+        self,
+        fields: tuple[m.Field, ...],
+        outputs: tuple[Any, ...] | None = None,
+        formats: tuple[int, ...] = (),
+        associations: dict[int, tuple[int, ...]] | None = None,
     ) -> RowPlan | None: ...
 
-    def open_value(self, column: Any, value: bytes, fmt: int) -> bytes | None: ...
+    def open_value(
+        self, column: Any, value: bytes, fmt: int, associated: Any = ()
+    ) -> bytes | None: ...
 
 
 _UNSEALED = SealedStatement("")
@@ -107,10 +142,14 @@ class Statement:
     # Parameter types the client declared in Parse for encrypted columns,
     # which the proxy replaced by the storage type.
     declared: dict[int, int] = field(default_factory=dict)
-    # The client's Parse, kept to parse the statement again when the live
-    # key versions that its sealed text depends on change.
-    query: str = ""
+    # Randomized literals sent to the server as parameters after the
+    # client's own, and sealed at each Bind.
+    hidden: HiddenParams | None = None
+    # Parameter types as the client declared them in Parse.
     param_types: tuple[int, ...] = ()
+    # The client's Parse text, kept to parse the statement again when the
+    # live key versions that its sealed text depends on change.
+    query: str = ""
     sealed: SealedStatement = _UNSEALED
 
 
@@ -147,6 +186,10 @@ class Output:
     close: bool = False
     # Set when a statement changed tables or views, so the catalog is stale.
     catalog_changed: bool = False
+    # Data keys to fetch before the messages in `retry` can be handled; the
+    # caller fetches them and passes `retry` to the same method again.
+    keys_needed: tuple[KeyRequest, ...] = ()
+    retry: list[Frame] = field(default_factory=list)
 
 
 class Session:
@@ -165,7 +208,13 @@ class Session:
         self._sql_prepared = SqlPreparedStatements()
         self._query_plan: RowPlan | None = None
         self._copy = CopyRelay(planner, conn_id)
+        # Set from a result value that failed to open until ReadyForQuery.
+        self._failed: FailedStatement | None = None
         self.transaction_status = "I"
+        # Set while the rest of a result whose value could not be opened is
+        # dropped: "ready" until the server's ReadyForQuery, "aborting" while
+        # the proxy's own failing statement aborts the server's transaction.
+        self._failed_result: str | None = None
         self._client_handlers = {
             ord("P"): self._parse,
             ord("B"): self._bind,
@@ -195,18 +244,24 @@ class Session:
             ord("S"): self._parameter_status,
             ord("G"): self._copy_response,
             ord("H"): self._copy_response,
+            ord("W"): self._copy_both_response,
             ord("d"): self._server_copy_data,
             ord("c"): self._server_copy_done,
         }
 
     # Client to server
 
+    @property
+    def passes_through(self) -> bool:
+        """Tell whether every message passes unchanged: no rules apply here."""
+        return self._planner is None
+
     def from_client(self, frames: list[Frame]) -> Output:
         out = Output()
         if self._planner is None:
             out.to_server.extend(frame.raw for frame in frames)
             return out
-        for frame in frames:
+        for position, frame in enumerate(frames):
             handler = self._client_handlers.get(frame.type)
             if handler is None:
                 out.to_server.append(frame.raw)
@@ -216,7 +271,16 @@ class Session:
                 # plaintext parameter or literal reaches the server.
                 continue
             else:
-                handler(frame, out)
+                search_path = self._search_path
+                try:
+                    handler(frame, out)
+                except KeysNeeded as exc:
+                    # Handlers raise it before they change any state except
+                    # the search_path, so the frame can be handled again.
+                    self._search_path = search_path
+                    out.keys_needed = exc.requests
+                    out.retry = frames[position:]
+                    return out
         return out
 
     def _parse(self, frame: Frame, out: Output) -> None:
@@ -225,18 +289,15 @@ class Session:
         pending = Pending("parse", msg.statement)
         try:
             plan = self._plan(msg.query)
-            # TODO: a randomized column's literal in a named statement is
-            # sealed once here; binding it as an extra parameter would give
-            # each execution a fresh nonce.
-            sealed = self._seal_statement(msg.query, plan)
+            sealed, hidden = self._seal_parse(msg.query, plan, len(msg.param_types))
         except StatementRejected as exc:
             self._reject(pending, exc, out, m.Parse(msg.statement, _REJECTED_QUERY, ()))
             return
-        statement = Statement(plan, query=msg.query, param_types=msg.param_types)
-        statement.sealed = sealed
-        types = self._storage_types(
-            msg.param_types, plan, statement.declared, sealed.arrays
+        statement = Statement(
+            plan, hidden=hidden, param_types=msg.param_types, query=msg.query
         )
+        statement.sealed = sealed
+        types = self._parse_types(statement)
         pending.undo = self._define_statement(msg.statement, statement)
         self._pending.append(pending)
         query = sealed.text
@@ -244,6 +305,43 @@ class Session:
             out.to_server.append(frame.raw)
         else:
             out.to_server.append(m.Parse(msg.statement, query, types).encode())
+
+    def _seal_parse(
+        self, query: str, plan: StatementPlan, declared_count: int
+    ) -> tuple[SealedStatement, HiddenParams | None]:
+        """Seal the text of a Parse, and return its hidden parameters, if any.
+
+        A statement may be executed many times, so randomized literals
+        become hidden parameters, sealed afresh at every Bind. The other
+        literals and the lookups are sealed in the text once.
+        """
+        hidden = None
+        if plan.literals:
+            hidden = hide_randomized_literals(query, plan.literals, declared_count)
+        if hidden is None:
+            return self._seal_statement(query, plan), None
+        parse_plan = replace(
+            plan,
+            literals=hidden.sealed_at_parse,
+            searches=move_searches(plan.searches, hidden.position),
+        )
+        return self._seal_statement(hidden.sql, parse_plan), hidden
+
+    def _parse_types(self, statement: Statement) -> tuple[int, ...]:
+        """Return the parameter types to send in Parse for the statement's text.
+
+        Fills statement.declared with the client's types that were replaced.
+        """
+        statement.declared.clear()
+        types = self._storage_types(
+            statement.param_types,
+            statement.plan,
+            statement.declared,
+            statement.sealed.arrays,
+        )
+        if statement.hidden is not None:
+            types = statement.hidden.param_types(types)
+        return types
 
     @staticmethod
     def _storage_types(
@@ -264,13 +362,19 @@ class Session:
         result = list(types)
         for number, column in plan.params.items():
             index = number - 1
-            if index >= len(result) or number in plan.arrays:
+            if index >= len(result):
                 continue
             oid = result[index]
             if number in versioned:
                 if oid != 0:
                     declared[number] = oid
-                result[index] = _ARRAY_OF[column.storage_oid]
+                result[index] = STORAGE_ARRAY_OIDS[column.storage_oid]
+                continue
+            if number in plan.arrays:
+                stored = storage_array_type(oid, column.storage_oid)
+                if stored != oid:
+                    declared[number] = oid
+                    result[index] = stored
                 continue
             if oid in (0, column.storage_oid):
                 continue
@@ -291,6 +395,12 @@ class Session:
             return SealedStatement(sql)
         try:
             return self._planner.seal_statement(sql, plan)
+        except KeyUnavailableError as exc:
+            raise StatementRejected(
+                KEY_UNAVAILABLE,
+                f"a literal could not be sealed: {exc}",
+                _KEY_UNAVAILABLE_HINT,
+            ) from exc
         except KeyringError as exc:
             raise StatementRejected(
                 "22023", f"a literal could not be sealed: {exc}", _SEAL_HINT
@@ -363,16 +473,18 @@ class Session:
                 self._reject(pending, exc, out, bad)
                 return
         if statement is not None and (
-            statement.plan.params or statement.fields is not None
+            statement.plan.params
+            or statement.fields is not None
+            or statement.hidden is not None
         ):
             msg = m.Bind.decode(payload)
             portal.result_formats = msg.result_formats
             if statement.fields is not None:
                 portal.row_plan = self._row_plan(
-                    statement.fields, msg.result_formats, statement.plan.outputs
+                    statement.fields, msg.result_formats, statement.plan
                 )
                 portal.described = True
-            if statement.plan.params:
+            if statement.plan.params or statement.hidden is not None:
                 try:
                     raw = self._seal_params(msg, statement)
                 except StatementRejected as exc:
@@ -415,10 +527,8 @@ class Session:
                 "Close the portal or end the transaction, then run the statement "
                 "again.",
             )
-        sealed = self._seal_statement(statement.query, statement.plan)
-        declared: dict[int, int] = {}
-        types = self._storage_types(
-            statement.param_types, statement.plan, declared, sealed.arrays
+        sealed, hidden = self._seal_parse(
+            statement.query, statement.plan, len(statement.param_types)
         )
         statements = self._statements
 
@@ -426,12 +536,16 @@ class Session:
             if statements.get(name) is statement:
                 del statements[name]
 
+        # The Close and Parse are sent even if sealing the parameters below
+        # raises KeysNeeded. The Bind is then handled again after them, and
+        # finds the statement current.
+        statement.sealed = sealed
+        statement.hidden = hidden
+        types = self._parse_types(statement)
         self._pending.append(Pending("close", name, hidden=True))
         self._pending.append(Pending("parse", name, undo=forget, hidden=True))
         out.to_server.append(build(b"C", b"S" + name.encode("utf-8") + b"\0"))
         out.to_server.append(m.Parse(name, sealed.text, types).encode())
-        statement.sealed = sealed
-        statement.declared = declared
         log.debug(
             "[%s] parsed statement %r again for new key versions", self._conn_id, name
         )
@@ -446,15 +560,35 @@ class Session:
                 continue
             value = params[index]
             assert value is not None
-            seal = self._planner.seal_param
-            if number in plan.arrays:
-                seal = self._planner.seal_array_param
-            elif number in statement.sealed.arrays:
-                seal = self._planner.seal_param_versions
+            fmt = msg.param_format(index)
+            declared = statement.declared.get(number, 0)
             try:
-                params[index] = seal(
-                    column, value, msg.param_format(index), statement.declared.get(number, 0)
-                )
+                if number in plan.lookup_arrays:
+                    params[index] = self._planner.seal_lookup_array(
+                        column, value, fmt, declared
+                    )
+                elif number in plan.arrays:
+                    params[index] = self._planner.seal_array_param(
+                        column, value, fmt, declared
+                    )
+                elif number in statement.sealed.arrays:
+                    params[index] = self._planner.seal_param_versions(
+                        column, value, fmt, declared
+                    )
+                else:
+                    associated = self._associated_params(msg, statement, number)
+                    subject = None
+                    if number in plan.subjects:
+                        subject = _subject_value(plan.subjects[number], msg)
+                    params[index] = self._planner.seal_param(
+                        column, value, fmt, declared, associated, subject
+                    )
+            except KeyUnavailableError as exc:
+                raise StatementRejected(
+                    KEY_UNAVAILABLE,
+                    f"parameter ${number} could not be sealed: {exc}",
+                    _KEY_UNAVAILABLE_HINT,
+                ) from exc
             except KeyringError as exc:
                 raise StatementRejected(
                     "22023",
@@ -467,10 +601,84 @@ class Session:
                 raise StatementRejected(
                     "22P02", f"parameter ${number} is not valid {kind} input"
                 ) from exc
+        formats = msg.param_formats
+        if statement.hidden is not None:
+            hidden = self._seal_hidden(statement.hidden)
+            if formats:
+                # Hidden parameters are sent in text format, so the codes
+                # are spelled out for every parameter.
+                own = tuple(msg.param_format(i) for i in range(len(params)))
+                formats = own + (m.TEXT_FORMAT,) * len(hidden)
+            params.extend(hidden)
         sealed = m.Bind(
-            msg.portal, msg.statement, msg.param_formats, tuple(params), msg.result_formats
+            msg.portal, msg.statement, formats, tuple(params), msg.result_formats
         )
         return sealed.encode()
+
+    def _seal_hidden(self, hidden: HiddenParams) -> list[bytes | None]:
+        """Seal each hidden literal afresh, in text format."""
+        assert self._planner is not None
+        values: list[bytes | None] = []
+        planner = self._planner
+        for slot in hidden.slots:
+            literal = slot.value.encode("utf-8")
+            try:
+                if slot.array:
+                    sealed = planner.seal_array_param(slot.column, literal, m.TEXT_FORMAT)
+                else:
+                    sealed = planner.seal_param(slot.column, literal, m.TEXT_FORMAT)
+                values.append(sealed)
+            except KeyUnavailableError as exc:
+                raise StatementRejected(
+                    KEY_UNAVAILABLE,
+                    f"a literal could not be sealed: {exc}",
+                    _KEY_UNAVAILABLE_HINT,
+                ) from exc
+            except KeyringError as exc:
+                raise StatementRejected(
+                    "22023", f"a literal could not be sealed: {exc}", _SEAL_HINT
+                ) from exc
+            except ValueError as exc:
+                # Parse checked the literal already. The error's text may
+                # quote part of the value, so it stays out.
+                raise StatementRejected(
+                    "22P02",
+                    f"a literal for encrypted column {slot.column.identity} is not "
+                    f"valid {slot.column.logical.name} input",
+                ) from exc
+        return values
+
+    @staticmethod
+    def _associated_params(
+        msg: m.Bind, statement: Statement, number: int
+    ) -> tuple[bytes | None, ...]:
+        """Return the canonical associated values that sealing parameter `number` binds.
+
+        Raises StatementRejected when one of them is not valid input for its
+        column, which the server would reject too.
+        """
+        values = []
+        for source in statement.plan.bindings.get(number, ()):
+            if source.param is None:
+                literal = source.literal
+                raw = None if literal is None else literal.encode("utf-8")
+                fmt, declared = m.TEXT_FORMAT, 0
+            else:
+                index = source.param - 1
+                raw = msg.params[index] if index < len(msg.params) else None
+                fmt = msg.param_format(index)
+                types = statement.param_types
+                declared = types[index] if index < len(types) else 0
+            try:
+                values.append(source.column.canonical(raw, fmt, declared))
+            except (ValueError, UnicodeError, struct.error) as exc:
+                where = f"parameter ${source.param}" if source.param else "a literal"
+                raise StatementRejected(
+                    "22P02",
+                    f"{where} for column {source.column.name} is not valid "
+                    f"{source.column.type.name} input",
+                ) from exc
+        return tuple(values)
 
     def _define_portal(self, name: str, portal: Portal) -> Callable[[], None]:
         return _replace(self._portals, name, portal)
@@ -567,12 +775,21 @@ class Session:
         if self._planner is None:
             out.to_client.extend(frame.raw for frame in frames)
             return out
-        for frame in frames:
+        for position, frame in enumerate(frames):
             handler = self._server_handlers.get(frame.type)
-            if handler is None:
+            if self._failed_result is not None:
+                self._after_failed_value(frame, out)
+            elif self._failed is not None:
+                self._while_failed(self._failed, frame, out)
+            elif handler is None:
                 out.to_client.append(frame.raw)
             else:
-                handler(frame, out)
+                try:
+                    handler(frame, out)
+                except KeysNeeded as exc:
+                    out.keys_needed = exc.requests
+                    out.retry = frames[position:]
+                    return out
             if out.close:
                 break
         return out
@@ -589,8 +806,7 @@ class Session:
         front = self._front()
         fields = m.decode_row_description(frame.payload)
         if front is None or front.kind == "query":
-            outputs = front.plan.outputs if front and front.plan else None
-            self._query_plan = self._row_plan(fields, (), outputs)
+            self._query_plan = self._row_plan(fields, (), front.plan if front else None)
             out.to_client.append(_with_logical_types(frame, fields, self._query_plan))
             return
         if not front.kind.startswith("describe"):
@@ -609,12 +825,14 @@ class Session:
         """Show encrypted parameters with their logical type, not the storage type."""
         front = self._front()
         statement = front.statement if front is not None else None
-        if statement is None or not statement.plan.params:
+        if statement is None or (
+            not statement.plan.params and statement.hidden is None
+        ):
             out.to_client.append(frame.raw)
             return
         types = list(m.decode_parameter_description(frame.payload))
         for number, column in statement.plan.params.items():
-            if number > len(types) or number in statement.plan.arrays:
+            if number > len(types):
                 continue
             # The server reports what the client declared; a type the proxy
             # replaced for the server is shown as the client declared it.
@@ -622,8 +840,11 @@ class Session:
                 types[number - 1] = statement.declared.get(number, column.logical.oid)
             elif number in statement.declared:
                 types[number - 1] = statement.declared[number]
-            elif column.retyped:
+            elif column.retyped and number not in statement.plan.arrays:
                 types[number - 1] = column.logical.oid
+        if statement.hidden is not None:
+            # The client sees only its own parameters, as the server would show.
+            del types[statement.hidden.client_count :]
         out.to_client.append(m.encode_parameter_description(tuple(types)))
 
     def _parameter_status(self, frame: Frame, out: Output) -> None:
@@ -651,14 +872,14 @@ class Session:
             if statement is None:
                 return None
             statement.fields = fields
-            return self._row_plan(fields, (), statement.plan.outputs)
+            return self._row_plan(fields, (), statement.plan)
         portal = front.portal
         if portal is None:
             return None
         # A portal's RowDescription already carries its result formats.
-        outputs = portal.statement.plan.outputs if portal.statement else None
+        plan = portal.statement.plan if portal.statement else None
         formats = tuple(f.format for f in fields)
-        portal.row_plan = self._row_plan(fields, formats, outputs)
+        portal.row_plan = self._row_plan(fields, formats, plan)
         portal.described = True
         return portal.row_plan
 
@@ -666,14 +887,13 @@ class Session:
         self,
         fields: tuple[m.Field, ...],
         formats: tuple[int, ...],
-        outputs: tuple[Any, ...] | None,
+        statement: StatementPlan | None,
     ) -> RowPlan | None:
         assert self._planner is not None
-        plan = self._planner.row_plan(fields, outputs)
-        if plan is None or not formats:
-            return plan
-        return tuple(
-            (index, column, m.format_code(formats, index)) for index, column, _ in plan
+        if statement is None:
+            return self._planner.row_plan(fields, None, formats)
+        return self._planner.row_plan(
+            fields, statement.outputs, formats, statement.associations
         )
 
     def _data_row(self, frame: Frame, out: Output) -> None:
@@ -687,42 +907,179 @@ class Session:
             return
         try:
             out.to_client.append(self._open_row(frame, plan))
-        except ProtocolError:
+        except (ProtocolError, KeysNeeded):
             raise
-        except (DecryptionError, KeyringError, PgsealError) as exc:
+        except KeyUnavailableError as exc:
+            self._fail_result(exc, out)
+        except (DecryptionError, KeyringError) as exc:
+            log.info(
+                "[%s] a result value failed to open (%s); failing the statement",
+                self._conn_id,
+                type(exc).__name__,
+            )
+            self._failed = FailedStatement(exc)
+        except PgsealError as exc:
             self._fail_row(exc, out)
+
+    def _while_failed(self, failed: FailedStatement, frame: Frame, out: Output) -> None:
+        """Handle a server message between a failed result value and ReadyForQuery.
+
+        Each message still updates the session's state, but only
+        ParameterStatus, NotificationResponse and NoticeResponse reach the
+        client.
+        """
+        kind = frame.type
+        if failed.aborting:
+            # The reply to the statement that aborts the server's transaction.
+            if kind == ord("Z"):
+                self._failed = None
+                self.transaction_status = chr(frame.raw[5])
+                out.to_client.append(frame.raw)
+            return
+        if kind in (ord("S"), ord("A"), ord("N")):
+            self._server_handlers.get(kind, _forward)(frame, out)
+            return
+        handler = self._server_handlers.get(kind)
+        if handler is not None and kind != ord("D"):
+            handler(frame, Output())
+        if kind == ord("Z"):
+            self._finish_failed(failed, frame, out)
+        else:
+            failed.note(kind, frame.raw[5:30])
+
+    def _finish_failed(self, failed: FailedStatement, frame: Frame, out: Output) -> None:
+        """Report the failed statement at its ReadyForQuery, or end the connection."""
+        if failed.changed or self._pending:
+            # The server did more than read, or already replies to later
+            # messages of the client, so an error would misstate the outcome.
+            self._failed = None
+            self._fail_row(failed.error, out)
+            return
+        out.to_client.append(m.encode_error(SQLSTATE, failed.message, failed.hint))
+        if self.transaction_status == "T":
+            failed.aborting = True
+            out.to_server.append(m.encode_query(_REJECTED_QUERY))
+            return
+        self._failed = None
+        out.to_client.append(frame.raw)
 
     def _open_row(self, frame: Frame, plan: RowPlan) -> bytes:
         assert self._planner is not None
         values = m.decode_data_row(frame.payload)
-        for index, column, fmt in plan:
+        for index, column, fmt, associated_fields in plan:
             if index >= len(values):
                 raise ProtocolError(
                     f"DataRow has {len(values)} columns but its RowDescription "
                     f"has more than {index}"
                 )
             value = values[index]
-            if value is not None:
-                values[index] = self._planner.open_value(column, value, fmt)
+            if value is None:
+                continue
+            # () for a column without associated columns, None when the row
+            # lacks them. Associated columns are plain, so values[i] is the
+            # server's value.
+            associated = associated_fields
+            if associated_fields:
+                associated = tuple(
+                    (values[i] if i < len(values) else None, f)
+                    for i, f in associated_fields
+                )
+            try:
+                values[index] = self._planner.open_value(column, value, fmt, associated)
+            except KeyUnavailableError as exc:
+                raise KeyUnavailableError(
+                    f"{exc}, so a value of column {column[0].identity} cannot be opened"
+                ) from exc
         return m.encode_data_row(values)
 
     def _fail_row(self, exc: PgsealError, out: Output) -> None:
-        # The server has already sent part of the result and goes on
-        # executing, so an ErrorResponse here would leave the client and the
-        # server disagreeing about the transaction. Ending the connection is
-        # the one answer both sides agree on. Columns that set
-        # on_decrypt_error to null or ciphertext never get here.
+        # Where the statement cannot get an error of its own (see
+        # proxy.wire.failed_statement), ending the connection is the one
+        # outcome that both sides agree on. Columns that set on_decrypt_error
+        # to null or ciphertext never get here.
         log.warning("[%s] closing connection: a result value failed to open (%s)",
                     self._conn_id, type(exc).__name__)
+        failed = FailedStatement(exc)
         out.to_client.append(
-            m.encode_error(
-                "XX001",
-                "an encrypted value in the result could not be opened",
-                "Check that the proxy has the keyring that sealed this value.",
-                severity="FATAL",
-            )
+            m.encode_error(SQLSTATE, failed.message, failed.hint, severity="FATAL")
         )
         out.close = True
+
+    def _fail_result(self, exc: KeyUnavailableError, out: Output) -> None:
+        """Fail the statement whose result contains a value that cannot be opened.
+
+        The client gets an ErrorResponse in place of the rest of the result,
+        and the connection stays open. The server ran the statement, so the
+        proxy makes its transaction fail too, as it would for an error of its
+        own: in a transaction block the server is left in the failed state
+        ('E'), and a batch of the extended protocol whose Sync is still to
+        come is rolled back. Only when the client has already sent further
+        statements, which the server may run first, is the connection ended.
+        """
+        front = self._front()
+        rest = [pending.kind for pending in self._pending][1:]
+        alone = front is not None and (
+            (front.kind == "query" and not rest)
+            or (front.kind == "execute" and rest in ([], ["sync"]))
+        )
+        if front is None or not alone:
+            self._fail_row(exc, out)
+            return
+        # NOTE: outside a transaction block the server commits before its
+        # ReadyForQuery, so a write with RETURNING, and later statements of
+        # the same simple query, stay committed although the client sees an error.
+        log.warning("[%s] statement failed: %s", self._conn_id, exc)
+        out.to_client.append(
+            m.encode_error(KEY_UNAVAILABLE, str(exc), _KEY_UNAVAILABLE_HINT)
+        )
+        self._failed_result = "ready"
+        self._query_plan = None
+        if front.kind == "execute":
+            self._skip_to_sync()
+            if not self._pending:
+                # No Sync yet: a Parse that fails makes the server skip to
+                # the client's Sync, which then rolls the batch back.
+                failing = m.Parse(_REJECTED_STATEMENT, _REJECTED_QUERY, ())
+                out.to_server.append(failing.encode())
+
+    def _after_failed_value(self, frame: Frame, out: Output) -> None:
+        """Drop the server's messages up to the end of the failed statement."""
+        if frame.type in _KEPT_DURING_FAILURE:
+            handler = self._server_handlers.get(frame.type)
+            if handler is None:
+                out.to_client.append(frame.raw)
+            else:
+                handler(frame, out)
+            return
+        if frame.type != ord("Z"):
+            return
+        status = chr(frame.raw[5])
+        if self._failed_result == "ready":
+            if self._pending and self._pending[0].kind in ("sync", "query"):
+                self._pending.popleft()
+            if status == "T":
+                self._abort_server_transaction(out)
+                return
+        self._failed_result = None
+        self._query_plan = None
+        self.transaction_status = status
+        if status == "I":
+            self._end_portals()
+        out.to_client.append(frame.raw)
+
+    def _abort_server_transaction(self, out: Output) -> None:
+        # The server's transaction block is still healthy, but the client
+        # saw an error, so it must be in the failed state on both sides.
+        if self._pending:
+            # The client sent more messages while the result arrived, and the
+            # server would run them before the proxy's failing statement, so
+            # only closing is safe.
+            self._fail_row(
+                KeyUnavailableError("a result value could not be opened"), out
+            )
+            return
+        self._failed_result = "aborting"
+        out.to_server.append(m.encode_query(_REJECTED_QUERY))
 
     # COPY
 
@@ -730,6 +1087,17 @@ class Session:
         out.to_client.append(frame.raw)
         plan = self._front_plan()
         self._copy.server_started(frame, plan.copy if plan is not None else None)
+
+    def _copy_both_response(self, frame: Frame, out: Output) -> None:
+        """Start a replication stream, which passes both ways unchanged.
+
+        Only START_REPLICATION on a replication connection gets a
+        CopyBothResponse. The stream carries WAL or logical decoding output,
+        whose values of encrypted columns are ciphertext as stored, and the
+        proxy never opens them: no COPY plan may apply to it.
+        """
+        self._copy.reset()
+        out.to_client.append(frame.raw)
 
     def _front_plan(self) -> StatementPlan | None:
         front = self._front()
@@ -751,11 +1119,17 @@ class Session:
         try:
             out.to_client.extend(self._copy.server_data(frame))
         except CopyFailure as exc:
-            self._fail_row(exc, out)
+            if isinstance(exc.__cause__, KeyUnavailableError):
+                self._copy.reset()
+                self._fail_result(exc.__cause__, out)
+            else:
+                self._fail_row(exc, out)
 
     def _server_copy_done(self, frame: Frame, out: Output) -> None:
         try:
             out.to_client.extend(self._copy.server_done(frame))
+        except KeysNeeded:
+            raise
         except PgsealError as exc:
             self._fail_row(exc, out)
 
@@ -825,6 +1199,10 @@ class Session:
         }
 
 
+def _forward(frame: Frame, out: Output) -> None:
+    out.to_client.append(frame.raw)
+
+
 def _replace(table: dict[str, _T], name: str, value: _T | None) -> Callable[[], None]:
     """Set or remove `table[name]` and return a function that restores the old entry."""
     previous = table.get(name)
@@ -840,6 +1218,18 @@ def _replace(table: dict[str, _T], name: str, value: _T | None) -> Callable[[], 
             table[name] = previous
 
     return undo
+
+
+def _subject_value(source: Any, msg: m.Bind) -> SubjectValue | None:
+    """Return a row's subject value from a Bind, or None when it is NULL or absent."""
+    if source.param is None:
+        return SubjectValue(source.literal.encode("utf-8"))
+    index = source.param - 1
+    if index >= len(msg.params) or msg.params[index] is None:
+        return None
+    raw = msg.params[index]
+    assert raw is not None
+    return SubjectValue(raw, msg.param_format(index))
 
 
 def _bind_names(payload: memoryview) -> tuple[str, str]:
@@ -868,7 +1258,7 @@ def _with_logical_types(
         return frame.raw
     retyped = list(fields)
     changed = False
-    for index, columns, _ in plan:
+    for index, columns, _, _ in plan:
         logical = columns[0].logical
         if columns[0].retyped and fields[index].type_oid != logical.oid:
             retyped[index] = replace(

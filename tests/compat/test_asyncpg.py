@@ -54,6 +54,23 @@ async def test_statement_cache_reuse(
     _assert_stored(oauth_proxy, list(range(30)))
 
 
+async def test_cached_statement_literal_fresh_ciphertext(
+    oauth_proxy: RunningProxy, conn: asyncpg.Connection
+) -> None:
+    # asyncpg checks the described parameter count against its arguments,
+    # then binds the one cached statement at every call.
+    insert = "INSERT INTO oauth_tokens (user_id, access_token) VALUES ($1, 'same-literal')"
+    for user_id in range(5):
+        await conn.execute(insert, user_id)
+    read = await conn.fetch("SELECT access_token FROM oauth_tokens ORDER BY user_id")
+
+    assert [row[0] for row in read] == ["same-literal"] * 5
+    stored = oauth_proxy.direct("SELECT access_token FROM oauth_tokens")
+    for (access,) in stored:
+        assert_sealed(access, "same-literal")
+    assert len({access for (access,) in stored}) == 5
+
+
 async def test_statement_cache_after_ddl(
     oauth_proxy: RunningProxy, conn: asyncpg.Connection
 ) -> None:

@@ -157,14 +157,6 @@ def test_create_and_read(django_proxy: RunningProxy) -> None:
 
 
 @BINDINGS
-@pytest.mark.xfail(
-    strict=True,
-    reason="Django 5.2 bulk-inserts several rows as INSERT INTO oauth_tokens (...) "
-    "SELECT * FROM UNNEST(($1)::integer[], ($2)::text[], ...) RETURNING id, one "
-    "array parameter per column; the proxy rejects it (0A000, INSERT ... SELECT "
-    "would let the server compute the stored value) instead of sealing each "
-    "element of the arrays bound to access_token and refresh_token",
-)
 def test_bulk_create_unnest(django_proxy: RunningProxy) -> None:
     from tests.compat.django_app.models import OAuthToken
 

@@ -99,22 +99,7 @@ def test_custom_script_modes(
         assert_sealed(refresh, "refresh-bench")
 
 
-@pytest.mark.parametrize(
-    "mode",
-    [
-        "simple",
-        "extended",
-        pytest.param(
-            "prepared",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="a literal in a named prepared statement is sealed once at "
-                "Parse, so every execution stores the same ciphertext in a "
-                "randomized column",
-            ),
-        ),
-    ],
-)
+@pytest.mark.parametrize("mode", ["simple", "extended", "prepared"])
 def test_literal_fresh_ciphertext_per_row(
     oauth_proxy: RunningProxy, mode: str, tmp_path: Path
 ) -> None:

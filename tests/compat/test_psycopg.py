@@ -233,11 +233,6 @@ def test_prepared_statement_reused(oauth_proxy: RunningProxy) -> None:
     _assert_stored(oauth_proxy, list(range(10)))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a literal in a named prepared statement is sealed once at Parse, so "
-    "every Bind/Execute of it stores the same ciphertext in a randomized column",
-)
 def test_prepared_literal_fresh_ciphertext(oauth_proxy: RunningProxy) -> None:
     # Parse("_pg3_0", "... VALUES ($1, 'literal')") once, then Bind and
     # Execute five times on the same statement.

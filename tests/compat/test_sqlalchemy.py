@@ -127,14 +127,6 @@ def _add_all_and_query(proxy: RunningProxy, engine: Engine) -> None:
     _assert_stored(proxy, list(range(10)))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="SQLAlchemy batches new objects into INSERT INTO oauth_tokens (...) "
-    "SELECT p0::INTEGER, p1::VARCHAR, ... FROM (VALUES ($1::INTEGER, "
-    "$2::VARCHAR, ..., 0), ...) AS imp_sen(...) ORDER BY sen_counter RETURNING "
-    "...; the proxy rejects it (0A000, INSERT ... SELECT would let the server "
-    "compute the stored value) although every value is a bound parameter",
-)
 def test_orm_add_all_insertmanyvalues(
     oauth_proxy: RunningProxy, engine: Engine
 ) -> None:
@@ -151,12 +143,12 @@ def test_orm_add_all_row_by_row(oauth_proxy: RunningProxy) -> None:
         engine.dispose()
 
 
-async def test_orm_asyncpg(oauth_proxy: RunningProxy) -> None:
-    # Row by row: see test_orm_add_all_insertmanyvalues for the batched form.
+@pytest.mark.parametrize("batched", [False, True], ids=["row-by-row", "insertmanyvalues"])
+async def test_orm_asyncpg(oauth_proxy: RunningProxy, batched: bool) -> None:
     engine = create_async_engine(
         _url(oauth_proxy, "asyncpg"),
         connect_args={"ssl": False},
-        use_insertmanyvalues=False,
+        use_insertmanyvalues=batched,
     )
     sessions = async_sessionmaker(engine)
     try:

@@ -135,3 +135,115 @@ def test_set_live_replaces_versions() -> None:
     assert cache.live_refs("public.t.c") == ((1, 2), (1, 3))
     cache.clear()
     assert cache.live_refs("public.t.c") == ()
+
+
+STORE_ID = bytes(16)
+NAME = "public.t.c"
+
+
+def test_sealer_reused_between_values() -> None:
+    cache = KeyCache()
+    put_unshared(cache, 1, 1)
+    cache.set_active(NAME, (1, 1))
+    first = cache.sealer(NAME, STORE_ID)
+    assert first is not None
+    assert cache.sealer(NAME, STORE_ID) is first
+
+
+def test_sealer_none_without_active_key() -> None:
+    cache = KeyCache()
+    put_unshared(cache, 1, 1)
+    assert cache.sealer(NAME, STORE_ID) is None
+
+
+def test_sealer_follows_new_active_version() -> None:
+    cache = KeyCache()
+    put_unshared(cache, 1, 1)
+    put_unshared(cache, 1, 2)
+    cache.set_active(NAME, (1, 1))
+    assert cache.sealer(NAME, STORE_ID) is not None
+    cache.set_active(NAME, (1, 2))
+    sealer = cache.sealer(NAME, STORE_ID)
+    assert sealer is not None
+    assert sealer.key.version == 2
+
+
+def test_sealer_not_served_past_key_ttl() -> None:
+    cache = KeyCache(ttl=0.05)
+    put_unshared(cache, 1, 1)
+    cache.set_active(NAME, (1, 1))
+    assert cache.sealer(NAME, STORE_ID) is not None
+    time.sleep(0.1)
+    assert cache.sealer(NAME, STORE_ID) is None
+    cache.purge()
+    assert cache.wiped == 1
+
+
+def test_sealer_not_served_past_active_ttl() -> None:
+    cache = KeyCache(active_ttl=0.05)
+    put_unshared(cache, 1, 1)
+    cache.set_active(NAME, (1, 1))
+    assert cache.sealer(NAME, STORE_ID) is not None
+    time.sleep(0.1)
+    assert cache.sealer(NAME, STORE_ID) is None
+
+
+def test_opener_opens_sealed_value() -> None:
+    cache = KeyCache()
+    put_unshared(cache, 1, 1)
+    cache.set_active(NAME, (1, 1))
+    sealer = cache.sealer(NAME, STORE_ID)
+    assert sealer is not None
+    blob = sealer.seal(b"token")
+    opener = cache.opener(blob, NAME, STORE_ID)
+    assert opener is not None
+    assert opener.open(blob) == b"token"
+    assert cache.opener(blob, NAME, STORE_ID) is opener
+
+
+def test_opener_none_after_discard() -> None:
+    cache = KeyCache()
+    put_unshared(cache, 1, 1)
+    cache.set_active(NAME, (1, 1))
+    sealer = cache.sealer(NAME, STORE_ID)
+    assert sealer is not None
+    blob = sealer.seal(b"token")
+    del sealer
+    assert cache.opener(blob, NAME, STORE_ID) is not None
+    cache.discard(1, 1)
+    assert cache.opener(blob, NAME, STORE_ID) is None
+    assert cache.sealer(NAME, STORE_ID) is None
+
+
+def test_key_with_ciphers_wiped_on_eviction() -> None:
+    # The ciphers refer to the key, so they must go before the wipe check.
+    cache = KeyCache(maxsize=1)
+    put_unshared(cache, 1, 1)
+    cache.set_active(NAME, (1, 1))
+    sealer = cache.sealer(NAME, STORE_ID)
+    assert sealer is not None
+    blob = sealer.seal(b"token")
+    del sealer
+    assert cache.opener(blob, NAME, STORE_ID) is not None
+    put_unshared(cache, 1, 2)
+    assert cache.wiped == 1
+    assert cache.kept == 0
+
+
+def test_version_sealer_for_older_version() -> None:
+    cache = KeyCache()
+    put_unshared(cache, 1, 1)
+    put_unshared(cache, 1, 2)
+    cache.set_active(NAME, (1, 2))
+    older = cache.version_sealer((1, 1), NAME, STORE_ID)
+    assert older is not None
+    assert older.key.version == 1
+    assert cache.version_sealer((1, 1), NAME, STORE_ID) is older
+
+
+def test_version_sealer_none_after_discard() -> None:
+    cache = KeyCache()
+    put_unshared(cache, 1, 1)
+    assert cache.version_sealer((1, 1), NAME, STORE_ID) is not None
+    cache.discard(1, 1)
+    assert cache.version_sealer((1, 1), NAME, STORE_ID) is None

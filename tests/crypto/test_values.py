@@ -184,6 +184,59 @@ def test_open_wrong_context(algorithm: Algorithm) -> None:
 
 
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_associated_values_round_trip(algorithm: Algorithm) -> None:
+    key = make_key(algorithm)
+    values = (b"42", None, b"")
+    blob = seal(key, b"secret", store_id=STORE_ID, context=CONTEXT, associated=values)
+    opened = open_sealed(blob, key, store_id=STORE_ID, context=CONTEXT, associated=values)
+    assert opened == b"secret"
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+@pytest.mark.parametrize(
+    "other",
+    [
+        (b"43",),  # another value
+        (None,),  # NULL is not the empty string
+        (b"",),
+        (b"4", b"2"),  # the same bytes split into two values
+        (b"42", None),  # an extra value
+        (),  # no values: the form of a value sealed without associated columns
+    ],
+)
+def test_open_wrong_associated_values(
+    algorithm: Algorithm, other: tuple[bytes | None, ...]
+) -> None:
+    key = make_key(algorithm)
+    blob = seal(key, b"secret", store_id=STORE_ID, context=CONTEXT, associated=(b"42",))
+    assert_open_fails(blob, key, associated=other)
+
+
+def test_null_and_empty_associated_differ() -> None:
+    key = make_key(XCHACHA)
+    blob = seal(key, b"secret", store_id=STORE_ID, context=CONTEXT, associated=(None,))
+    assert_open_fails(blob, key, associated=(b"",))
+    assert open_sealed(
+        blob, key, store_id=STORE_ID, context=CONTEXT, associated=(None,)
+    ) == b"secret"
+
+
+def test_associated_values_not_stored() -> None:
+    key = make_key(Algorithm.AES_256_SIV)
+    plain = seal_default(key, b"secret")
+    bound = seal(key, b"secret", store_id=STORE_ID, context=CONTEXT, associated=(b"42",))
+    assert len(bound) == len(plain)
+    assert bound != plain
+    assert b"42" not in bound
+
+
+def test_associated_values_invalid_type() -> None:
+    key = make_key(XCHACHA)
+    with pytest.raises(TypeError, match="associated values must be bytes or None"):
+        seal(key, b"x", store_id=STORE_ID, context=CONTEXT, associated=("42",))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
 def test_open_wrong_store_id(algorithm: Algorithm) -> None:
     key = make_key(algorithm)
     blob = seal_default(key, b"secret")

@@ -35,6 +35,7 @@ tables:
         encryption: deterministic
         storage: bytea
         type: text
+      - name: note
   - name: public.orders
     columns:
       - name: email
@@ -51,7 +52,8 @@ CREATE TABLE customers (
     id integer PRIMARY KEY,
     email text UNIQUE,
     token bytea,
-    plan text
+    plan text,
+    note text
 );
 CREATE TABLE orders (id integer PRIMARY KEY, email text);
 CREATE TABLE invoices (id integer PRIMARY KEY, email text);
@@ -345,6 +347,68 @@ def test_asyncpg_prepared_across_rotation(
     assert during == [2, 4]
     assert after == [2, 4]
     assert [stored_version(customers, row_id) for row_id in (2, 4)] == [2, 2]
+
+
+def test_hidden_literal_beside_lookup(rotated: RunningProxy) -> None:
+    # The randomized literal becomes a hidden parameter whose text is shorter
+    # than the literal, so the lookup rewritten after it must be moved too.
+    statements = [
+        ("UPDATE customers SET note = 'vip customer' WHERE email = %s", (OLD[1],)),
+        (
+            (
+                "UPDATE customers SET note = 'gold customer' "
+                "WHERE email IN ('bob@example.com', %s)"
+            ),
+            (NEW[4],),
+        ),
+        ("UPDATE customers SET note = 'new customer' WHERE 'cy@example.com' = email", ()),
+    ]
+    with psycopg.connect(rotated.dsn(), autocommit=True) as conn:
+        counts = [
+            conn.execute(sql, params or None, prepare=True).rowcount
+            for sql, params in statements
+        ]
+        notes = conn.execute("SELECT id, note FROM customers ORDER BY id").fetchall()
+    assert counts == [1, 2, 1]
+    assert notes == [
+        (1, "vip customer"),
+        (2, "gold customer"),
+        (3, "new customer"),
+        (4, "gold customer"),
+    ]
+    stored = rotated.direct("SELECT id, note FROM customers ORDER BY id")
+    for (_, value), (_, plaintext) in zip(stored, notes):
+        assert_sealed(value, plaintext)
+    assert [stored_version(rotated, row_id) for row_id in (1, 2, 3, 4)] == [1, 1, 2, 2]
+
+
+@pytest.mark.parametrize("binary", [False, True], ids=["text", "binary"])
+def test_batch_insert_keeps_one_row_each(rotated: RunningProxy, binary: bool) -> None:
+    # An array stored by a batch INSERT keeps one sealed element per row,
+    # unlike an array compared with ANY.
+    placeholder = "%b" if binary else "%s"
+    batch = {5: "eve@example.com", 6: "fay@example.com"}
+    literal = {7: "gus@example.com", 8: "hal@example.com"}
+    with psycopg.connect(rotated.dsn(), autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO customers (id, email) "
+            f"SELECT * FROM UNNEST({placeholder}::int[], {placeholder}::text[])",
+            (list(batch), list(batch.values())),
+        )
+        conn.execute(
+            "INSERT INTO customers (id, email) SELECT * FROM "
+            "UNNEST('{7,8}'::int[], '{gus@example.com,hal@example.com}'::text[])"
+        )
+        found = conn.execute(
+            "SELECT id FROM customers WHERE email = ANY(%s)",
+            ([*batch.values(), *literal.values(), OLD[1]],),
+        ).fetchall()
+    assert ids(found) == [1, 5, 6, 7, 8]
+    stored = rotated.direct("SELECT id, email FROM customers WHERE id >= 5 ORDER BY id")
+    assert [row[0] for row in stored] == [5, 6, 7, 8]
+    for row_id, value in stored:
+        assert_sealed(value, (batch | literal)[row_id])
+        assert read_key_ref(dearmour(value.encode("ascii")))[1] == 2
 
 
 def test_writes_seal_under_newest_version(rotated: RunningProxy) -> None:

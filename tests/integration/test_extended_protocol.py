@@ -730,3 +730,104 @@ def test_portal_name_rebound_after_commit(through_proxy: RawClient) -> None:
         syncs=3,
     )
     assert rows(replies) == [[f"{TOKEN}-row0"], [f"{TOKEN}-row1"], ["plain-portal"]]
+
+
+# Randomized literals in statements executed many times
+
+INSERT_LITERAL = (
+    "INSERT INTO oauth_tokens (user_id, access_token, refresh_token) "
+    "VALUES ($1, 'literal-access-token', 'literal-refresh')"
+)
+
+
+def test_statement_literal_described_as_server_does(
+    through_proxy: RawClient, direct: RawClient
+) -> None:
+    batch = (parse("lit", INSERT_LITERAL), describe("S", "lit"), SYNC)
+    replies = through_proxy.run(*batch)
+    expected = direct.run(*batch)
+
+    # ParameterDescription lists only the client's $1, not the parameters
+    # that carry the sealed literals.
+    assert kinds(replies) == kinds(expected) == "1tnZ"
+    assert replies[1].payload == expected[1].payload
+    assert struct.unpack("!Hi", replies[1].payload) == (1, 23)
+
+
+def test_statement_literal_fresh_seal_per_execute(
+    oauth_proxy: RunningProxy, through_proxy: RawClient
+) -> None:
+    messages = [parse("lit", INSERT_LITERAL)]
+    for user_id in range(3):
+        messages += [bind("", "lit", (str(user_id),)), execute()]
+    replies = through_proxy.run(*messages, SYNC)
+    assert kinds(replies) == "12C2C2CZ"
+
+    replies = through_proxy.run(parse("", SELECT_TOKENS), bind("", ""), execute(), SYNC)
+    assert rows(replies) == [
+        [str(i), "literal-access-token", "literal-refresh"] for i in range(3)
+    ]
+    stored = _stored(oauth_proxy)
+    for _, access, refresh in stored:
+        assert_sealed(access, "literal-access-token")
+        assert_sealed(refresh, "literal-refresh")
+    assert len({access for _, access, _ in stored}) == 3
+    assert len({refresh for _, _, refresh in stored}) == 3
+
+
+def test_statement_literal_wrong_parameter_count(
+    oauth_proxy: RunningProxy, through_proxy: RawClient, direct: RawClient
+) -> None:
+    batch = (parse("lit", INSERT_LITERAL), bind("", "lit", ("1", "2")), execute(), SYNC)
+    replies = through_proxy.run(*batch)
+    expected = direct.run(*batch)
+
+    assert kinds(replies) == kinds(expected) == "1EZ"
+    assert errors(replies) == errors(expected) == ["08P01"]
+    assert oauth_proxy.direct("SELECT count(*) FROM oauth_tokens") == [(0,)]
+
+
+def test_statement_typed_literal_rejected(
+    oauth_proxy: RunningProxy, through_proxy: RawClient
+) -> None:
+    # `text 'value'` takes only a string constant, so the literal cannot
+    # become a parameter; the simple query protocol still seals it.
+    sql = "INSERT INTO oauth_tokens (user_id, access_token) VALUES ($1, text 'typed')"
+    replies = through_proxy.run(
+        parse("typed", sql), bind("", "typed", ("1",)), execute(), SYNC
+    )
+
+    assert kinds(replies) == "EZ"
+    assert errors(replies) == ["0A000"]
+    assert "oauth_tokens.access_token" in replies[0].error_fields()["M"]
+    assert oauth_proxy.direct("SELECT count(*) FROM oauth_tokens") == [(0,)]
+
+    replies = through_proxy.run(query(sql.replace("$1", "1")))
+    assert errors(replies) == []
+    ((_, access, _),) = _stored(oauth_proxy)
+    assert_sealed(access, "typed")
+
+
+def test_sql_prepare_literal_in_parse(
+    oauth_proxy: RunningProxy, through_proxy: RawClient
+) -> None:
+    # $1 inside PREPARE names the PREPARE's own parameter, so its literal is
+    # sealed at Parse, as in a simple query.
+    replies = through_proxy.run(
+        parse(
+            "",
+            "PREPARE add_token(int) AS INSERT INTO oauth_tokens "
+            "(user_id, access_token) VALUES ($1, 'prepared-literal')",
+        ),
+        bind("", ""),
+        execute(),
+        SYNC,
+    )
+    assert kinds(replies) == "12CZ"
+    replies = through_proxy.run(query("EXECUTE add_token(1)"))
+    assert errors(replies) == []
+
+    replies = through_proxy.run(parse("", SELECT_TOKENS), bind("", ""), execute(), SYNC)
+    assert rows(replies) == [["1", "prepared-literal", None]]
+    ((_, access, _),) = _stored(oauth_proxy)
+    assert_sealed(access, "prepared-literal")

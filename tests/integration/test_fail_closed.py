@@ -24,6 +24,11 @@ REJECTED = [
         "INSERT INTO oauth_tokens (user_id, access_token) SELECT 2, provider FROM oauth_tokens",
         "INSERT ... SELECT",
     ),
+    (
+        "INSERT INTO oauth_tokens (user_id, access_token) VALUES (1, 'plain'::varchar(8))",
+        "length",
+    ),
+    ("UPDATE oauth_tokens SET access_token = 'plain'::char", "length"),
     ("UPDATE oauth_tokens SET access_token = provider", "computed"),
     ("UPDATE oauth_tokens SET access_token = access_token || 'x'", "computed"),
     (

@@ -218,3 +218,32 @@ def test_stop_logs_keyring_calls(
     assert f"keyring {kms_spec}: 0 unwrap calls, 2 KMS calls (Encrypt 2)" in messages
     sodium_name = running.proxy.keyrings[1].name
     assert f"keyring {sodium_name}: 0 unwrap calls" in messages
+
+
+@pytest.mark.slow
+def test_kms_called_per_key_100k(
+    oauth_db: str, kms_key: KmsKey, sodium_spec: str, start_proxy: StartProxy
+) -> None:
+    kms_spec = f"aws-kms:{kms_key.key_id}"
+    writer = start_proxy(oauth_db, keyrings=[kms_spec, sodium_spec])
+    # 50,000 rows with two sealed columns each, copied through the proxy in
+    # one COPY FROM STDIN: 100,000 sealed values.
+    rows = [(n, f"access-{n:06d}", f"refresh-{n:06d}") for n in range(50_000)]
+    with psycopg.connect(writer.dsn(), autocommit=True) as conn:
+        copy_sql = "COPY oauth_tokens (user_id, access_token, refresh_token) FROM STDIN"
+        with conn.cursor().copy(copy_sql) as copy:
+            for row in rows:
+                copy.write_row(row)
+
+    writer_kms = kms_keyring(writer)
+    assert writer.direct("SELECT count(*) FROM pgseal.data_keys") == [(DATA_KEYS,)]
+    assert writer_kms.operations["Encrypt"] == DATA_KEYS
+    assert writer_kms.operations["Decrypt"] == 0
+    assert writer_kms.calls == DATA_KEYS
+    assert_stored_sealed(writer, rows)
+
+    reader = start_proxy(oauth_db, keyrings=[kms_spec, sodium_spec])
+    assert read_tokens(reader) == rows
+    reader_kms = kms_keyring(reader)
+    assert reader_kms.operations["Decrypt"] == DATA_KEYS
+    assert reader_kms.calls == DATA_KEYS

@@ -6,10 +6,18 @@ from pathlib import Path
 
 import pytest
 
-from proxy.catalog import Catalog, EncryptedColumn, RuledTable, Storage
+from proxy.catalog import (
+    AssociatedColumn,
+    Catalog,
+    EncryptedColumn,
+    RuledTable,
+    Storage,
+)
 from proxy.errors import StatementRejected
 from proxy.rules import ColumnRule, Encryption, Source
 from proxy.sql.analyze import Analyzer
+from proxy.sql.associated import AssociatedValue
+from proxy.types import TYPES
 
 SOURCE = Source(Path("rules/test.yaml"), 1)
 
@@ -124,6 +132,7 @@ def test_deterministic_group_by_allowed(analyzer: Analyzer) -> None:
         ("INSERT INTO accounts (token) VALUES (upper($1))", "computed by the server"),
         ("INSERT INTO accounts (token) SELECT owner FROM accounts", "INSERT ... SELECT"),
         ("UPDATE accounts SET token = token || 'x'", "computed by the server"),
+        ("INSERT INTO accounts (token) VALUES ($1::varchar(10))", "with a length"),
         ("COPY accounts FROM '/srv/accounts.csv'", "COPY FROM a server file"),
         ("MERGE INTO accounts a USING (VALUES (1)) v(x) ON a.id = v.x "
          "WHEN MATCHED THEN UPDATE SET token = 'x'", "MERGE"),
@@ -230,3 +239,85 @@ def test_set_search_path_recorded(analyzer: Analyzer) -> None:
     other = analyzer.plan("SELECT set_config('search_path', 'x', false)")
     assert other.search_path is not None
     assert other.search_path.value is None
+
+
+# Associated columns
+
+
+def _bound_table() -> tuple[RuledTable, EncryptedColumn, AssociatedColumn]:
+    owner = AssociatedColumn("owner", 2, TYPES["int4"])
+    rule = ColumnRule(
+        "public", "keys", "secret", Encryption.RANDOMIZED, SOURCE, associated_columns=("owner",)
+    )
+    secret = EncryptedColumn(rule, 3, Storage.TEXT, (owner,))
+    table = RuledTable(16500, "public", "keys", ("id", "owner", "secret"), {"secret": secret})
+    return table, secret, owner
+
+
+@pytest.fixture
+def bound() -> Analyzer:
+    table, _, _ = _bound_table()
+    return Analyzer(Catalog.build([table]))
+
+
+def test_insert_binds_parameter_and_literal(bound: Analyzer) -> None:
+    _, _, owner = _bound_table()
+    plan = bound.plan("INSERT INTO keys (id, owner, secret) VALUES (1, $1, $2), (2, 7, $3)")
+    assert plan.bindings == {
+        2: (AssociatedValue(owner, param=1),),
+        3: (AssociatedValue(owner, literal="7"),),
+    }
+
+
+def test_insert_literal_binds_null(bound: Analyzer) -> None:
+    _, _, owner = _bound_table()
+    (slot,) = bound.plan("INSERT INTO keys VALUES (1, NULL, 'x')").literals
+    assert slot.associated == (AssociatedValue(owner),)
+
+
+def test_update_pinned_by_where(bound: Analyzer) -> None:
+    _, _, owner = _bound_table()
+    plan = bound.plan("UPDATE keys k SET secret = $1 WHERE k.id = $2 AND $3 = owner")
+    assert plan.bindings == {1: (AssociatedValue(owner, param=3),)}
+
+
+def test_update_set_wins_over_pin(bound: Analyzer) -> None:
+    _, _, owner = _bound_table()
+    plan = bound.plan("UPDATE keys SET secret = $1, owner = $2 WHERE owner = $3")
+    assert plan.bindings == {1: (AssociatedValue(owner, param=2),)}
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "UPDATE keys SET secret = $1 WHERE id = $2",
+        "UPDATE keys SET secret = $1 WHERE owner = $2 OR id = 1",
+        "UPDATE keys SET secret = $1 WHERE NOT owner = $2",
+        "UPDATE keys SET secret = $1 WHERE owner = $2::int8",
+        "UPDATE keys SET owner = $1",
+        "INSERT INTO keys (id, secret) VALUES (1, $1)",
+        "INSERT INTO keys (id, owner, secret) VALUES (1, $1 + 1, $2)",
+        "SELECT secret FROM keys",
+        "SELECT k.secret, j.owner FROM keys k, keys j",
+        "SELECT secret, owner FROM keys; SELECT 1",
+        "COPY keys (id, secret) FROM STDIN",
+        "PREPARE p AS INSERT INTO keys (owner, secret) VALUES ($1, $2)",
+    ],
+)
+def test_bound_column_rejected(bound: Analyzer, sql: str) -> None:
+    rejection = _rejected(bound, sql)
+    assert rejection.sqlstate == "0A000"
+    assert "public.keys.secret" in rejection.message
+    assert rejection.hint
+
+
+def test_select_maps_associated_output(bound: Analyzer) -> None:
+    plan = bound.plan("SELECT id, secret AS s, k.owner FROM keys k")
+    assert plan.associations == {1: (2,)}
+    assert bound.plan("SELECT * FROM keys").associations == {2: (1,)}
+
+
+def test_copy_maps_associated_field(bound: Analyzer) -> None:
+    plan = bound.plan("COPY keys (secret, id, owner) FROM STDIN")
+    assert plan.copy is not None
+    assert plan.copy.associated == {0: (2,)}

@@ -9,12 +9,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from proxy.sql.arrays import (
+    binary_element_type,
     build_array,
     flat_map_binary_array,
     flat_map_text_array,
     map_binary_array,
     map_text_array,
     parse_text_array,
+    storage_array_type,
 )
 
 
@@ -79,3 +81,42 @@ def test_flat_map_binary_array_counts_elements() -> None:
 def test_build_array_text_escapes() -> None:
     assert build_array([b'a"b', b"c\\d"], 25, 0) == b'{"a\\"b","c\\\\d"}'
     assert parse_text_array(build_array([b'a"b', b"c\\d"], 25, 0)) == [b'a"b', b"c\\d"]
+
+
+def test_flat_map_binary_array_replaces_element_type() -> None:
+    original = build_array([b"\x00\x05"], 23, 1)
+    value = flat_map_binary_array(original, lambda v: [b"x", b"y"], element_type=17)
+    assert binary_element_type(value) == 17
+    assert value == build_array([b"x", b"y"], 17, 1)
+
+
+def test_flat_map_binary_empty_array_replaces_element_type() -> None:
+    original = build_array([], 23, 1)
+    value = flat_map_binary_array(original, lambda v: [v], element_type=17)
+    assert binary_element_type(value) == 17
+
+
+def test_binary_array_element_type_replaced() -> None:
+    value = _binary_array([b"\x00\x05", None])
+    sealed = map_binary_array(value, lambda v: b"sealed", element_type=17)
+
+    assert binary_element_type(value) == 25
+    assert binary_element_type(sealed) == 17
+    assert sealed == struct.pack("!iiI", 1, 1, 17) + value[12:20] + (
+        struct.pack("!i", 6) + b"sealed" + struct.pack("!i", -1)
+    )
+
+
+@pytest.mark.parametrize(
+    ("declared", "storage", "expected"),
+    [
+        (0, 25, 0),
+        (1009, 25, 1009),
+        (1015, 25, 1015),
+        (1007, 25, 1009),
+        (1009, 17, 1001),
+        (1001, 17, 1001),
+    ],
+)
+def test_storage_array_type(declared: int, storage: int, expected: int) -> None:
+    assert storage_array_type(declared, storage) == expected

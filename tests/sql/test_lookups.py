@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from proxy.catalog import Catalog
 from proxy.errors import StatementRejected
-from proxy.lookups import check_versions, covered, lookup_edits, statement_keys
+from proxy.lookups import (
+    check_versions,
+    covered,
+    lookup_edits,
+    move_searches,
+    statement_keys,
+)
 from proxy.sql.analyze import Analyzer, SearchValue
+from proxy.sql.hidden_params import hide_randomized_literals
 from proxy.sql.literals import replace_spans
 from tests.sql.test_analyze import ACCOUNTS, EMAIL
 
@@ -128,3 +137,38 @@ def test_version_sensitive_rejected(analyzer: Analyzer, sql: str) -> None:
 def test_plain_lookup_has_no_version_check(analyzer: Analyzer) -> None:
     plan = analyzer.plan("SELECT email FROM accounts WHERE email = $1 AND email <> 'x'")
     assert plan.version_checks == ()
+
+
+def test_any_parameter_is_lookup_array(analyzer: Analyzer) -> None:
+    plan = analyzer.plan("SELECT id FROM accounts WHERE email = ANY($1)")
+    assert plan.arrays == frozenset({1})
+    assert plan.lookup_arrays == frozenset({1})
+
+
+def test_batch_insert_array_not_lookup_array(analyzer: Analyzer) -> None:
+    plan = analyzer.plan(
+        "INSERT INTO accounts (id, email) SELECT * FROM UNNEST($1::int[], $2::text[])"
+    )
+    assert plan.arrays == frozenset({2})
+    assert plan.lookup_arrays == frozenset()
+
+
+def test_lookup_moved_past_hidden_literal(analyzer: Analyzer) -> None:
+    sql = "UPDATE accounts SET token = 'a long token' WHERE email IN ('a', $1)"
+    plan = analyzer.plan(sql)
+    hidden = hide_randomized_literals(sql, plan.literals, 1)
+    assert hidden is not None
+    assert hidden.sql == "UPDATE accounts SET token = $2 WHERE email IN ('a', $1)"
+
+    searches = move_searches(plan.searches, hidden.position)
+    moved = replace(plan, literals=hidden.sealed_at_parse, searches=searches)
+    edits, arrays = lookup_edits(moved, TWO_LIVE, _seal)
+    for slot in moved.literals:
+        if not covered(slot.start, slot.end, edits):
+            edits.append((slot.start, slot.end, "'sealed'"))
+
+    assert replace_spans(hidden.sql, edits) == (
+        "UPDATE accounts SET token = $2 WHERE email IN "
+        "('a@v1', 'a@v2', ($1::text[])[1], ($1::text[])[2])"
+    )
+    assert arrays == frozenset({1})

@@ -12,7 +12,7 @@ from proxy.errors import ProtocolError
 from proxy.wire.copy import BINARY_SIGNATURE, CopyOptions, CopyStream
 
 
-def _mark(index: int, value: bytes, fmt: int) -> bytes | None:
+def _mark(index: int, value: bytes, fmt: int, row: object = None) -> bytes | None:
     return b"<" + value + b">"
 
 
@@ -91,3 +91,49 @@ def test_binary_split_anywhere(rows: list[list[bytes | None]], cuts: list[int]) 
     options = CopyOptions.from_options({"format": "binary"})
     data = _binary(rows)
     assert _run(options, data, cuts) == _run(options, data, [])
+
+
+class _Pause(Exception):
+    """Raised by a transform that cannot handle a row yet."""
+
+
+def test_failed_feed_leaves_stream_unchanged() -> None:
+    ready = False
+
+    def transform(index: int, value: bytes, fmt: int, row: object) -> bytes | None:
+        if value == b"late" and not ready:
+            raise _Pause()
+        return b"<" + value + b">"
+
+    options = CopyOptions.from_options({"format": "csv", "header": True})
+    stream = CopyStream(options, {1}, transform)
+    assert stream.feed(b"id,body\n1,ea") == b"id,body\n"
+    data = b"rly\n2,late\n3,last"
+    with pytest.raises(_Pause):
+        stream.feed(data)
+    ready = True
+    assert stream.feed(data) == b'1,"<early>"\n2,"<late>"\n'
+    assert stream.finish() == b'3,"<last>"'
+
+
+@pytest.mark.parametrize(
+    ("options", "row", "expected"),
+    [
+        (CopyOptions(), b"7\\t1\tbody\n", b"7\t1"),
+        (CopyOptions.from_options({"format": "csv"}), b'"7,1",body\n', b"7,1"),
+        (CopyOptions(), b"\\N\tbody\n", None),
+    ],
+    ids=["text", "csv", "null"],
+)
+def test_row_value_reads_other_field(
+    options: CopyOptions, row: bytes, expected: bytes | None
+) -> None:
+    seen: list[bytes | None] = []
+
+    def transform(index: int, value: bytes, fmt: int, row: object) -> bytes | None:
+        seen.append(stream.row_value(0))
+        return value
+
+    stream = CopyStream(options, {1}, transform)
+    stream.feed(row)
+    assert seen == [expected]

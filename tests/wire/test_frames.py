@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from proxy.errors import ProtocolError
+from proxy.errors import MessageTooLarge, ProtocolError
 from proxy.wire.frames import Frame, FrameReader, build
 
 
@@ -98,6 +98,33 @@ def test_message_at_max_size_accepted() -> None:
     assert FrameReader(max_message=1024).feed(message) == [Frame(ord("D"), message)]
 
 
+def test_over_max_message_names_source() -> None:
+    reader = FrameReader(max_message=1024, source="server")
+    with pytest.raises(MessageTooLarge) as failure:
+        reader.feed(b"D" + struct.pack("!I", 2000) + b"x" * 100)
+    assert failure.value.size == 2001
+    assert failure.value.limit == 1024
+    assert "from the server" in str(failure.value)
+
+
+def test_over_max_message_after_whole_ones() -> None:
+    reader = FrameReader(max_message=1024)
+    with pytest.raises(MessageTooLarge):
+        reader.feed(build(b"Z", b"I") + b"D" + struct.pack("!I", 1024))
+
+
+def test_pending_bytes_counts_partial_message() -> None:
+    message = build(b"D", b"x" * 100)
+    reader = FrameReader()
+    assert reader.pending_bytes == 0
+    reader.feed(message[:3])
+    assert reader.pending_bytes == 3
+    reader.feed(message[3:50])
+    assert reader.pending_bytes == 50
+    reader.feed(message[50:] + message[:10])
+    assert reader.pending_bytes == 10
+
+
 _messages = st.lists(
     st.builds(
         build,
@@ -117,3 +144,50 @@ def test_any_split_gives_same_frames(messages: list[bytes], cuts: list[int]) -> 
     frames = _feed_all(FrameReader(), chunks)
     assert [frame.raw for frame in frames] == messages
     assert [frame.type for frame in frames] == [m[0] for m in messages]
+
+
+def _chunks(data: bytes, cuts: list[int]) -> list[bytes]:
+    points = sorted({cut % (len(data) + 1) for cut in cuts} | {0, len(data)})
+    return [data[start:end] for start, end in itertools.pairwise(points)]
+
+
+def _scan_all(reader: FrameReader, chunks: list[bytes]) -> None:
+    for chunk in chunks:
+        reader.scan(chunk)
+
+
+@given(_messages, st.lists(st.integers(min_value=0, max_value=6000), max_size=30))
+def test_scan_accepts_any_split(messages: list[bytes], cuts: list[int]) -> None:
+    reader = FrameReader(max_message=400)
+    _scan_all(reader, _chunks(b"".join(messages), cuts))
+
+
+@given(
+    _messages,
+    st.integers(min_value=0, max_value=20),
+    st.lists(st.integers(min_value=0, max_value=6000), max_size=30),
+)
+def test_scan_finds_oversized_message_at_any_split(
+    messages: list[bytes], position: int, cuts: list[int]
+) -> None:
+    oversized = build(b"D", b"x" * 500)
+    messages.insert(position % (len(messages) + 1), oversized)
+    reader = FrameReader(max_message=400, source="server")
+    with pytest.raises(MessageTooLarge):
+        _scan_all(reader, _chunks(b"".join(messages), cuts))
+
+
+def test_scan_rejects_short_length_after_long_message() -> None:
+    reader = FrameReader()
+    data = build(b"D", b"x" * 100) + b"D" + struct.pack("!I", 2)
+    reader.scan(data[:50])
+    with pytest.raises(ProtocolError, match="invalid message length 2"):
+        reader.scan(data[50:])
+
+
+def test_scan_header_split_one_byte_at_a_time() -> None:
+    reader = FrameReader(max_message=64)
+    data = build(b"S", b"") + b"D" + struct.pack("!I", 1000)
+    with pytest.raises(MessageTooLarge):
+        for index in range(len(data)):
+            reader.scan(data[index : index + 1])

@@ -14,7 +14,9 @@ import pytest
 
 from proxy.errors import DecryptionError, KeyringError, ProtocolError, StatementRejected
 from proxy.lookups import KeyVersions, SealedStatement
+from proxy.rules import Encryption
 from proxy.sql.analyze import EMPTY_PLAN, SearchValue, StatementPlan
+from proxy.sql.literals import LiteralSlot
 from proxy.wire import messages as m
 from proxy.wire.frames import Frame, FrameReader, build
 from proxy.wire.session import Output, Session
@@ -24,6 +26,8 @@ PREFIX = b"sealed:"
 
 INSERT = "INSERT INTO tokens (secret) VALUES ($1)"
 INSERT_LITERAL = "INSERT INTO tokens (secret) VALUES ('x')"
+# A literal bound for a randomized column, after the client's parameter $1.
+INSERT_NOTE = "INSERT INTO notes (user_id, body) VALUES ($1, 'x')"
 REJECTED = "SELECT * FROM tokens WHERE secret = $1"
 
 
@@ -32,16 +36,34 @@ class TextType:
     oid = 25
     size = -1
 
+    def from_wire(self, value: bytes, fmt: int, declared_oid: int = 0) -> bytes:
+        return value
+
+
+class FakeRule:
+    def __init__(self, encryption: Encryption) -> None:
+        self.encryption = encryption
+
 
 class FakeColumn:
     """An encrypted text column whose logical type is text too."""
 
-    identity = "public.tokens.secret"
     logical = TextType()
     retyped = False
+    storage_oid = 25
+
+    def __init__(self, identity: str, encryption: Encryption) -> None:
+        self.identity = identity
+        self.rule = FakeRule(encryption)
 
 
-COLUMN = FakeColumn()
+COLUMN = FakeColumn("public.tokens.secret", Encryption.DETERMINISTIC)
+NOTE_COLUMN = FakeColumn("public.notes.body", Encryption.RANDOMIZED)
+
+
+def _literal(sql: str, column: FakeColumn) -> LiteralSlot:
+    start = sql.index("'x'")
+    return LiteralSlot(start, start + 3, "x", column)  # type: ignore[arg-type]
 
 
 class FakePlanner:
@@ -57,7 +79,9 @@ class FakePlanner:
         if sql == INSERT:
             return StatementPlan(params={1: COLUMN})  # type: ignore[dict-item]
         if sql.startswith(INSERT_LITERAL[:-5]):
-            return StatementPlan(literals=("x",))  # type: ignore[arg-type]
+            return StatementPlan(literals=(_literal(sql, COLUMN),))
+        if sql == INSERT_NOTE:
+            return StatementPlan(literals=(_literal(sql, NOTE_COLUMN),))
         return EMPTY_PLAN
 
     def seal_statement(self, sql: str, plan: StatementPlan) -> SealedStatement:
@@ -74,7 +98,13 @@ class FakePlanner:
         raise AssertionError("no test seals under several versions")
 
     def seal_param(
-        self, column: Any, value: bytes, fmt: int, declared_oid: int = 0
+        self,
+        column: Any,
+        value: bytes,
+        fmt: int,
+        declared_oid: int = 0,
+        associated: tuple[bytes | None, ...] = (),
+        subject: Any = None,
     ) -> bytes:
         if value == b"nokey":
             raise KeyringError(f"no data key is loaded for column {column.identity}")
@@ -85,17 +115,26 @@ class FakePlanner:
     ) -> bytes:
         raise AssertionError("no test binds an array")
 
+    def seal_lookup_array(
+        self, column: Any, value: bytes, fmt: int, declared_oid: int = 0
+    ) -> bytes:
+        raise AssertionError("no test binds an array")
+
     def row_plan(
-        self, fields: tuple[m.Field, ...], outputs: tuple[Any, ...] | None = None
-    ) -> tuple[tuple[int, object, int], ...] | None:
+        self,
+        fields: tuple[m.Field, ...],
+        outputs: tuple[Any, ...] | None = None,
+        formats: tuple[int, ...] = (),
+        associations: dict[int, tuple[int, ...]] | None = None,
+    ) -> tuple[tuple[int, object, int, object], ...] | None:
         plan = [
-            (index, (COLUMN,), field.format)
+            (index, (COLUMN,), m.format_code(formats, index) if formats else field.format, ())
             for index, field in enumerate(fields)
             if field.table_oid == SEALED_TABLE
         ]
         return tuple(plan) or None
 
-    def open_value(self, column: Any, value: bytes, fmt: int) -> bytes:
+    def open_value(self, column: Any, value: bytes, fmt: int, associated: Any = ()) -> bytes:
         if not value.startswith(PREFIX):
             raise DecryptionError()
         return value[len(PREFIX) :]
@@ -181,6 +220,11 @@ def client_rows(out: Output) -> list[list[bytes | None]]:
     return [m.decode_data_row(f.payload) for f in rows]
 
 
+def error_severity(out: Output) -> str:
+    (frame,) = [f for f in frames(*out.to_client) if f.type == ord("E")]
+    return m.decode_error_fields(frame.payload)["S"]
+
+
 def error_code(out: Output) -> str:
     (frame,) = [f for f in frames(*out.to_client) if f.type == ord("E")]
     return m.decode_error_fields(frame.payload)["C"]
@@ -239,6 +283,45 @@ def test_literal_sealed_in_parse(session: Session) -> None:
     assert m.Parse.decode(frame.payload).query == INSERT_LITERAL.replace(
         "'x'", "'sealed:x'"
     )
+
+
+def test_randomized_literal_becomes_parameter(session: Session) -> None:
+    out = from_client(session, parse("s", INSERT_NOTE), SYNC)
+
+    (frame, _) = frames(*out.to_server)
+    sent = m.Parse.decode(frame.payload)
+    assert sent.query == INSERT_NOTE.replace("'x'", "$2")
+    assert sent.param_types == (0, 25)
+
+
+def test_hidden_parameter_sealed_at_each_bind(session: Session) -> None:
+    _define(session, "s", INSERT_NOTE)
+
+    for _ in range(2):
+        out = from_client(
+            session,
+            m.Bind("", "s", (1,), (b"\0\0\0\7",), ()).encode(),
+            execute(),
+            SYNC,
+        )
+        sent = sent_bind(out)
+        assert sent.params == (b"\0\0\0\7", b"sealed:x")
+        assert sent.param_formats == (1, 0)
+
+
+def test_hidden_parameter_not_described(session: Session) -> None:
+    from_client(session, parse("s", INSERT_NOTE), describe("S", "s"), SYNC)
+
+    reply = from_server(
+        session,
+        PARSE_COMPLETE,
+        m.encode_parameter_description((23, 25)),
+        NO_DATA,
+        ready(),
+    )
+
+    (_, frame, _, _) = frames(*reply.to_client)
+    assert m.decode_parameter_description(frame.payload) == (23,)
 
 
 def test_literal_sealed_in_query(session: Session) -> None:
@@ -376,13 +459,78 @@ def test_rows_of_plain_columns_keep_original_bytes(session: Session) -> None:
     assert reply.to_client[1] == row
 
 
-def test_value_that_fails_to_open_closes(session: Session) -> None:
+def test_value_that_fails_to_open_errors(session: Session) -> None:
     from_client(session, build(b"Q", b"SELECT secret, id FROM tokens\0"))
-    reply = from_server(session, SECRET_ROW, data_row(b"not-sealed", b"1"), ready())
+    reply = from_server(
+        session,
+        SECRET_ROW,
+        data_row(b"sealed:tok", b"1"),
+        data_row(b"not-sealed", b"2"),
+        data_row(b"sealed:late", b"3"),
+        build(b"C", b"SELECT 3\0"),
+        ready(),
+    )
+
+    assert not reply.close
+    assert types(reply.to_client) == "TDEZ"
+    assert client_rows(reply) == [[b"tok", b"1"]]
+    assert error_code(reply) == "XX001"
+    assert error_severity(reply) == "ERROR"
+    assert reply.to_server == []
+
+
+def test_failed_value_aborts_transaction_block(session: Session) -> None:
+    from_client(session, build(b"Q", b"SELECT secret, id FROM tokens\0"))
+    reply = from_server(
+        session, SECRET_ROW, data_row(b"not-sealed", b"1"), build(b"C", b"SELECT 1\0"),
+        ready("T"),
+    )
+
+    assert types(reply.to_client) == "TE"
+    assert types(reply.to_server) == "Q"
+    # The server's transaction fails as the client now expects.
+    reply = from_server(session, error("42601"), ready("E"))
+    assert reply.to_client == [ready("E")]
+    assert session.transaction_status == "E"
+
+    reply = from_server(session, build(b"C", b"SELECT 1\0"))
+    assert types(reply.to_client) == "C"
+
+
+def test_failed_value_before_write_closes(session: Session) -> None:
+    from_client(
+        session, build(b"Q", b"SELECT secret, id FROM tokens; DELETE FROM tokens\0")
+    )
+    reply = from_server(
+        session,
+        SECRET_ROW,
+        data_row(b"not-sealed", b"1"),
+        build(b"C", b"SELECT 1\0"),
+        build(b"C", b"DELETE 1\0"),
+        ready(),
+    )
 
     assert reply.close
     assert types(reply.to_client) == "TE"
-    assert error_code(reply) == "XX001"
+    assert error_severity(reply) == "FATAL"
+
+
+def test_failed_value_with_pipelined_batch_closes(session: Session) -> None:
+    query = "SELECT secret, id FROM tokens"
+    from_client(session, parse("", query), bind("", ""), describe("P", ""), execute(), SYNC)
+    from_client(session, parse("", query), bind("", ""), describe("P", ""), execute(), SYNC)
+    reply = from_server(
+        session,
+        PARSE_COMPLETE,
+        BIND_COMPLETE,
+        SECRET_ROW,
+        data_row(b"not-sealed", b"1"),
+        build(b"C", b"SELECT 1\0"),
+        ready(),
+    )
+
+    assert reply.close
+    assert error_severity(reply) == "FATAL"
 
 
 def test_short_data_row_raises(session: Session) -> None:
