@@ -382,6 +382,36 @@ def test_hidden_literal_beside_lookup(rotated: RunningProxy) -> None:
     assert [stored_version(rotated, row_id) for row_id in (1, 2, 3, 4)] == [1, 1, 2, 2]
 
 
+def test_prepared_hidden_literal_across_rotation(
+    customers: RunningProxy, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Parsed again after the rotation, the statement keeps its hidden
+    # parameter for the randomized literal.
+    insert_rows(customers, OLD)
+    update = "UPDATE customers SET note = 'seen by support' WHERE email = %s"
+    with psycopg.connect(customers.dsn(), autocommit=True) as conn:
+        before = conn.execute(update, (OLD[1],), prepare=True).rowcount
+        rotate(customers, capsys, "--column", EMAIL)
+        insert_rows(customers, NEW)
+        during = [
+            conn.execute(update, (email,), prepare=True).rowcount
+            for email in (OLD[2], NEW[3])
+        ]
+        notes = conn.execute("SELECT id, note FROM customers ORDER BY id").fetchall()
+    assert before == 1
+    assert during == [1, 1]
+    assert notes == [
+        (1, "seen by support"),
+        (2, "seen by support"),
+        (3, "seen by support"),
+        (4, None),
+    ]
+    stored = customers.direct("SELECT note FROM customers WHERE id <= 3 ORDER BY id")
+    for (value,) in stored:
+        assert_sealed(value, "seen by support")
+    assert len({value for (value,) in stored}) == 3
+
+
 @pytest.mark.parametrize("binary", [False, True], ids=["text", "binary"])
 def test_batch_insert_keeps_one_row_each(rotated: RunningProxy, binary: bool) -> None:
     # An array stored by a batch INSERT keeps one sealed element per row,
