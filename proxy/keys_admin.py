@@ -348,8 +348,9 @@ async def _rotate(args: argparse.Namespace) -> int:
         if algorithm is Algorithm.AES_256_SIV:
             print(
                 f"warning: {key_name} is deterministic: until pgseal reencrypt has "
-                "moved every row to the new version, equality search, joins and "
-                "unique constraints match only values under the same version",
+                "moved every row to the new version and pgseal keys retire has "
+                "retired the old one, the proxies reject joins, GROUP BY and "
+                "DISTINCT on it, and unique constraints hold only within one version",
                 file=sys.stderr,
             )
         key, _ = await store.rotate(key_name, reason="operator")

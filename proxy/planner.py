@@ -13,7 +13,7 @@ import struct
 from dataclasses import dataclass
 
 from proxy.catalog import Catalog, EncryptedColumn, Storage
-from proxy.crypto.keystore import KeyCache
+from proxy.crypto.keystore import KeyCache, KeyRef
 from proxy.crypto.subjects import (
     KeyRequest,
     KeysNeeded,
@@ -41,15 +41,26 @@ from proxy.errors import (
     KeyUnavailableError,
     StatementRejected,
 )
+from proxy.lookups import (
+    KeyVersions,
+    SealedStatement,
+    check_versions,
+    covered,
+    lookup_edits,
+    statement_keys,
+)
 from proxy.rules import Encryption, OnDecryptError
-from proxy.sql.analyze import Analyzer, StatementPlan
+from proxy.sql.analyze import Analyzer, SearchValue, StatementPlan
 from proxy.sql.arrays import (
     TEXT_LIKE_OIDS,
     binary_element_type,
+    build_array,
+    flat_map_binary_array,
+    flat_map_text_array,
     map_binary_array,
     map_text_array,
 )
-from proxy.sql.literals import LiteralSlot, quote_literal, replace_literals
+from proxy.sql.literals import LiteralSlot, quote_literal, replace_spans
 from proxy.text_forms import DEFAULT_SETTINGS, TextSettings
 from proxy.wire.messages import BINARY_FORMAT, TEXT_FORMAT, Field, format_code
 
@@ -110,6 +121,42 @@ class KeyView:
             key = cipher.key
             cache.note_sealed(key_name, (key.key_id, key.version))
         return cipher
+
+    def live_refs(self, key_name: str) -> tuple[KeyRef, ...]:
+        """Return the key name's versions that are not retired, oldest first."""
+        return self.cache.live_refs(key_name)
+
+    def live_sealers(self, column: EncryptedColumn) -> tuple[ValueCipher, ...]:
+        """Return a cipher for each live version of the column's key, oldest first.
+
+        A lookup seals its value under each of them. Raises KeysNeeded for
+        live versions that are not cached yet, and KeyringError when one of
+        them recently failed to load or no version is known.
+        """
+        ciphers = []
+        missing = []
+        for ref in self.cache.live_refs(column.key_name):
+            cipher = self.cache.version_sealer(ref, column.key_name, self.store_id)
+            if cipher is None:
+                missing.append(StoredKeyRequest(*ref))
+            else:
+                ciphers.append(cipher)
+        if missing:
+            if self.unavailable is None:
+                request = missing[0]
+                raise KeyUnavailableError(
+                    f"data key {request.key_id} version {request.version} of column "
+                    f"{column.identity} is not loaded"
+                )
+            for request in missing:
+                name = f"data key {request.key_id} version {request.version}"
+                _raise_if_failed(self.unavailable, request, name)
+            raise KeysNeeded(tuple(missing))
+        if not ciphers:
+            raise KeyUnavailableError(
+                f"no data key is loaded for column {column.identity}"
+            )
+        return tuple(ciphers)
 
     def opener(self, blob: bytes, context: str) -> ValueCipher:
         """Return the cipher that opens blob under context (a key name)."""
@@ -198,17 +245,44 @@ class ColumnPlanner:
     def statement(self, sql: str, search_path: tuple[str, ...] | None = None) -> StatementPlan:
         return self._analyzer.plan(sql, search_path)
 
-    def seal_literals(self, sql: str, plan: StatementPlan, encoding: str = "utf-8") -> str:
-        """Return `sql` with the plan's literals sealed.
+    def seal_statement(
+        self, sql: str, plan: StatementPlan, encoding: str = "utf-8"
+    ) -> SealedStatement:
+        """Seal the literals of `sql` and rewrite its lookups for the live key versions.
 
         A literal's plaintext is its value in the client's `encoding` (a
-        Python codec name), the bytes that a parameter would carry.
+        Python codec name), the bytes that a parameter would carry. Raises
+        StatementRejected for a join, grouping or deduplication on a
+        deterministic column whose key has several live versions.
         """
-        return replace_literals(
-            sql, plan.literals, lambda slot: self._seal_literal(slot, encoding)
+        names = statement_keys(plan)
+        if not names:
+            return SealedStatement(sql)
+        versions = self.key_versions(names)
+        live = dict(versions)
+        check_versions(plan, live)
+        edits, arrays = lookup_edits(
+            plan, live, lambda search: self._seal_search_literal(search, encoding)
         )
+        for slot in plan.literals:
+            if not covered(slot.start, slot.end, edits):
+                edits.append((slot.start, slot.end, self._seal_literal(slot, encoding)))
+        text = replace_spans(sql, edits) if edits else sql
+        return SealedStatement(text, versions, arrays)
 
-    def _seal_literal(self, slot: LiteralSlot, encoding: str) -> str:
+    def key_versions(self, names: tuple[str, ...]) -> KeyVersions:
+        """Return the live versions of each key name, to compare with a statement's."""
+        return tuple((name, self._keys.live_refs(name)) for name in names)
+
+    def _seal_search_literal(self, search: SearchValue, encoding: str) -> list[str]:
+        assert search.literal is not None
+        ciphers = self._keys.live_sealers(search.column)
+        return [self._seal_literal(search.literal, encoding, cipher) for cipher in ciphers]
+
+    def _seal_literal(
+        self, slot: LiteralSlot, encoding: str, cipher: ValueCipher | None = None
+    ) -> str:
+        """Seal one literal, under `cipher` if given, else as the column seals values."""
         column = slot.column
         if slot.array:
             return self._seal_array_literal(slot, encoding)
@@ -231,7 +305,10 @@ class ColumnPlanner:
             subject_value = _client_bytes(slot.subject.literal, encoding, column)
             subject = SubjectValue(subject_value, TEXT_FORMAT)
         associated = self._literal_associated(slot, encoding)
-        sealed = self._seal(column, plaintext, associated, subject)
+        if cipher is None:
+            sealed = self._seal(column, plaintext, associated, subject)
+        else:
+            sealed = cipher.seal(plaintext, associated)
         if column.storage is Storage.BYTEA:
             return quote_literal("\\x" + sealed.hex())
         return quote_literal(armour(sealed).decode("ascii"))
@@ -285,6 +362,32 @@ class ColumnPlanner:
         """
         plaintext = column.logical.from_wire(value, fmt, declared_oid, settings)
         sealed = self._seal(column, plaintext, associated, subject)
+        return self._wire_form(column, sealed, fmt)
+
+    def seal_param_versions(
+        self,
+        column: EncryptedColumn,
+        value: bytes,
+        fmt: int,
+        declared_oid: int = 0,
+        settings: TextSettings = DEFAULT_SETTINGS,
+    ) -> bytes:
+        """Seal a parameter under every live version, as an array in the same format.
+
+        For a lookup parameter that the statement compares with
+        `= ANY($n::text[])` while the column's key has several live versions.
+        Deterministic columns have no associated columns and no subject, so
+        the value is sealed without them.
+        """
+        plaintext = column.logical.from_wire(value, fmt, declared_oid, settings)
+        elements = [
+            self._wire_form(column, cipher.seal(plaintext), fmt)
+            for cipher in self._keys.live_sealers(column)
+        ]
+        return build_array(elements, column.storage_oid, fmt)
+
+    @staticmethod
+    def _wire_form(column: EncryptedColumn, sealed: bytes, fmt: int) -> bytes:
         if column.storage is Storage.TEXT:
             return armour(sealed)
         if fmt == BINARY_FORMAT:
@@ -319,6 +422,43 @@ class ColumnPlanner:
             lambda v: self.seal_param(column, v, fmt, element_oid, settings=settings),
             stored_oid,
         )
+
+    def seal_lookup_array(
+        self,
+        column: EncryptedColumn,
+        value: bytes,
+        fmt: int,
+        declared_oid: int = 0,
+        settings: TextSettings = DEFAULT_SETTINGS,
+    ) -> bytes:
+        """Seal an array compared with ANY or ALL, so that it matches every live version.
+
+        While a deterministic column's key has several live versions, each
+        element becomes one element per version, so `col = ANY($1)` finds rows
+        sealed under any of them. Otherwise it is sealed as seal_array_param
+        does. An array stored by a batch INSERT must go through
+        seal_array_param instead, which keeps one element per row.
+        """
+        live = self._keys.live_refs(column.key_name)
+        if column.rule.encryption is not Encryption.DETERMINISTIC or len(live) <= 1:
+            return self.seal_array_param(column, value, fmt, declared_oid, settings)
+        ciphers = self._keys.live_sealers(column)
+        element_oid = 0
+        stored_oid = column.storage_oid
+        if fmt == BINARY_FORMAT:
+            element_oid = binary_element_type(value)
+            if column.storage is Storage.TEXT and element_oid in TEXT_LIKE_OIDS:
+                stored_oid = element_oid
+
+        def seal_all(element: bytes) -> list[bytes]:
+            plaintext = column.logical.from_wire(element, fmt, element_oid, settings)
+            return [
+                self._wire_form(column, cipher.seal(plaintext), fmt) for cipher in ciphers
+            ]
+
+        if fmt == BINARY_FORMAT:
+            return flat_map_binary_array(value, seal_all, stored_oid)
+        return flat_map_text_array(value, seal_all)
 
     def _seal(
         self,

@@ -59,11 +59,12 @@ class KeyCache:
     Both maps expire entries by age. The active map expires sooner, so that a
     new version made by another replica is picked up within active_ttl.
 
-    sealer() and opener() serve the per-value path. They keep the ciphers they
-    built in plain dicts, each entry valid until the earliest expiry of the
-    cache entries it was built from, and drop them all whenever a key leaves
-    the cache or an active key changes. A lookup then costs one dict access,
-    where TTLCache would take a timer and its bookkeeping per call.
+    sealer(), version_sealer() and opener() serve the per-value path. They
+    keep the ciphers they built in plain dicts, each entry valid until the
+    earliest expiry of the cache entries it was built from, and drop them all
+    whenever a key leaves the cache or an active key changes. A lookup then
+    costs one dict access, where TTLCache would take a timer and its
+    bookkeeping per call.
     """
 
     # NOTE: the defaults are starting points, not measured.
@@ -83,12 +84,16 @@ class KeyCache:
         self._active_ttl = active_ttl
         self._keys = _WipingTTLCache(maxsize, ttl)
         self._active: TTLCache[str, KeyRef] = TTLCache(maxsize, active_ttl)
+        # Each key name's versions that are not retired, oldest first, as the
+        # last load from the key store listed them.
+        self._live: dict[str, tuple[KeyRef, ...]] = {}
         # Monotonic times by which the entries above expire, noted just
         # before each put, so they are never later than TTLCache's own.
         self._key_expiry: dict[KeyRef, float] = {}
         self._active_expiry: dict[str, float] = {}
         self._sealers: dict[tuple[str, bytes], _Memo] = {}
         self._openers: dict[tuple[bytes, str, bytes], _Memo] = {}
+        self._version_sealers: dict[tuple[KeyRef, str, bytes], _Memo] = {}
         # The memos refer to data keys, so they go before the wiping cache
         # checks whether anything else still refers to a dropped key.
         self._keys.before_release = self._forget_ciphers
@@ -119,6 +124,7 @@ class KeyCache:
     def discard(self, key_id: int, version: int) -> None:
         """Remove a data key, as for a retired version, and overwrite it."""
         self._active_drop((key_id, version))
+        self._live_drop((key_id, version))
         self._sealed.pop((key_id, version), None)
         self._key_expiry.pop((key_id, version), None)
         self._keys.discard((key_id, version))
@@ -140,6 +146,26 @@ class KeyCache:
             self._forget_ciphers()
         self._active_expiry[key_name] = time.monotonic() + self._active_ttl
         self._active[key_name] = ref
+        live = self._live.get(key_name, ())
+        if ref not in live:
+            self._live[key_name] = tuple(sorted((*live, ref)))
+
+    def live_refs(self, key_name: str) -> tuple[KeyRef, ...]:
+        """Return the name's versions that are not retired, oldest first.
+
+        A deterministic column's lookups must match values sealed under any
+        of them. Without a load from the key store, only the active version
+        is known.
+        """
+        live = self._live.get(key_name)
+        if live:
+            return live
+        active = self._active.get(key_name)
+        return (active,) if active is not None else ()
+
+    def set_live(self, key_name: str, refs: tuple[KeyRef, ...]) -> None:
+        """Record the name's versions that are not retired, from the key store."""
+        self._live[key_name] = tuple(sorted(refs))
 
     def sealer(self, key_name: str, store_id: bytes) -> ValueCipher | None:
         """Return a cipher for the name's active key, or None if it is not cached."""
@@ -153,6 +179,24 @@ class KeyCache:
         cipher = ValueCipher(key, store_id=store_id, context=key_name)
         until = min(self._key_expiry[ref], self._active_expiry[key_name])
         self._sealers[(key_name, store_id)] = (cipher, until)
+        return cipher
+
+    def version_sealer(
+        self, ref: KeyRef, key_name: str, store_id: bytes
+    ) -> ValueCipher | None:
+        """Return a cipher for one version of a key name, or None if it is not cached.
+
+        Lookups seal under every live version of a deterministic column's key,
+        not only under the active one.
+        """
+        memo = self._version_sealers.get((ref, key_name, store_id))
+        if memo is not None and time.monotonic() < memo[1]:
+            return memo[0]
+        key = self._keys.get(ref)
+        if key is None:
+            return None
+        cipher = ValueCipher(key, store_id=store_id, context=key_name)
+        self._version_sealers[(ref, key_name, store_id)] = (cipher, self._key_expiry[ref])
         return cipher
 
     def opener(self, blob: bytes, context: str, store_id: bytes) -> ValueCipher | None:
@@ -196,6 +240,7 @@ class KeyCache:
         self._forget_ciphers()
         self._keys.clear()
         self._active.clear()
+        self._live.clear()
         self._sealed.clear()
         self._key_expiry.clear()
         self._active_expiry.clear()
@@ -203,6 +248,12 @@ class KeyCache:
     def _forget_ciphers(self) -> None:
         self._sealers.clear()
         self._openers.clear()
+        self._version_sealers.clear()
+
+    def _live_drop(self, ref: KeyRef) -> None:
+        for name, live in list(self._live.items()):
+            if ref in live:
+                self._live[name] = tuple(r for r in live if r != ref)
 
     def _active_drop(self, ref: KeyRef) -> None:
         self._forget_ciphers()

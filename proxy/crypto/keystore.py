@@ -365,11 +365,15 @@ class KeyStore:
                 rows = await conn.fetch(_LIST_VERSIONS_SQL, names)
 
         keys: list[DataKey] = []
+        live: dict[str, list[KeyRef]] = {}
         unavailable: set[str] = set()
         for row in rows:
             if row["state"] == "retired":
                 self._cache.discard(row["key_id"], row["version"])
                 continue
+            # A live version that fails to load stays listed, so a lookup
+            # requests it again or fails, rather than missing its rows.
+            live.setdefault(row["key_name"], []).append((row["key_id"], row["version"]))
             try:
                 key = await self.get_key(row["key_id"], row["version"])
             except KeyUnavailableError as exc:
@@ -384,6 +388,8 @@ class KeyStore:
             # Rows come in version order, so the last active one wins.
             if row["state"] == "active":
                 self._cache.set_active(row["key_name"], (key.key_id, key.version))
+        for name, refs in live.items():
+            self._cache.set_live(name, tuple(refs))
         self.unavailable.difference_update(names)
         self.unavailable.update(unavailable)
         logger.debug("loaded %d data keys for %d key names", len(keys), len(names))

@@ -20,10 +20,15 @@ from pglast import parser
 from proxy.catalog import Catalog, EncryptedColumn, RuledTable
 from proxy.errors import StatementRejected
 from proxy.rules import Encryption
-from proxy.sql.batch_insert import UnsealableSelect, plan_batch_insert
 from proxy.sql import associated as assoc
+from proxy.sql.batch_insert import UnsealableSelect, plan_batch_insert
 from proxy.sql.bound_outputs import associate_outputs
-from proxy.sql.literals import LiteralSlot, find_literal_span
+from proxy.sql.literals import (
+    LiteralSlot,
+    column_ref_span,
+    find_literal_span,
+    value_span,
+)
 from proxy.sql.outputs import Trace, passes_through, trace_select
 from proxy.sql.prepared import SqlDeallocate, SqlExecute, SqlPrepare
 from proxy.sql.subjects import (
@@ -63,6 +68,39 @@ CacheKey = tuple[tuple[str, ...] | None, str]
 
 
 @dataclass(frozen=True, slots=True)
+class SearchValue:
+    """A parameter or literal compared with a deterministic column by `=` or `<>`.
+
+    While the column's key has several live versions, the proxy rewrites the
+    value in the text so that it matches a value sealed under any of them.
+    """
+
+    column: EncryptedColumn
+    # The value's span in the statement text, in characters, casts included.
+    start: int
+    end: int
+    negated: bool
+    in_list: bool
+    number: int | None = None
+    literal: LiteralSlot | None = None
+    # The column's span and text when it is right of the value.
+    column_span: tuple[int, int] | None = None
+    column_text: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class VersionCheck:
+    """A construct that gives wrong results while the column has several live versions.
+
+    Equal plaintexts sealed under different versions differ as ciphertext,
+    so joins, grouping and deduplication on the column are rejected then.
+    """
+
+    column: EncryptedColumn
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
 class StatementPlan:
     """The values to seal in one statement text before it reaches the server."""
 
@@ -86,6 +124,13 @@ class StatementPlan:
     # For parameters bound for columns keyed per subject: where each row's
     # subject value is.
     subjects: dict[int, SubjectSource] = field(default_factory=dict)
+    # Values compared with deterministic columns, which the proxy rewrites
+    # while a column's key has several live versions.
+    searches: tuple[SearchValue, ...] = ()
+    # Array parameters compared with ANY or ALL. Their elements are sealed
+    # under every live version, unlike those of arrays a batch INSERT stores.
+    lookup_arrays: frozenset[int] = frozenset()
+    version_checks: tuple[VersionCheck, ...] = ()
 
     @property
     def is_empty(self) -> bool:
@@ -97,6 +142,7 @@ class StatementPlan:
             or self.sql_executes
             or self.copy
             or self.search_path
+            or self.version_checks
         )
 
 
@@ -202,6 +248,12 @@ class _Walker:
         self._bindings: dict[int, assoc.Sources] = {}
         self._associations: list[dict[int, tuple[int, ...]]] = []
         self._subjects: dict[int, SubjectSource] = {}
+        self._searches: list[SearchValue] = []
+        self._lookup_arrays: set[int] = set()
+        self._version_checks: list[VersionCheck] = []
+        # Parameters stored in a column, which a lookup rewrite cannot turn
+        # into arrays.
+        self._written: set[int] = set()
 
     def result(self) -> StatementPlan:
         outputs = self._outputs[0] if len(self._outputs) == 1 else None
@@ -219,10 +271,39 @@ class _Walker:
             dict(self._bindings),
             self._associations[0] if outputs is not None and self._associations else {},
             dict(self._subjects),
+            searches=tuple(self._searches),
+            lookup_arrays=frozenset(self._lookup_arrays),
+            version_checks=tuple(self._version_checks) + self._mixed_parameters(),
         )
         assoc.check_bindings(self._bindings, self._params)
         assoc.check_single_bound_result(self._associations, self._outputs)
         return EMPTY_PLAN if plan.is_empty else plan
+
+    def _mixed_parameters(self) -> tuple[VersionCheck, ...]:
+        """Return a check for each lookup parameter also stored or bound as an array.
+
+        The rewrite during a rotation turns a lookup parameter into an array,
+        and an array compared with ANY gets one element per live version,
+        which their other uses could not take.
+        """
+        searched = {s.number: s.column for s in self._searches if s.number is not None}
+        checks = [
+            VersionCheck(
+                column,
+                f"parameter ${number} is both compared with it and stored or "
+                "used as an array",
+            )
+            for number, column in sorted(searched.items())
+            if number in self._written or number in self._arrays
+        ]
+        checks += [
+            VersionCheck(
+                self._params[number],
+                f"array parameter ${number} is both compared with it and stored",
+            )
+            for number in sorted(self._lookup_arrays & self._written)
+        ]
+        return tuple(checks)
 
     def statement(self, stmt: Node) -> None:
         self._outputs.append(None)
@@ -261,6 +342,7 @@ class _Walker:
             else:
                 self._merge(body)
         self._check_references(stmt, handled)
+        self._check_join_using(stmt)
         for select in _selects(stmt):
             self._check_positions(select)
         self._outputs[-1] = self._trace_outputs(stmt)
@@ -337,7 +419,31 @@ class _Walker:
                 "Use the extended protocol (Parse and Bind), as drivers do.",
             )
         self._literals.extend(inner._literals)
-        self._sql_prepared.append(SqlPrepare(body["name"], dict(inner._params)))
+        # An EXECUTE sends scalar arguments, so a PREPARE cannot take part in
+        # the lookup rewrite. Its lookups are rejected while several versions
+        # are live.
+        checks = [
+            VersionCheck(
+                search.column,
+                "a statement prepared with PREPARE compares it with a value",
+            )
+            for search in inner._searches
+        ]
+        checks += inner._version_checks
+        self._version_checks.extend(checks)
+        # An EXECUTE is checked against the live versions of these keys,
+        # because the server keeps the literals sealed at PREPARE.
+        keys = {
+            slot.column.key_name
+            for slot in inner._literals
+            if not _randomized(slot.column)
+        }
+        keys |= {check.column.key_name for check in checks}
+        self._sql_prepared.append(
+            SqlPrepare(
+                body["name"], dict(inner._params), tuple(checks), tuple(sorted(keys))
+            )
+        )
 
     def _copy(self, body: Node) -> None:
         fields = self._copy_fields(body)
@@ -478,6 +584,7 @@ class _Walker:
             kind, body = _only(value.node)
             if kind == "ParamRef":
                 self._param(body["number"], value.column)
+                self._written.add(body["number"])
                 if value.array:
                     self._arrays.add(body["number"])
             elif not body.get("isnull"):
@@ -580,6 +687,7 @@ class _Walker:
             assert not isinstance(sources, str)
             self._param(body["number"], column, subject)
             self._bind_sources(body["number"], column, sources)
+            self._written.add(body["number"])
         elif kind == "A_Const":
             if not body.get("isnull"):
                 assert not isinstance(sources, str)
@@ -674,15 +782,20 @@ class _Walker:
                 raise reject(
                     column, "DISTINCT, UNION, INTERSECT and EXCEPT compare ciphertext"
                 )
+            if _deduplicated(outer):
+                self._version_check(column, "DISTINCT, UNION, INTERSECT and EXCEPT")
             return
         parent_kind, parent = parents[-1] if parents else ("", {})
         if parent_kind == "SelectStmt" and not _randomized(column):
             # GROUP BY and DISTINCT ON group equal ciphertexts, which are
             # equal plaintexts under deterministic encryption.
+            self._version_check(column, "GROUP BY and DISTINCT ON")
             return
         if parent_kind == "NullTest":
             return
         if parent_kind == "FuncCall" and _func_name(parent) == "count":
+            if parent.get("agg_distinct"):
+                self._version_check(column, "count(DISTINCT ...)")
             return
         if parent_kind == "A_Expr":
             self._comparison(parent, ref, column)
@@ -706,10 +819,14 @@ class _Walker:
                 "Set 'encryption: deterministic' on the column to search it "
                 "by equality.",
             )
-        other = expr["rexpr"] if expr.get("lexpr", {}).get("ColumnRef") is ref else expr["lexpr"]
-        items = other["List"]["items"] if "List" in other else [other]
+        column_first = expr.get("lexpr", {}).get("ColumnRef") is ref
+        other = expr["rexpr"] if column_first else expr["lexpr"]
+        in_list = "List" in other
+        items = other["List"]["items"] if in_list else [other]
         for item in items:
-            self._search_value(item, column)
+            if self._search_value(item, column):
+                moved = None if column_first else ref
+                self._search_site(item, column, operator == "<>", in_list, moved)
 
     def _array_comparison(
         self, expr: Node, ref: Node, column: EncryptedColumn, operator: str
@@ -729,24 +846,94 @@ class _Walker:
             )
         self._param(body["number"], column)
         self._arrays.add(body["number"])
+        self._lookup_arrays.add(body["number"])
 
-    def _search_value(self, node: Node, column: EncryptedColumn) -> None:
-        """Accept a value compared with a deterministic column, or reject it."""
+    def _search_value(self, node: Node, column: EncryptedColumn) -> bool:
+        """Accept a value compared with a deterministic column, or reject it.
+
+        Returns whether the value is a parameter or literal, not a column.
+        """
         kind, body = _only(node)
         if kind == "TypeCast" and _cast_name(body) in _TEXT_CASTS:
             kind, body = _only(body["arg"])
         if kind == "ParamRef":
             self._param(body["number"], column)
+            return True
         elif kind == "A_Const" and not body.get("isnull"):
             self._literals.append(find_literal_span(self._sql, body, column))
+            return True
         elif kind == "ColumnRef" and self._same_key(body, column):
             self._handled.add(id(body))
+            self._version_check(column, "a comparison with another encrypted column")
+            return False
         else:
             raise reject(
                 column,
                 "it can only be compared with a parameter, a literal or the "
                 "same column of another row",
             )
+
+    def _search_site(
+        self,
+        node: Node,
+        column: EncryptedColumn,
+        negated: bool,
+        in_list: bool,
+        moved: Node | None,
+    ) -> None:
+        """Record where a compared value sits, for the rewrite during a rotation.
+
+        `moved` is the column reference when it is right of the value
+        (`'a' = col`): the rewrite swaps the two, because ANY must be right.
+        """
+        kind, body = _only(node)
+        if kind == "TypeCast":
+            kind, body = _only(body["arg"])
+        try:
+            start, end = value_span(self._sql, node, column)
+            column_span = None
+            if moved is not None:
+                column_span = column_ref_span(self._sql, moved, column)
+        except StatementRejected:
+            # Without the spans there is nothing to rewrite, which matters
+            # only while several versions are live.
+            self._version_check(column, "a comparison the proxy cannot rewrite")
+            return
+        site = SearchValue(column, start, end, negated, in_list)
+        if kind == "ParamRef":
+            site = replace(site, number=body["number"])
+        else:
+            site = replace(site, literal=self._literals[-1])
+        if column_span is not None:
+            column_text = self._sql[column_span[0] : column_span[1]]
+            site = replace(site, column_span=column_span, column_text=column_text)
+        self._searches.append(site)
+
+    def _version_check(self, column: EncryptedColumn, construct: str) -> None:
+        reason = f"{construct} would compare values sealed under different versions"
+        self._version_checks.append(VersionCheck(column, reason))
+
+    def _check_join_using(self, stmt: Node) -> None:
+        """Record `JOIN ... USING (col)`, which compares the columns' ciphertext.
+
+        A NATURAL JOIN may compare any column that both sides have, so it
+        counts for every deterministic column in scope.
+        """
+        for _, join in _nodes_of_kinds(stmt, ("JoinExpr",)):
+            if join.get("isNatural"):
+                for table in self._scope.values():
+                    for shared in table.encrypted.values():
+                        if not _randomized(shared):
+                            self._version_check(shared, "NATURAL JOIN")
+            for item in join.get("usingClause", []):
+                ref = {"fields": [item]}
+                column = self._resolve(ref)
+                if column is None:
+                    continue
+                if _randomized(column):
+                    reason = "JOIN ... USING on it would compare ciphertext"
+                    raise reject(column, reason)
+                self._version_check(column, "JOIN ... USING")
 
     def _same_key(self, ref: Node, column: EncryptedColumn) -> bool:
         other = self._resolve(ref)
@@ -772,6 +959,7 @@ class _Walker:
                 continue
             if clause == "ORDER BY" or _randomized(column):
                 raise reject(column, f"{clause} on it would compare ciphertext")
+            self._version_check(column, clause)
 
     def _resolve(self, ref: Node) -> EncryptedColumn | None:
         names = _field_names(ref)

@@ -9,13 +9,14 @@ type, then each element with its length.
 from __future__ import annotations
 
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 _HEADER = struct.Struct("!iiI")
 _DIMENSION = struct.Struct("!ii")
 _INT32 = struct.Struct("!i")
 
 Transform = Callable[[bytes], bytes]
+FlatTransform = Callable[[bytes], list[bytes]]
 
 # Element types whose values are text on the wire: text, varchar, bpchar, name.
 TEXT_LIKE_OIDS = frozenset({25, 1043, 1042, 19})
@@ -49,6 +50,38 @@ def map_text_array(value: bytes, transform: Transform) -> bytes:
         else:
             sealed = transform(element)
             rendered.append(b'"' + sealed.replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"')
+    return b"{" + b",".join(rendered) + b"}"
+
+
+def flat_map_text_array(value: bytes, transform: FlatTransform) -> bytes:
+    """Replace each non-NULL element of a text array by `transform`'s elements."""
+    elements: list[bytes | None] = []
+    for element in parse_text_array(value):
+        if element is None:
+            elements.append(None)
+        else:
+            elements.extend(transform(element))
+    return _render_text_array(elements)
+
+
+def build_array(elements: Sequence[bytes], element_oid: int, fmt: int) -> bytes:
+    """Build a one-dimensional array value in text (0) or binary (1) format."""
+    if fmt == 0:
+        return _render_text_array(elements)
+    parts = [_HEADER.pack(1, 0, element_oid), _DIMENSION.pack(len(elements), 1)]
+    for element in elements:
+        parts.append(_INT32.pack(len(element)) + element)
+    return b"".join(parts)
+
+
+def _render_text_array(elements: Sequence[bytes | None]) -> bytes:
+    rendered = []
+    for element in elements:
+        if element is None:
+            rendered.append(b"NULL")
+        else:
+            escaped = element.replace(b"\\", b"\\\\").replace(b'"', b'\\"')
+            rendered.append(b'"' + escaped + b'"')
     return b"{" + b",".join(rendered) + b"}"
 
 
@@ -138,3 +171,36 @@ def map_binary_array(
         pos += size
         parts.append(_INT32.pack(len(sealed)) + sealed)
     return b"".join(parts)
+
+
+def flat_map_binary_array(
+    value: bytes, transform: FlatTransform, element_type: int | None = None
+) -> bytes:
+    """Replace each non-NULL element of a binary array by `transform`'s elements.
+
+    `element_type`, when given, replaces the element type OID of the header.
+    """
+    dimensions, flags, old_type = _HEADER.unpack_from(value, 0)
+    if dimensions > 1:
+        raise ValueError("only one-dimensional arrays can be sealed")
+    if element_type is None:
+        element_type = old_type
+    pos = _HEADER.size
+    count, lower = 0, 1
+    if dimensions == 1:
+        count, lower = _DIMENSION.unpack_from(value, pos)
+        pos += _DIMENSION.size
+    parts = []
+    for _ in range(count):
+        (size,) = _INT32.unpack_from(value, pos)
+        pos += 4
+        if size < 0:
+            parts.append(_INT32.pack(-1))
+            continue
+        for sealed in transform(value[pos : pos + size]):
+            parts.append(_INT32.pack(len(sealed)) + sealed)
+        pos += size
+    if not parts:
+        return _HEADER.pack(dimensions, flags, element_type) + value[_HEADER.size : pos]
+    header = _HEADER.pack(1, flags, element_type) + _DIMENSION.pack(len(parts), lower)
+    return header + b"".join(parts)

@@ -62,6 +62,18 @@ class HiddenParams:
         padded = types + (0,) * (self.client_count - len(types))
         return padded + tuple(_storage_type(slot) for slot in self.slots)
 
+    def position(self, offset: int) -> int:
+        """Return where an offset of the client's text lies in `sql`.
+
+        The offset must not fall inside a hidden literal.
+        """
+        shift = 0
+        for number, slot in enumerate(self.slots, self.client_count + 1):
+            if slot.end > offset:
+                break
+            shift += len(f"${number}") - (slot.end - slot.start)
+        return offset + shift
+
 
 # Clients parse the same texts again and again, and the rewrite parses the
 # new text, so results are kept like the analyzer's plans.

@@ -73,6 +73,104 @@ def replace_literals(
     return "".join(pieces)
 
 
+def replace_spans(sql: str, edits: Sequence[tuple[int, int, str]]) -> str:
+    """Return `sql` with each (start, end, text) edit applied.
+
+    The spans must not overlap.
+    """
+    pieces = []
+    position = 0
+    for start, end, text in sorted(edits):
+        pieces.append(sql[position:start])
+        pieces.append(text)
+        position = end
+    pieces.append(sql[position:])
+    return "".join(pieces)
+
+
+def value_span(
+    sql: str, node: dict[str, Any], column: EncryptedColumn
+) -> tuple[int, int]:
+    """Return the character span of a parameter or constant, with a cast around it.
+
+    The forms are `$1`, `'a'`, `$1::varchar(20)`, `CAST($1 AS text)` and
+    `text 'a'`. Raises StatementRejected when the tokens do not match the node.
+    """
+    ((kind, body),) = node.items()
+    tokens = parser.scan(sql)
+    if kind != "TypeCast":
+        return _token_span(sql, tokens, body["location"], column)
+    inner_start, inner_end = value_span(sql, body["arg"], column)
+    type_start = _char_offset(sql, body["typeName"]["location"])
+    if type_start < inner_start:
+        return type_start, inner_end
+    cast_start = _char_offset(sql, body["location"])
+    following = [token for token in tokens if token.start >= cast_start]
+    if cast_start < inner_start and following and following[0].name == "CAST":
+        return cast_start, _closing_paren(following, column)
+    return inner_start, _type_name_end(tokens, type_start, column)
+
+
+def column_ref_span(
+    sql: str, ref: dict[str, Any], column: EncryptedColumn
+) -> tuple[int, int]:
+    """Return the character span of a column reference such as `a."email"`."""
+    start = _char_offset(sql, ref["location"])
+    following = [token for token in parser.scan(sql) if token.start >= start]
+    # Each name is one token, quoted or not, with a dot between two names.
+    count = 2 * len(ref.get("fields", [])) - 1
+    if count < 1 or len(following) < count or following[0].start != start:
+        raise _unlocatable(column)
+    return start, int(following[count - 1].end) + 1
+
+
+def _token_span(
+    sql: str, tokens: Sequence[Any], byte_offset: int, column: EncryptedColumn
+) -> tuple[int, int]:
+    start = _char_offset(sql, byte_offset)
+    following = [token for token in tokens if token.start >= start]
+    if not following or following[0].start != start:
+        raise _unlocatable(column)
+    end = following[0].end + 1
+    if following[0].name == "ASCII_45" and len(following) > 1:
+        end = following[1].end + 1
+    return start, end
+
+
+def _closing_paren(tokens: Sequence[Any], column: EncryptedColumn) -> int:
+    depth = 0
+    for token in tokens:
+        if token.name == "ASCII_40":
+            depth += 1
+        elif token.name == "ASCII_41":
+            depth -= 1
+            if depth == 0:
+                return int(token.end) + 1
+    raise _unlocatable(column)
+
+
+def _type_name_end(tokens: Sequence[Any], start: int, column: EncryptedColumn) -> int:
+    """Return where a type name such as `character varying(20)` or `text[]` ends."""
+    end = None
+    depth = 0
+    for token in (token for token in tokens if token.start >= start):
+        if token.name in ("ASCII_40", "ASCII_91"):
+            depth += 1
+        elif token.name in ("ASCII_41", "ASCII_93"):
+            if depth == 0:
+                break
+            depth -= 1
+        elif depth == 0 and not (
+            token.name in ("IDENT", "ASCII_46")
+            or token.kind in ("UNRESERVED_KEYWORD", "COL_NAME_KEYWORD")
+        ):
+            break
+        end = token.end + 1
+    if end is None:
+        raise _unlocatable(column)
+    return int(end)
+
+
 def quote_literal(text: str) -> str:
     """Quote `text` as an escape-string literal, whatever standard_conforming_strings is."""
     escaped = text.replace("\\", "\\\\").replace("'", "''")

@@ -17,7 +17,7 @@ from proxy.sql.literals import LiteralSlot, find_literal_span
 
 if TYPE_CHECKING:
     from proxy.catalog import EncryptedColumn
-    from proxy.sql.analyze import StatementPlan
+    from proxy.sql.analyze import StatementPlan, VersionCheck
 
 Node = dict[str, Any]
 
@@ -26,6 +26,14 @@ Node = dict[str, Any]
 class SqlPrepare:
     name: str
     params: dict[int, EncryptedColumn]
+    # Lookups, joins and grouping in the prepared statement, which the
+    # server runs with every EXECUTE.
+    checks: tuple[VersionCheck, ...] = ()
+    # Key names of the deterministic literals sealed into the statement and
+    # of the checks.
+    keys: tuple[str, ...] = ()
+    # The live key versions of `keys` when the session sent the PREPARE.
+    versions: tuple[object, ...] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,14 +60,22 @@ class SqlPreparedStatements:
 
     def __init__(self) -> None:
         self._params: dict[str, dict[int, EncryptedColumn]] = {}
+        self._prepared: dict[str, SqlPrepare] = {}
 
     def commit(self, change: SqlPrepare | SqlDeallocate) -> None:
         if isinstance(change, SqlPrepare):
             self._params[change.name] = change.params
+            self._prepared[change.name] = change
         elif change.name is None:
             self._params.clear()
+            self._prepared.clear()
         else:
             self._params.pop(change.name, None)
+            self._prepared.pop(change.name, None)
+
+    def get(self, name: str) -> SqlPrepare | None:
+        """Return the committed PREPARE of a name, if it touches encrypted columns."""
+        return self._prepared.get(name)
 
     def apply(self, plan: StatementPlan, sql: str) -> StatementPlan:
         """Return the plan with the EXECUTE arguments that need sealing added.
@@ -76,12 +92,18 @@ class SqlPreparedStatements:
                 pending[change.name] = change.params
         params = dict(plan.params)
         literals = list(plan.literals)
+        checks = list(plan.version_checks)
         for execute in plan.sql_executes:
             targets = {**self._params.get(execute.name, {}), **pending.get(execute.name, {})}
             for number, column in targets.items():
                 if number <= len(execute.args):
                     _seal_argument(sql, execute.args[number - 1], column, params, literals)
-        return replace(plan, params=params, literals=tuple(literals))
+            prepared = self._prepared.get(execute.name)
+            if prepared is not None:
+                checks.extend(prepared.checks)
+        return replace(
+            plan, params=params, literals=tuple(literals), version_checks=tuple(checks)
+        )
 
 
 def _seal_argument(

@@ -27,8 +27,14 @@ from proxy.errors import (
     ProtocolError,
     StatementRejected,
 )
+from proxy.lookups import (
+    KeyVersions,
+    SealedStatement,
+    check_versions,
+    move_searches,
+)
 from proxy.sql.analyze import EMPTY_PLAN, StatementPlan
-from proxy.sql.arrays import storage_array_type
+from proxy.sql.arrays import STORAGE_ARRAY_OIDS, storage_array_type
 from proxy.sql.escape_strings import as_escape_strings
 from proxy.sql.hidden_params import HiddenParams, hide_randomized_literals
 from proxy.sql.prepared import SqlDeallocate, SqlPrepare, SqlPreparedStatements
@@ -91,9 +97,19 @@ class Planner(Protocol):
         self, sql: str, search_path: tuple[str, ...] | None = None
     ) -> StatementPlan: ...
 
-    def seal_literals(
+    def seal_statement(
         self, sql: str, plan: StatementPlan, encoding: str = "utf-8"
-    ) -> str: ...
+    ) -> SealedStatement: ...
+
+    def key_versions(self, names: tuple[str, ...]) -> KeyVersions: ...
+    def seal_param_versions(
+        self,
+        column: Any,
+        value: bytes,
+        fmt: int,
+        declared_oid: int = 0,
+        settings: TextSettings = DEFAULT_SETTINGS,
+    ) -> bytes: ...
 
     def seal_param(
         self,
@@ -115,6 +131,15 @@ class Planner(Protocol):
         settings: TextSettings = DEFAULT_SETTINGS,
     ) -> bytes: ...
 
+    def seal_lookup_array(
+        self,
+        column: Any,
+        value: bytes,
+        fmt: int,
+        declared_oid: int = 0,
+        settings: TextSettings = DEFAULT_SETTINGS,
+    ) -> bytes: ...
+
     def row_plan(
         self,
         fields: tuple[m.Field, ...],
@@ -126,6 +151,9 @@ class Planner(Protocol):
     def open_value(
         self, column: Any, value: bytes, fmt: int, associated: Any = ()
     ) -> bytes | None: ...
+
+
+_UNSEALED = SealedStatement("")
 
 
 @dataclass(slots=True)
@@ -140,6 +168,10 @@ class Statement:
     hidden: HiddenParams | None = None
     # Parameter types as the client declared them in Parse.
     param_types: tuple[int, ...] = ()
+    # The client's Parse text, kept to parse the statement again when the
+    # live key versions that its sealed text depends on change.
+    query: str = ""
+    sealed: SealedStatement = _UNSEALED
 
 
 @dataclass(slots=True)
@@ -288,42 +320,74 @@ class Session:
         try:
             text = self._statement_text(msg.query)
             plan = self._plan(text)
-            # A statement may be executed many times, so randomized literals
-            # become hidden parameters, sealed afresh at every Bind.
-            hidden = None
-            if plan.literals:
-                hidden = hide_randomized_literals(
-                    text, plan.literals, len(msg.param_types)
-                )
-            if hidden is None:
-                query = self._seal_literals(text, plan)
-            else:
-                parse_plan = replace(plan, literals=hidden.sealed_at_parse)
-                query = self._seal_literals(hidden.sql, parse_plan)
+            sealed, hidden = self._seal_parse(text, plan, len(msg.param_types))
         except StatementRejected as exc:
             self._reject(pending, exc, out, m.Parse(msg.statement, _REJECTED_QUERY, ()))
             return
-        statement = Statement(plan, hidden=hidden, param_types=msg.param_types)
-        types = self._storage_types(msg.param_types, plan, statement.declared)
-        if hidden is not None:
-            types = hidden.param_types(types)
+        statement = Statement(
+            plan, hidden=hidden, param_types=msg.param_types, query=msg.query
+        )
+        statement.sealed = sealed
+        types = self._parse_types(statement)
         pending.undo = self._define_statement(msg.statement, statement)
         self._pending.append(pending)
+        query = sealed.text
         if query is text and types == msg.param_types:
             out.to_server.append(frame.raw)
         else:
             query = encode_statement(query, self._codec)
             out.to_server.append(m.Parse(msg.statement, query, types).encode())
 
+    def _seal_parse(
+        self, query: str, plan: StatementPlan, declared_count: int
+    ) -> tuple[SealedStatement, HiddenParams | None]:
+        """Seal the text of a Parse, and return its hidden parameters, if any.
+
+        A statement may be executed many times, so randomized literals
+        become hidden parameters, sealed afresh at every Bind. The other
+        literals and the lookups are sealed in the text once.
+        """
+        hidden = None
+        if plan.literals:
+            hidden = hide_randomized_literals(query, plan.literals, declared_count)
+        if hidden is None:
+            return self._seal_statement(query, plan), None
+        parse_plan = replace(
+            plan,
+            literals=hidden.sealed_at_parse,
+            searches=move_searches(plan.searches, hidden.position),
+        )
+        return self._seal_statement(hidden.sql, parse_plan), hidden
+
+    def _parse_types(self, statement: Statement) -> tuple[int, ...]:
+        """Return the parameter types to send in Parse for the statement's text.
+
+        Fills statement.declared with the client's types that were replaced.
+        """
+        statement.declared.clear()
+        types = self._storage_types(
+            statement.param_types,
+            statement.plan,
+            statement.declared,
+            statement.sealed.arrays,
+        )
+        if statement.hidden is not None:
+            types = statement.hidden.param_types(types)
+        return types
+
     @staticmethod
     def _storage_types(
-        types: tuple[int, ...], plan: StatementPlan, declared: dict[int, int]
+        types: tuple[int, ...],
+        plan: StatementPlan,
+        declared: dict[int, int],
+        versioned: frozenset[int] = frozenset(),
     ) -> tuple[int, ...]:
         """Replace declared parameter types of encrypted columns by their storage type.
 
         The server stores ciphertext as text or bytea, so a parameter declared
         as, say, int4 would not fit; the declared type is kept to read the
-        client's binary values.
+        client's binary values. A `versioned` parameter becomes an array of
+        the storage type.
         """
         if not plan.params or not types:
             return types
@@ -333,6 +397,11 @@ class Session:
             if index >= len(result):
                 continue
             oid = result[index]
+            if number in versioned:
+                if oid != 0:
+                    declared[number] = oid
+                result[index] = STORAGE_ARRAY_OIDS[column.storage_oid]
+                continue
             if number in plan.arrays:
                 stored = storage_array_type(oid, column.storage_oid)
                 if stored != oid:
@@ -361,13 +430,16 @@ class Session:
             text = as_escape_strings(text)
         return text
 
-    def _seal_literals(self, sql: str, plan: StatementPlan) -> str:
-        """Return `sql` with its literals sealed, or `sql` itself if it has none."""
+    def _seal_statement(self, sql: str, plan: StatementPlan) -> SealedStatement:
+        """Seal the literals of `sql` and rewrite its lookups for the live key versions.
+
+        The text is `sql` itself when nothing changes.
+        """
         assert self._planner is not None
-        if not plan.literals:
-            return sql
+        if not (plan.literals or plan.searches or plan.version_checks):
+            return SealedStatement(sql)
         try:
-            return self._planner.seal_literals(sql, plan, self._codec or "utf-8")
+            return self._planner.seal_statement(sql, plan, self._codec or "utf-8")
         except KeyUnavailableError as exc:
             raise StatementRejected(
                 KEY_UNAVAILABLE,
@@ -392,9 +464,41 @@ class Session:
         if path is not None:
             path = tuple(self._user if name == "$user" else name for name in path)
         plan = self._sql_prepared.apply(self._planner.statement(sql, path), sql)
+        if plan.sql_executes:
+            self._check_sql_executes(plan)
+        if plan.sql_prepared:
+            stamped = tuple(map(self._stamp, plan.sql_prepared))
+            plan = replace(plan, sql_prepared=stamped)
         if plan.search_path is not None:
             self._search_path = plan.search_path.value
         return plan
+
+    def _stamp(self, change: SqlPrepare | SqlDeallocate) -> SqlPrepare | SqlDeallocate:
+        """Record in a PREPARE the key versions its sealed literals depend on."""
+        assert self._planner is not None
+        if isinstance(change, SqlDeallocate) or not change.keys:
+            return change
+        return replace(change, versions=self._planner.key_versions(change.keys))
+
+    def _check_sql_executes(self, plan: StatementPlan) -> None:
+        """Reject an EXECUTE whose PREPARE sealed literals under other key versions."""
+        assert self._planner is not None
+        for execute in plan.sql_executes:
+            prepared = self._sql_prepared.get(execute.name)
+            if prepared is None or prepared.versions is None:
+                continue
+            current = self._planner.key_versions(prepared.keys)
+            if current != prepared.versions:
+                # While several versions are live, PREPARE again would fail
+                # too, so that rejection comes first.
+                check_versions(plan, dict(current))
+                raise StatementRejected(
+                    "0A000",
+                    f"prepared statement {execute.name!r} was prepared under other "
+                    f"data key versions of {', '.join(prepared.keys)}, so its "
+                    "encrypted literals and lookups would miss rows",
+                    f"Run DEALLOCATE {execute.name} and PREPARE it again.",
+                )
 
     def _define_statement(self, name: str, statement: Statement) -> Callable[[], None]:
         return _replace(self._statements, name, statement)
@@ -406,6 +510,13 @@ class Session:
         portal = Portal(statement)
         pending = Pending("bind", portal_name, portal=portal)
         raw = frame.raw
+        if statement is not None and statement.sealed.versions:
+            try:
+                self._reseal_if_stale(statement_name, statement, portal_name, out)
+            except StatementRejected as exc:
+                bad = m.Bind(portal_name, _REJECTED_STATEMENT, (), (), ())
+                self._reject(pending, exc, out, bad)
+                return
         if statement is not None and (
             statement.plan.params
             or statement.fields is not None
@@ -429,6 +540,61 @@ class Session:
         self._pending.append(pending)
         out.to_server.append(raw)
 
+    def _reseal_if_stale(
+        self, name: str, statement: Statement, portal_name: str, out: Output
+    ) -> None:
+        """Parse the statement again if the key versions its text depends on changed.
+
+        A rotation or retirement since the Parse would otherwise make its
+        lookups miss rows, or its literals seal under a retired version. The
+        proxy closes the server's statement and parses it again under the same
+        name, hiding both replies from the client.
+        """
+        assert self._planner is not None
+        if self.transaction_status == "E":
+            # The server rejects this Bind anyway, and a Parse would fail
+            # after the Close, leaving the client's statement closed.
+            return
+        key_names = tuple(key_name for key_name, _ in statement.sealed.versions)
+        if self._planner.key_versions(key_names) == statement.sealed.versions:
+            return
+        # Closing the statement closes its portals on the server too.
+        if any(
+            portal.statement is statement
+            for other, portal in self._portals.items()
+            if other and other != portal_name
+        ):
+            raise StatementRejected(
+                "0A000",
+                f"prepared statement {name!r} must be parsed again because the data "
+                "key versions of its encrypted columns changed, but a portal of it "
+                "is still open",
+                "Close the portal or end the transaction, then run the statement "
+                "again.",
+            )
+        sealed, hidden = self._seal_parse(
+            statement.query, statement.plan, len(statement.param_types)
+        )
+        statements = self._statements
+
+        def forget() -> None:
+            if statements.get(name) is statement:
+                del statements[name]
+
+        # The Close and Parse are sent even if sealing the parameters below
+        # raises KeysNeeded. The Bind is then handled again after them, and
+        # finds the statement current.
+        statement.sealed = sealed
+        statement.hidden = hidden
+        types = self._parse_types(statement)
+        self._pending.append(Pending("close", name, hidden=True))
+        self._pending.append(Pending("parse", name, undo=forget, hidden=True))
+        out.to_server.append(build(b"C", b"S" + name.encode("utf-8") + b"\0"))
+        out.to_server.append(m.Parse(name, sealed.text, types).encode())
+        log.debug(
+            "[%s] parsed statement %r again for new key versions", self._conn_id, name
+        )
+
     def _seal_params(self, msg: m.Bind, statement: Statement) -> bytes:
         assert self._planner is not None
         plan = statement.plan
@@ -443,8 +609,16 @@ class Session:
             declared = statement.declared.get(number, 0)
             settings = self._text_settings
             try:
-                if number in plan.arrays:
+                if number in plan.lookup_arrays:
+                    params[index] = self._planner.seal_lookup_array(
+                        column, value, fmt, declared, settings=settings
+                    )
+                elif number in plan.arrays:
                     params[index] = self._planner.seal_array_param(
+                        column, value, fmt, declared, settings=settings
+                    )
+                elif number in statement.sealed.arrays:
+                    params[index] = self._planner.seal_param_versions(
                         column, value, fmt, declared, settings=settings
                     )
                 else:
@@ -622,7 +796,7 @@ class Session:
         try:
             text = self._statement_text(sql)
             plan = self._plan(text)
-            sealed = self._seal_literals(text, plan)
+            sealed = self._seal_statement(text, plan).text
         except StatementRejected as exc:
             self._reject(pending, exc, out, None)
             return
@@ -630,7 +804,7 @@ class Session:
         pending.sql_changes.extend(plan.sql_prepared)
         self._pending.append(pending)
         self._copy.statement_sent(plan.copy)
-        if plan.literals:
+        if sealed is not sql:
             out.to_server.append(m.encode_query(encode_statement(sealed, self._codec)))
         else:
             out.to_server.append(frame.raw)
@@ -684,8 +858,8 @@ class Session:
         return self._pending[0] if self._pending else None
 
     def _answered(self, frame: Frame, out: Output) -> None:
-        if self._pending:
-            self._pending.popleft()
+        if self._pending and self._pending.popleft().hidden:
+            return
         out.to_client.append(frame.raw)
 
     def _row_description(self, frame: Frame, out: Output) -> None:
@@ -722,7 +896,9 @@ class Session:
                 continue
             # The server reports what the client declared; a type the proxy
             # replaced for the server is shown as the client declared it.
-            if number in statement.declared:
+            if number in statement.sealed.arrays:
+                types[number - 1] = statement.declared.get(number, column.logical.oid)
+            elif number in statement.declared:
                 types[number - 1] = statement.declared[number]
             elif column.retyped and number not in statement.plan.arrays:
                 types[number - 1] = column.logical.oid

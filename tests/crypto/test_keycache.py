@@ -117,6 +117,26 @@ def test_limit_must_be_positive(value: int) -> None:
         KeyCache(max_values_per_key=value)
 
 
+def test_live_refs_follow_active_and_discard() -> None:
+    cache = KeyCache()
+    assert cache.live_refs("public.t.c") == ()
+    cache.set_active("public.t.c", (1, 1))
+    assert cache.live_refs("public.t.c") == ((1, 1),)
+    cache.set_active("public.t.c", (1, 2))
+    assert cache.live_refs("public.t.c") == ((1, 1), (1, 2))
+    cache.discard(1, 1)
+    assert cache.live_refs("public.t.c") == ((1, 2),)
+
+
+def test_set_live_replaces_versions() -> None:
+    cache = KeyCache()
+    cache.set_active("public.t.c", (1, 1))
+    cache.set_live("public.t.c", ((1, 3), (1, 2)))
+    assert cache.live_refs("public.t.c") == ((1, 2), (1, 3))
+    cache.clear()
+    assert cache.live_refs("public.t.c") == ()
+
+
 STORE_ID = bytes(16)
 NAME = "public.t.c"
 
@@ -208,3 +228,22 @@ def test_key_with_ciphers_wiped_on_eviction() -> None:
     put_unshared(cache, 1, 2)
     assert cache.wiped == 1
     assert cache.kept == 0
+
+
+def test_version_sealer_for_older_version() -> None:
+    cache = KeyCache()
+    put_unshared(cache, 1, 1)
+    put_unshared(cache, 1, 2)
+    cache.set_active(NAME, (1, 2))
+    older = cache.version_sealer((1, 1), NAME, STORE_ID)
+    assert older is not None
+    assert older.key.version == 1
+    assert cache.version_sealer((1, 1), NAME, STORE_ID) is older
+
+
+def test_version_sealer_none_after_discard() -> None:
+    cache = KeyCache()
+    put_unshared(cache, 1, 1)
+    assert cache.version_sealer((1, 1), NAME, STORE_ID) is not None
+    cache.discard(1, 1)
+    assert cache.version_sealer((1, 1), NAME, STORE_ID) is None

@@ -674,10 +674,12 @@ def test_deterministic_lookup_during_rotation(
             query = "SELECT id FROM notes WHERE email = %s"
             return [(int(row[0]),) for row in conn.execute(query, (address,))]
 
-    # The parameter is sealed under version 2 only, so rows still under
-    # version 1 are not found until reencrypt has moved them.
-    assert find("user1@example.com") == []
+    # The parameter is sealed under versions 1 and 2, so the row still
+    # under version 1 is found before reencrypt moves it, and after.
+    assert stored_versions(notes, "email") == {1: 1, 2: 1}
+    assert find("user1@example.com") == [(1,)]
     assert reencrypt(capsys, notes, rules_dir)[0] == 0
+    assert stored_versions(notes, "email") == {1: 2, 2: 2}
     assert find("user1@example.com") == [(1,)]
 
 

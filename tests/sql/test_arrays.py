@@ -10,6 +10,9 @@ from hypothesis import strategies as st
 
 from proxy.sql.arrays import (
     binary_element_type,
+    build_array,
+    flat_map_binary_array,
+    flat_map_text_array,
     map_binary_array,
     map_text_array,
     parse_text_array,
@@ -61,6 +64,36 @@ def test_text_array_round_trip(values: list[bytes | None]) -> None:
 def test_binary_array_round_trip(values: list[bytes | None]) -> None:
     mapped = map_binary_array(_binary_array(values), lambda v: b"<" + v + b">")
     assert mapped == _binary_array([None if v is None else b"<" + v + b">" for v in values])
+
+
+def test_flat_map_text_array_keeps_null() -> None:
+    value = flat_map_text_array(b'{a,NULL,"b c"}', lambda v: [v + b"1", v + b"2"])
+    assert parse_text_array(value) == [b"a1", b"a2", None, b"b c1", b"b c2"]
+
+
+def test_flat_map_binary_array_counts_elements() -> None:
+    original = build_array([b"a", b"bc"], 25, 1)
+    value = flat_map_binary_array(original, lambda v: [v, v.upper()])
+    expected = build_array([b"a", b"A", b"bc", b"BC"], 25, 1)
+    assert value == expected
+
+
+def test_build_array_text_escapes() -> None:
+    assert build_array([b'a"b', b"c\\d"], 25, 0) == b'{"a\\"b","c\\\\d"}'
+    assert parse_text_array(build_array([b'a"b', b"c\\d"], 25, 0)) == [b'a"b', b"c\\d"]
+
+
+def test_flat_map_binary_array_replaces_element_type() -> None:
+    original = build_array([b"\x00\x05"], 23, 1)
+    value = flat_map_binary_array(original, lambda v: [b"x", b"y"], element_type=17)
+    assert binary_element_type(value) == 17
+    assert value == build_array([b"x", b"y"], 17, 1)
+
+
+def test_flat_map_binary_empty_array_replaces_element_type() -> None:
+    original = build_array([], 23, 1)
+    value = flat_map_binary_array(original, lambda v: [v], element_type=17)
+    assert binary_element_type(value) == 17
 
 
 def test_binary_array_element_type_replaced() -> None:

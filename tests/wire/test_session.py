@@ -13,8 +13,9 @@ from typing import Any
 import pytest
 
 from proxy.errors import DecryptionError, KeyringError, ProtocolError, StatementRejected
+from proxy.lookups import KeyVersions, SealedStatement
 from proxy.rules import Encryption
-from proxy.sql.analyze import EMPTY_PLAN, StatementPlan
+from proxy.sql.analyze import EMPTY_PLAN, SearchValue, StatementPlan
 from proxy.sql.literals import LiteralSlot
 from proxy.wire import messages as m
 from proxy.wire.frames import Frame, FrameReader, build
@@ -83,10 +84,20 @@ class FakePlanner:
             return StatementPlan(literals=(_literal(sql, NOTE_COLUMN),))
         return EMPTY_PLAN
 
-    def seal_literals(self, sql: str, plan: StatementPlan, encoding: str = "utf-8") -> str:
+    def seal_statement(
+        self, sql: str, plan: StatementPlan, encoding: str = "utf-8"
+    ) -> SealedStatement:
         if "nokey" in sql:
             raise KeyringError(f"no data key is loaded for column {COLUMN.identity}")
-        return sql.replace("'x'", "'sealed:x'")
+        return SealedStatement(sql.replace("'x'", "'sealed:x'"))
+
+    def key_versions(self, names: tuple[str, ...]) -> KeyVersions:
+        return ()
+
+    def seal_param_versions(
+        self, column: Any, value: bytes, fmt: int, declared_oid: int = 0, settings: Any = None
+    ) -> bytes:
+        raise AssertionError("no test seals under several versions")
 
     def seal_param(
         self,
@@ -104,6 +115,11 @@ class FakePlanner:
 
     def seal_array_param(
         self, column: Any, value: bytes, fmt: int, declared_oid: int = 0, settings: Any = None
+    ) -> bytes:
+        raise AssertionError("no test binds an array")
+
+    def seal_lookup_array(
+        self, column: Any, value: bytes, fmt: int, declared_oid: int = 0
     ) -> bytes:
         raise AssertionError("no test binds an array")
 
@@ -821,3 +837,70 @@ def test_bind_result_format_count_mismatch(session: Session) -> None:
     out = from_client(session, bad, execute(), SYNC)
 
     assert out.to_server == [bad, execute(), SYNC]
+
+
+LOOKUP = "SELECT secret FROM tokens WHERE secret = $1"
+
+
+class VersionedPlanner(FakePlanner):
+    """A planner whose lookup statement depends on the live key versions."""
+
+    def __init__(self) -> None:
+        self.versions: KeyVersions = (("secret", ((1, 1),)),)
+
+    def statement(
+        self, sql: str, search_path: tuple[str, ...] | None = None
+    ) -> StatementPlan:
+        if sql == LOOKUP:
+            search = SearchValue(COLUMN, 0, 0, False, False, 1)  # type: ignore[arg-type]
+            return StatementPlan(params={1: COLUMN}, searches=(search,))  # type: ignore[dict-item]
+        return super().statement(sql, search_path)
+
+    def seal_statement(self, sql: str, plan: StatementPlan) -> SealedStatement:
+        if len(self.versions[0][1]) == 1:
+            return SealedStatement(sql, self.versions)
+        text = sql.replace("= $1", "= ANY($1::text[])")
+        return SealedStatement(text, self.versions, frozenset({1}))
+
+    def key_versions(self, names: tuple[str, ...]) -> KeyVersions:
+        return self.versions
+
+    def seal_param_versions(
+        self, column: Any, value: bytes, fmt: int, declared_oid: int = 0
+    ) -> bytes:
+        return b"{" + PREFIX + value + b"@1," + PREFIX + value + b"@2}"
+
+
+def test_bind_parses_again_after_rotation() -> None:
+    planner = VersionedPlanner()
+    session = Session(planner, "test")
+    _define(session, "s", LOOKUP)
+    planner.versions = (("secret", ((1, 1), (1, 2))),)
+
+    out = from_client(session, bind("", "s", b"a"), execute(), SYNC)
+
+    assert types(out.to_server) == "CPBDES"
+    parsed = [f for f in frames(*out.to_server) if f.type == ord("P")]
+    assert m.Parse.decode(parsed[0].payload).query.endswith("= ANY($1::text[])")
+    assert sent_bind(out).params == (b"{sealed:a@1,sealed:a@2}",)
+    reply = from_server(
+        session, CLOSE_COMPLETE, PARSE_COMPLETE, BIND_COMPLETE, NO_DATA,
+        build(b"C", b"SELECT 0\0"), ready(),
+    )
+    # The client sent neither the Close nor the Parse, so their replies stay hidden.
+    assert types(reply.to_client) == "2CZ"
+
+
+def test_bind_with_open_portal_rejected_after_rotation() -> None:
+    planner = VersionedPlanner()
+    session = Session(planner, "test")
+    _define(session, "s", LOOKUP)
+    from_client(session, bind("cursor", "s", b"a"), SYNC)
+    from_server(session, BIND_COMPLETE, ready("T"))
+    planner.versions = (("secret", ((1, 1), (1, 2))),)
+
+    out = from_client(session, bind("", "s", b"b"), execute(), SYNC)
+
+    assert "P" not in types(out.to_server)
+    reply = from_server(session, error("26000"), ready("T"))
+    assert error_code(reply) == "0A000"
