@@ -119,7 +119,7 @@ class FakePlanner:
         raise AssertionError("no test binds an array")
 
     def seal_lookup_array(
-        self, column: Any, value: bytes, fmt: int, declared_oid: int = 0
+        self, column: Any, value: bytes, fmt: int, declared_oid: int = 0, settings: Any = None
     ) -> bytes:
         raise AssertionError("no test binds an array")
 
@@ -856,7 +856,9 @@ class VersionedPlanner(FakePlanner):
             return StatementPlan(params={1: COLUMN}, searches=(search,))  # type: ignore[dict-item]
         return super().statement(sql, search_path)
 
-    def seal_statement(self, sql: str, plan: StatementPlan) -> SealedStatement:
+    def seal_statement(
+        self, sql: str, plan: StatementPlan, encoding: str = "utf-8"
+    ) -> SealedStatement:
         if len(self.versions[0][1]) == 1:
             return SealedStatement(sql, self.versions)
         text = sql.replace("= $1", "= ANY($1::text[])")
@@ -866,7 +868,7 @@ class VersionedPlanner(FakePlanner):
         return self.versions
 
     def seal_param_versions(
-        self, column: Any, value: bytes, fmt: int, declared_oid: int = 0
+        self, column: Any, value: bytes, fmt: int, declared_oid: int = 0, settings: Any = None
     ) -> bytes:
         return b"{" + PREFIX + value + b"@1," + PREFIX + value + b"@2}"
 
