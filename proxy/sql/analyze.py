@@ -20,11 +20,12 @@ from pglast import parser
 from proxy.catalog import Catalog, EncryptedColumn, RuledTable
 from proxy.errors import StatementRejected
 from proxy.rules import Encryption
-from proxy.sql.batch_insert import UnsealableSelect, plan_batch_insert
 from proxy.sql import associated as assoc
+from proxy.sql.batch_insert import UnsealableSelect, plan_batch_insert
 from proxy.sql.bound_outputs import associate_outputs
 from proxy.sql.literals import LiteralSlot, find_literal_span
-from proxy.sql.outputs import Trace, passes_through, trace_select
+from proxy.sql.outputs import Trace, passes_through, trace_expression, trace_select
+from proxy.sql.prefilter import UNICODE_IDENTIFIER, NameFilter, fold_case, syntax_error
 from proxy.sql.prepared import SqlDeallocate, SqlExecute, SqlPrepare
 from proxy.sql.subjects import (
     SubjectSource,
@@ -43,8 +44,6 @@ _PASS_THROUGH_HINT = (
     "compute on them in the application."
 )
 _TEXT_CASTS = {"text", "varchar", "bytea", "bpchar"}
-# Words that make a statement worth parsing even when it names no ruled table.
-_PARSE_ANYWAY = ("execute", "deallocate", "search_path")
 _WRITES = ("InsertStmt", "UpdateStmt", "MergeStmt")
 _UNSUPPORTED = {
     "DoStmt": "a DO block",
@@ -127,7 +126,7 @@ class Analyzer:
 
     def __init__(self, catalog: Catalog, cache_size: int = 4096) -> None:
         self.catalog = catalog
-        self._names = catalog.table_names
+        self._filter = NameFilter(catalog.tables)
         self._cache: cachetools.LRUCache[CacheKey, StatementPlan | StatementRejected]
         self._cache = cachetools.LRUCache(maxsize=cache_size)
 
@@ -149,16 +148,15 @@ class Analyzer:
     def _analyse(
         self, sql: str, search_path: tuple[str, ...] | None
     ) -> StatementPlan | StatementRejected:
-        lowered = sql.lower()
-        if not any(name in lowered for name in self._names) and not any(
-            word in lowered for word in _PARSE_ANYWAY
-        ):
+        lowered = fold_case(sql)
+        named = self._filter.named(lowered)
+        if not self._filter.should_parse(lowered, named):
             return EMPTY_PLAN
         try:
             tree = json.loads(parser.parse_sql_json(sql))
-        except parser.ParseError:
-            # The server reports the syntax error itself, with its own position.
-            return EMPTY_PLAN
+        except parser.ParseError as exc:
+            # Sent on, the text would reach the server's log with its values.
+            return syntax_error(exc, named)
         try:
             walker = _Walker(self.catalog, sql, search_path)
             for raw in tree.get("stmts", []):

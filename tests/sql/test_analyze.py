@@ -54,8 +54,24 @@ def test_unruled_statement_skips_parser(analyzer: Analyzer) -> None:
     assert plan.is_empty
 
 
-def test_syntax_error_left_to_server(analyzer: Analyzer) -> None:
-    assert analyzer.plan("SELEC token FROM accounts").is_empty
+def test_syntax_error_on_ruled_table_rejected(analyzer: Analyzer) -> None:
+    exc = _rejected(analyzer, "INSERT INTO accounts (token) VALUES ('s3cret'")
+    assert exc.sqlstate == "42601"
+    assert "syntax error at end of input" in exc.message
+    assert "public.accounts.token" in exc.message
+    assert "s3cret" not in exc.message
+    assert exc.hint
+    assert exc.position is None
+
+
+def test_syntax_error_position_given(analyzer: Analyzer) -> None:
+    exc = _rejected(analyzer, "SELEC token FROM accounts")
+    assert exc.sqlstate == "42601"
+    assert exc.position == 1
+
+
+def test_syntax_error_on_unruled_table_left_to_server(analyzer: Analyzer) -> None:
+    assert analyzer.plan("SELEC id FROM orders").is_empty
 
 
 def test_insert_params_mapped(analyzer: Analyzer) -> None:
