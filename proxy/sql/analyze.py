@@ -683,6 +683,7 @@ class _Walker:
             else:
                 self._check_whole_row(ref, parents, subqueries)
         self._check_sublinks(stmt)
+        self._check_derived_tables(stmt)
 
     def _check_whole_row(
         self, ref: Node, parents: list[tuple[str, Node]], subqueries: set[str]
@@ -761,6 +762,37 @@ class _Walker:
                     "column, so the proxy cannot unseal or compare it",
                     "Join the table instead, or run the subquery as its own "
                     "statement.",
+                )
+
+    def _check_derived_tables(self, stmt: Node) -> None:
+        """Reject a subquery in FROM or WITH that computes an encrypted output.
+
+        The server follows a plain column of such a subquery to its table,
+        but reports no source column for one that comes from UNION,
+        coalesce or CASE, so the outer query would return ciphertext.
+        """
+        for kind, body in _nodes_of_kinds(stmt, ("RangeSubselect", "CommonTableExpr")):
+            query = body.get("subquery" if kind == "RangeSubselect" else "ctequery", {})
+            query_kind, select = _only(query)
+            if query_kind != "SelectStmt":
+                continue
+            if select.get("op", "SETOP_NONE") != "SETOP_NONE":
+                traces = self._trace_select(select) or ()
+            else:
+                values = [_only(item)[1].get("val", {}) for item in select.get("targetList", [])]
+                traces = tuple(
+                    trace_expression(value, self._resolve, self._seal_literal)
+                    for value in values
+                    if "ColumnRef" not in value
+                )
+            columns = [column for trace in traces for column in trace]
+            if columns:
+                raise reject(
+                    columns[0],
+                    "a subquery in FROM or WITH returns it through UNION, coalesce "
+                    "or CASE, and the server does not report its source column",
+                    "Select the column itself in the subquery, or move the UNION, "
+                    "coalesce or CASE to the outer query.",
                 )
 
     def _check_context(
@@ -883,8 +915,10 @@ class _Walker:
             traces = self._trace_select(select)
             if traces is not None:
                 return traces[position - 1] if 1 <= position <= len(traces) else ()
-            if any(_is_star(target.get("val", {})) for target in targets[:position]):
-                table = next(iter(self._scope.values()))
+            stars = any(_is_star(target.get("val", {})) for target in targets[:position])
+            ruled = [self._table_of(r) for r in _relations(leftmost.get("fromClause", []))]
+            if stars and any(ruled):
+                table = next(t for t in ruled if t is not None)
                 raise reject(
                     next(iter(table.encrypted.values())),
                     f"{clause} by position after a * that the proxy cannot "

@@ -71,6 +71,13 @@ REJECTED = [
     ("SELECT row_to_json(t) FROM oauth_tokens t", "whole-row"),
     ("SELECT to_jsonb(t.*) FROM oauth_tokens t", "whole-row"),
     ("SELECT (SELECT access_token FROM oauth_tokens LIMIT 1)", "subquery"),
+    (
+        (
+            "SELECT u.t FROM (SELECT access_token AS t FROM oauth_tokens "
+            "UNION ALL SELECT refresh_token FROM oauth_tokens) u"
+        ),
+        "subquery in FROM",
+    ),
     ("SELECT coalesce(access_token, provider) FROM oauth_tokens", "mixes"),
     (
         "SELECT CASE WHEN id = 1 THEN access_token ELSE provider END FROM oauth_tokens",

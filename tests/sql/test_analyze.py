@@ -177,6 +177,17 @@ def test_deterministic_group_by_allowed(analyzer: Analyzer) -> None:
         ),
         ("SELECT ARRAY(SELECT token FROM accounts)", "subquery"),
         ("SELECT id FROM accounts WHERE owner IN (SELECT email FROM accounts)", "subquery"),
+        (
+            (
+                "SELECT u.e FROM (SELECT email AS e FROM accounts UNION ALL "
+                "SELECT email FROM accounts) u"
+            ),
+            "subquery in FROM or WITH",
+        ),
+        (
+            "WITH u AS (SELECT coalesce(token, email) AS t FROM accounts) SELECT t FROM u",
+            "subquery in FROM or WITH",
+        ),
         ("SELECT coalesce(token, owner) FROM accounts", "mixes"),
         ("SELECT coalesce(email, upper(owner)) FROM accounts", "mixes"),
         ("SELECT CASE WHEN id = 1 THEN email ELSE owner END FROM accounts", "mixes"),
@@ -442,6 +453,9 @@ def test_unicode_escape_syntax_error_rejected(analyzer: Analyzer) -> None:
         "SELECT id FROM accounts WHERE id IN (SELECT id FROM accounts)",
         "SELECT token FROM accounts UNION ALL SELECT NULL",
         "SELECT coalesce(token, NULL::text) FROM accounts",
+        "SELECT s.email FROM (SELECT email, id FROM accounts) s",
+        "SELECT * FROM orders o WHERE o.id IN (SELECT id FROM accounts) ORDER BY 1",
+        "WITH moved AS (UPDATE accounts SET owner = 'x' RETURNING id) SELECT * FROM moved",
         "CREATE FUNCTION f() RETURNS int LANGUAGE sql AS $$ SELECT 1 FROM orders $$",
     ],
 )
