@@ -88,8 +88,13 @@ class StatementRejected(PgsealError):
     the server would otherwise store plaintext or compute on ciphertext.
     """
 
-    def __init__(self, sqlstate: str, message: str, hint: str = "") -> None:
+    def __init__(
+        self, sqlstate: str, message: str, hint: str = "", position: int | None = None
+    ) -> None:
         super().__init__(message)
         self.sqlstate = sqlstate
         self.message = message
         self.hint = hint
+        # 1-based character index into the statement text, as in the
+        # ErrorResponse position field.
+        self.position = position

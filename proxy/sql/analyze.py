@@ -29,7 +29,8 @@ from proxy.sql.literals import (
     find_literal_span,
     value_span,
 )
-from proxy.sql.outputs import Trace, passes_through, trace_select
+from proxy.sql.outputs import Trace, passes_through, trace_expression, trace_select
+from proxy.sql.prefilter import UNICODE_IDENTIFIER, NameFilter, fold_case, syntax_error
 from proxy.sql.prepared import SqlDeallocate, SqlExecute, SqlPrepare
 from proxy.sql.subjects import (
     SubjectSource,
@@ -48,12 +49,12 @@ _PASS_THROUGH_HINT = (
     "compute on them in the application."
 )
 _TEXT_CASTS = {"text", "varchar", "bytea", "bpchar"}
-# Words that make a statement worth parsing even when it names no ruled table.
-_PARSE_ANYWAY = ("execute", "deallocate", "search_path")
 _WRITES = ("InsertStmt", "UpdateStmt", "MergeStmt")
 _UNSUPPORTED = {
     "DoStmt": "a DO block",
     "MergeStmt": "MERGE",
+    "CreateFunction": "a function body",
+    "CreateProcedure": "a procedure body",
 }
 
 
@@ -173,7 +174,7 @@ class Analyzer:
 
     def __init__(self, catalog: Catalog, cache_size: int = 4096) -> None:
         self.catalog = catalog
-        self._names = catalog.table_names
+        self._filter = NameFilter(catalog.tables)
         self._cache: cachetools.LRUCache[CacheKey, StatementPlan | StatementRejected]
         self._cache = cachetools.LRUCache(maxsize=cache_size)
 
@@ -195,16 +196,15 @@ class Analyzer:
     def _analyse(
         self, sql: str, search_path: tuple[str, ...] | None
     ) -> StatementPlan | StatementRejected:
-        lowered = sql.lower()
-        if not any(name in lowered for name in self._names) and not any(
-            word in lowered for word in _PARSE_ANYWAY
-        ):
+        lowered = fold_case(sql)
+        named = self._filter.named(lowered)
+        if not self._filter.should_parse(lowered, named):
             return EMPTY_PLAN
         try:
             tree = json.loads(parser.parse_sql_json(sql))
-        except parser.ParseError:
-            # The server reports the syntax error itself, with its own position.
-            return EMPTY_PLAN
+        except parser.ParseError as exc:
+            # Sent on, the text would reach the server's log with its values.
+            return syntax_error(exc, named)
         try:
             walker = _Walker(self.catalog, sql, search_path)
             for raw in tree.get("stmts", []):
@@ -319,7 +319,10 @@ class _Walker:
             self._prepare(body)
             return
         if kind == "DoStmt":
-            self._do_block(body)
+            self._check_code(kind, _code_strings(body.get("args", [])))
+            return
+        if kind == "CreateFunctionStmt":
+            self._function(body)
             return
         if kind == "VariableSetStmt" and body.get("name") == "search_path":
             self._set_search_path(body)
@@ -352,7 +355,21 @@ class _Walker:
 
     def _trace_outputs(self, stmt: Node) -> tuple[Trace, ...] | None:
         select = self._output_select(stmt)
-        return self._trace_select(select) if select is not None else None
+        if select is None:
+            return None
+        traces = self._trace_select(select)
+        if traces is None and select.get("op", "SETOP_NONE") != "SETOP_NONE":
+            # The server reports no source columns for the output of UNION,
+            # INTERSECT and EXCEPT, so an untraced encrypted column would come back
+            # as ciphertext.
+            table = next(iter(self._scope.values()))
+            raise reject(
+                next(iter(table.encrypted.values())),
+                "the proxy cannot trace the output columns of this UNION, "
+                "INTERSECT or EXCEPT to their tables",
+                "Name the columns in each branch instead of using *.",
+            )
+        return traces
 
     def _output_select(self, stmt: Node) -> Node | None:
         """Return the SELECT whose output list a statement returns, if any."""
@@ -764,12 +781,127 @@ class _Walker:
     # Reads and everything else
 
     def _check_references(self, stmt: Node, handled: set[int]) -> None:
+        subqueries = self._ruled_subqueries(stmt)
         for ref, parents in _column_refs(stmt, []):
             if id(ref) in handled:
                 continue
             column = self._resolve(ref)
             if column is not None:
                 self._check_context(ref, column, parents)
+            else:
+                self._check_whole_row(ref, parents, subqueries)
+        self._check_sublinks(stmt)
+        self._check_derived_tables(stmt)
+
+    def _check_whole_row(
+        self, ref: Node, parents: list[tuple[str, Node]], subqueries: set[str]
+    ) -> None:
+        """Reject a whole-row reference to a relation with encrypted columns.
+
+        `SELECT t FROM t`, `row_to_json(t)` and `f(t.*)` return the row as one
+        composite value, whose encrypted fields the proxy cannot unseal.
+        A `*` directly in an output list is expanded and traced instead.
+        """
+        fields = ref.get("fields", [])
+        names = _field_names(ref)
+        star = bool(fields) and "A_Star" in fields[-1]
+        if star:
+            if parents and parents[-1][0] == "ResTarget" and _in_result_list(parents):
+                return
+            qualifier = [f["String"]["sval"] for f in fields[:-1] if "String" in f]
+            name = qualifier[-1] if qualifier else None
+        elif len(names) == 1 and not any(
+            names[0] in table.columns for table in self._scope.values()
+        ):
+            name = names[0]
+            if name not in self._scope and name not in subqueries:
+                return
+        else:
+            return
+        parent_kind, parent = parents[-1] if parents else ("", {})
+        if parent_kind == "NullTest" or (
+            parent_kind == "FuncCall"
+            and _func_name(parent) == "count"
+            and not parent.get("agg_distinct")
+        ):
+            return
+        table = self._scope.get(name or "") or next(iter(self._scope.values()))
+        raise reject(
+            next(iter(table.encrypted.values())),
+            "a whole-row reference would return its ciphertext inside a composite "
+            "value, which the proxy cannot unseal",
+            "Name the columns in the output list instead of the whole row.",
+        )
+
+    def _ruled_subqueries(self, stmt: Node) -> set[str]:
+        """Return the aliases of subqueries and WITH queries that read a ruled table."""
+        aliases = set()
+        for kind, body in _nodes_of_kinds(stmt, ("RangeSubselect", "CommonTableExpr")):
+            if kind == "RangeSubselect":
+                name, query = body.get("alias", {}).get("aliasname"), body.get("subquery")
+            else:
+                name, query = body.get("ctename"), body.get("ctequery")
+            if name and any(self._table_of(r) for r in _relations(query)):
+                aliases.add(name)
+        return aliases
+
+    def _check_sublinks(self, stmt: Node) -> None:
+        """Reject a subquery used as a value that returns an encrypted column.
+
+        The server reports no source column for `(SELECT col ...)`,
+        `ARRAY(SELECT col ...)` or `x IN (SELECT col ...)`, so the proxy could
+        not unseal the value, and a comparison would compare ciphertext.
+        """
+        for _, sublink in _nodes_of_kinds(stmt, ("SubLink",)):
+            if sublink.get("subLinkType") == "EXISTS_SUBLINK":
+                continue
+            kind, select = _only(sublink["subselect"])
+            if kind != "SelectStmt":
+                continue
+            traces = self._trace_select(select)
+            columns = [column for trace in traces or () for column in trace]
+            if traces is None and any(self._table_of(r) for r in _relations(select)):
+                table = next(iter(self._scope.values()))
+                columns = list(table.encrypted.values())
+            if columns:
+                raise reject(
+                    columns[0],
+                    "a subquery used as a value returns it without a source "
+                    "column, so the proxy cannot unseal or compare it",
+                    "Join the table instead, or run the subquery as its own "
+                    "statement.",
+                )
+
+    def _check_derived_tables(self, stmt: Node) -> None:
+        """Reject a subquery in FROM or WITH that computes an encrypted output.
+
+        The server follows a plain column of such a subquery to its table,
+        but reports no source column for one that comes from UNION,
+        coalesce or CASE, so the outer query would return ciphertext.
+        """
+        for kind, body in _nodes_of_kinds(stmt, ("RangeSubselect", "CommonTableExpr")):
+            query = body.get("subquery" if kind == "RangeSubselect" else "ctequery", {})
+            query_kind, select = _only(query)
+            if query_kind != "SelectStmt":
+                continue
+            if select.get("op", "SETOP_NONE") != "SETOP_NONE":
+                traces = self._trace_select(select) or ()
+            else:
+                values = [_only(item)[1].get("val", {}) for item in select.get("targetList", [])]
+                traces = tuple(
+                    trace_expression(value, self._resolve, self._seal_literal)
+                    for value in values
+                    if "ColumnRef" not in value
+                )
+            columns = [column for trace in traces for column in trace]
+            if columns:
+                raise reject(
+                    columns[0],
+                    "a subquery in FROM or WITH returns it through UNION, coalesce "
+                    "or CASE, and the server does not report its source column",
+                    "Select the column itself in the subquery, or move the UNION, "
+                    "coalesce or CASE to the outer query.",
+                )
 
     def _check_context(
         self, ref: Node, column: EncryptedColumn, parents: list[tuple[str, Node]]
@@ -795,6 +927,8 @@ class _Walker:
             return
         if parent_kind == "FuncCall" and _func_name(parent) == "count":
             if parent.get("agg_distinct"):
+                if _randomized(column):
+                    raise reject(column, "count(DISTINCT) would compare ciphertext")
                 self._version_check(column, "count(DISTINCT ...)")
             return
         if parent_kind == "A_Expr":
@@ -948,18 +1082,46 @@ class _Walker:
 
         `ORDER BY 2` and `ORDER BY alias` sort by an output column without
         a ColumnRef to the table, so the reference check cannot see them.
+        A position counts the columns that `*` expands to.
         """
-        targets = [_only(item)[1] for item in select.get("targetList", [])]
         clauses = [("ORDER BY", _only(s)[1].get("node", {})) for s in select.get("sortClause", [])]
         clauses += [("GROUP BY", node) for node in select.get("groupClause", [])]
         for clause, node in clauses:
-            target = _output_column(node, targets)
-            column = self._resolve(target) if target is not None else None
-            if column is None:
-                continue
-            if clause == "ORDER BY" or _randomized(column):
-                raise reject(column, f"{clause} on it would compare ciphertext")
-            self._version_check(column, clause)
+            for column in self._output_trace(node, select, clause):
+                if clause == "ORDER BY" or _randomized(column):
+                    raise reject(column, f"{clause} on it would compare ciphertext")
+                self._version_check(column, clause)
+
+    def _output_trace(self, node: Node, select: Node, clause: str) -> Trace:
+        """Return the trace of the output column that `node` names by position or alias."""
+        leftmost = select
+        while leftmost.get("op", "SETOP_NONE") != "SETOP_NONE":
+            leftmost = leftmost["larg"]
+        targets = [_only(item)[1] for item in leftmost.get("targetList", [])]
+        if "A_Const" in node and "ival" in node["A_Const"]:
+            position = node["A_Const"]["ival"].get("ival", 0)
+            traces = self._trace_select(select)
+            if traces is not None:
+                return traces[position - 1] if 1 <= position <= len(traces) else ()
+            stars = any(_is_star(target.get("val", {})) for target in targets[:position])
+            ruled = [self._table_of(r) for r in _relations(leftmost.get("fromClause", []))]
+            if stars and any(ruled):
+                table = next(t for t in ruled if t is not None)
+                raise reject(
+                    next(iter(table.encrypted.values())),
+                    f"{clause} by position after a * that the proxy cannot "
+                    "expand may name an encrypted column",
+                    f"Name the column in {clause} instead of its position.",
+                )
+            target = targets[position - 1] if 1 <= position <= len(targets) else {}
+            return trace_expression(target.get("val", {}), self._resolve, self._seal_literal)
+        names = _field_names(node.get("ColumnRef", {}))
+        if len(names) == 1:
+            for target in targets:
+                if target.get("name") == names[0]:
+                    value = target.get("val", {})
+                    return trace_expression(value, self._resolve, self._seal_literal)
+        return ()
 
     def _resolve(self, ref: Node) -> EncryptedColumn | None:
         names = _field_names(ref)
@@ -997,30 +1159,75 @@ class _Walker:
         self._search_path_change = SearchPathChange(value)
         self._search_path = value
 
-    def _do_block(self, body: Node) -> None:
-        """Reject a DO block whose code names a ruled table: it cannot be analysed."""
-        code = " ".join(
-            str(item["DefElem"].get("arg", {}).get("String", {}).get("sval", ""))
-            for item in body.get("args", [])
-        ).lower()
+    def _function(self, body: Node) -> None:
+        """Reject a function or procedure whose body names a ruled table.
+
+        The body runs on the server without the proxy, so it would store
+        plaintext or return ciphertext. A body in BEGIN ATOMIC form is parsed
+        already, and a quoted body is searched like a DO block.
+        """
+        kind = "CreateProcedure" if body.get("is_procedure") else "CreateFunction"
+        for relation in _relations(body.get("sql_body", {})):
+            table = self._table_of(relation)
+            if table is not None:
+                self._unsupported(kind, table)
+        self._check_code(kind, _code_strings(body.get("options", []), "as"))
+
+    def _check_code(self, kind: str, code: str) -> None:
+        """Reject code run by the server that may name a ruled table.
+
+        NOTE: dynamic SQL that builds a table's name at run time, such as
+        EXECUTE 'INSERT INTO cust' || 'omers ...', escapes this search.
+        """
+        folded = fold_case(code)
         for table in self._catalog.tables:
-            if table.name.lower() in code:
-                self._unsupported("DoStmt", table)
+            if fold_case(table.name) in folded:
+                used = [c for c in table.encrypted.values() if fold_case(c.name) in folded]
+                self._unsupported(kind, table, used[0] if used else None)
+        if UNICODE_IDENTIFIER in folded:
+            raise StatementRejected(
+                FEATURE_NOT_SUPPORTED,
+                f"{_UNSUPPORTED[kind]} with a Unicode escape identifier (U&\"...\") "
+                "may name a table with encrypted columns, which the proxy cannot check",
+                "Write the identifiers without Unicode escapes.",
+            )
 
     def _merge(self, body: Node) -> None:
         table = self._table_of(body["relation"])
         if table is not None:
             self._unsupported("MergeStmt", table)
 
-    def _unsupported(self, kind: str, table: RuledTable | None = None) -> None:
+    def _unsupported(
+        self,
+        kind: str,
+        table: RuledTable | None = None,
+        column: EncryptedColumn | None = None,
+    ) -> None:
         table = table or next(iter(self._scope.values()))
-        column = next(iter(table.encrypted.values()))
+        column = column or next(iter(table.encrypted.values()))
         what = _UNSUPPORTED[kind]
+        relation = "that names" if kind.startswith("Create") else "on"
         raise reject(
             column,
-            f"{what} on table {table.qualified_name} is not supported yet",
-            "Use INSERT, UPDATE and SELECT with parameters for this table.",
+            f"{what} {relation} table {table.qualified_name} is not supported yet",
+            "Use INSERT, UPDATE and SELECT with parameters for this table, sent "
+            "by the application through the proxy.",
         )
+
+
+def _code_strings(options: list[Node], name: str | None = None) -> str:
+    """Join the string arguments of DefElem options, such as a DO block's code.
+
+    `name` keeps only the options of that name, such as a function's AS.
+    """
+    strings = []
+    for item in options:
+        option = item["DefElem"]
+        if name is not None and option.get("defname") != name:
+            continue
+        for _, value in _nodes_of_kinds(option.get("arg", {}), ("String",)):
+            strings.append(str(value.get("sval", "")))
+    return " ".join(strings)
 
 
 def _sealed_here(node: Node) -> bool:
@@ -1126,21 +1333,9 @@ def _nodes_of_kinds(node: Any, kinds: tuple[str, ...]) -> Iterator[tuple[str, No
             yield from _nodes_of_kinds(value, kinds)
 
 
-def _output_column(node: Node, targets: list[Node]) -> Node | None:
-    """Return the ColumnRef of the output column that `node` names by position or alias."""
-    if "A_Const" in node and "ival" in node["A_Const"]:
-        position = node["A_Const"]["ival"].get("ival", 0)
-        if 1 <= position <= len(targets):
-            ref: Node | None = targets[position - 1].get("val", {}).get("ColumnRef")
-            return ref
-        return None
-    names = _field_names(node.get("ColumnRef", {}))
-    if len(names) == 1:
-        for target in targets:
-            if target.get("name") == names[0]:
-                named: Node | None = target.get("val", {}).get("ColumnRef")
-                return named
-    return None
+def _is_star(node: Node) -> bool:
+    ref = node.get("ColumnRef", {})
+    return any("A_Star" in item for item in ref.get("fields", []))
 
 
 def _randomized(column: EncryptedColumn) -> bool:

@@ -252,7 +252,11 @@ def decode_error_fields(payload: bytes | memoryview) -> dict[str, str]:
 
 
 def encode_error(
-    sqlstate: str, message: str, hint: str = "", severity: str = "ERROR"
+    sqlstate: str,
+    message: str,
+    hint: str = "",
+    severity: str = "ERROR",
+    position: int | None = None,
 ) -> bytes:
     """Build an ErrorResponse with the fields drivers read first."""
     parts = [b"S" + _cstring(severity), b"V" + _cstring(severity)]
@@ -260,4 +264,6 @@ def encode_error(
     parts.append(b"M" + _cstring(message))
     if hint:
         parts.append(b"H" + _cstring(hint))
+    if position is not None:
+        parts.append(b"P" + _cstring(str(position)))
     return build(b"E", b"".join(parts) + b"\0")

@@ -1222,7 +1222,9 @@ class Session:
         front = self._front()
         if front is not None and front.rejection is not None:
             exc = front.rejection
-            out.to_client.append(m.encode_error(exc.sqlstate, exc.message, exc.hint))
+            out.to_client.append(
+                m.encode_error(exc.sqlstate, exc.message, exc.hint, position=exc.position)
+            )
         else:
             out.to_client.append(frame.raw)
         if front is None or front.kind == "query":

@@ -6,6 +6,7 @@ import psycopg
 import pytest
 
 from tests.fixtures.proxy import RunningProxy
+from tests.integration.sealing import assert_sealed
 
 SEED = "seed-token-7Hq2"
 
@@ -43,6 +44,49 @@ REJECTED = [
         "WHEN MATCHED THEN UPDATE SET access_token = 'plain'",
         "MERGE",
     ),
+    (
+        (
+            "CREATE FUNCTION put_token(t text) RETURNS void LANGUAGE sql "
+            "AS $$ INSERT INTO oauth_tokens (user_id, access_token) VALUES (9, t) $$"
+        ),
+        "function body",
+    ),
+    (
+        (
+            "CREATE FUNCTION put_token(t text) RETURNS void LANGUAGE sql "
+            "BEGIN ATOMIC INSERT INTO oauth_tokens (user_id, access_token) VALUES (9, t); END"
+        ),
+        "function body",
+    ),
+    (
+        (
+            "CREATE PROCEDURE put_token(t text) LANGUAGE plpgsql "
+            "AS $$ BEGIN UPDATE oauth_tokens SET access_token = t; END $$"
+        ),
+        "procedure body",
+    ),
+    ("SELECT * FROM oauth_tokens WHERE id < 5 ORDER BY 4", "ORDER BY"),
+    ("SELECT count(DISTINCT access_token) FROM oauth_tokens", "count(DISTINCT)"),
+    ("SELECT t FROM oauth_tokens t", "whole-row"),
+    ("SELECT row_to_json(t) FROM oauth_tokens t", "whole-row"),
+    ("SELECT to_jsonb(t.*) FROM oauth_tokens t", "whole-row"),
+    ("SELECT (SELECT access_token FROM oauth_tokens LIMIT 1)", "subquery"),
+    (
+        (
+            "SELECT u.t FROM (SELECT access_token AS t FROM oauth_tokens "
+            "UNION ALL SELECT refresh_token FROM oauth_tokens) u"
+        ),
+        "subquery in FROM",
+    ),
+    ("SELECT coalesce(access_token, provider) FROM oauth_tokens", "mixes"),
+    (
+        "SELECT CASE WHEN id = 1 THEN access_token ELSE provider END FROM oauth_tokens",
+        "mixes",
+    ),
+    (
+        "SELECT access_token FROM oauth_tokens UNION ALL SELECT provider FROM oauth_tokens",
+        "mixes",
+    ),
 ]
 
 
@@ -74,6 +118,122 @@ def test_rejected_statement(seeded: RunningProxy, sql: str, reason: str, protoco
     assert info.value.diag.message_hint
     assert count == 1
     assert _table(seeded) == before
+
+
+def test_rejected_function_not_created(seeded: RunningProxy) -> None:
+    sql = (
+        "CREATE FUNCTION put_token(t text) RETURNS void LANGUAGE sql "
+        "AS $$ INSERT INTO oauth_tokens (user_id, access_token) VALUES (9, t) $$"
+    )
+    with (
+        psycopg.connect(seeded.dsn(), autocommit=True) as conn,
+        pytest.raises(psycopg.errors.FeatureNotSupported),
+    ):
+        conn.execute(sql)
+    assert seeded.direct("SELECT proname FROM pg_proc WHERE proname = 'put_token'") == []
+
+
+SYNTAX_ERRORS = [
+    ("INSERT INTO oauth_tokens (user_id, access_token) VALUES (3, 'synerrSECRET1'", None),
+    (
+        (
+            "INSERT INTO oauth_tokens (user_id, access_token) "
+            "VALUES (3, 'synerrSECRET2' 'continued')"
+        ),
+        77,
+    ),
+    ("INSERT INTO U&\"oauth_t\\006Fkens\" VALUES (3, 'synerrSECRET3'", None),
+]
+
+
+@pytest.mark.parametrize("protocol", ["simple", "extended"])
+@pytest.mark.parametrize(
+    ("sql", "position"), SYNTAX_ERRORS, ids=["end", "adjacent literals", "unicode escape"]
+)
+def test_syntax_error_kept_from_server(
+    seeded: RunningProxy, sql: str, position: int | None, protocol: str
+) -> None:
+    before = _table(seeded)
+    with psycopg.connect(seeded.dsn(), autocommit=True) as conn:
+        with pytest.raises(psycopg.errors.SyntaxError) as info:
+            conn.execute(sql, prepare=False if protocol == "simple" else None)
+        (count,) = conn.execute("SELECT count(*) FROM oauth_tokens").fetchone() or ()
+    diag = info.value.diag
+    secret = sql.split("'")[1]
+    assert info.value.sqlstate == "42601"
+    assert diag.message_primary is not None
+    assert diag.message_primary.startswith("syntax error")
+    assert "encrypted columns" in diag.message_primary
+    assert secret not in diag.message_primary
+    assert diag.message_hint
+    assert diag.statement_position == (None if position is None else str(position))
+    assert count == 1
+    assert _table(seeded) == before
+    log_path = getattr(seeded.server, "log_path", None)
+    if log_path is not None:
+        assert secret not in log_path.read_text(errors="replace")
+
+
+def test_syntax_error_named_table_names_column(seeded: RunningProxy) -> None:
+    sql = "INSERT INTO oauth_tokens (user_id, access_token) VALUES (3, 'x'"
+    with (
+        psycopg.connect(seeded.dsn(), autocommit=True) as conn,
+        pytest.raises(psycopg.errors.SyntaxError) as info,
+    ):
+        conn.execute(sql)
+    assert "public.oauth_tokens.access_token" in (info.value.diag.message_primary or "")
+
+
+def test_syntax_error_unruled_table_reaches_server(seeded: RunningProxy) -> None:
+    with (
+        psycopg.connect(seeded.dsn(), autocommit=True) as conn,
+        pytest.raises(psycopg.errors.SyntaxError) as info,
+    ):
+        conn.execute("SELEC 1 FROM pg_class")
+    assert info.value.diag.message_primary == 'syntax error at or near "SELEC"'
+    assert info.value.diag.message_hint is None
+
+
+UNICODE_WRITES = [
+    "INSERT INTO U&\"oauth_t\\006Fkens\" (user_id, access_token) VALUES (5, 'leakUE1')",
+    (
+        "INSERT INTO U&\"!006Fauth_tokens\" UESCAPE '!' (user_id, access_token) "
+        "VALUES (5, 'leakUE2')"
+    ),
+    "INSERT INTO public.U&\"oauth_t\\006Fkens\" (user_id, access_token) VALUES (5, %s)",
+]
+
+
+@pytest.mark.parametrize("sql", UNICODE_WRITES, ids=["escape", "uescape", "parameter"])
+def test_unicode_escape_table_sealed(oauth_proxy: RunningProxy, sql: str) -> None:
+    plaintext = "leakUE3" if "%s" in sql else sql.split("'")[-2]
+    with psycopg.connect(oauth_proxy.dsn(), autocommit=True) as conn:
+        conn.execute(sql, (plaintext,) if "%s" in sql else None)
+        read = conn.execute("SELECT access_token FROM oauth_tokens").fetchall()
+    (stored,) = oauth_proxy.direct("SELECT access_token FROM oauth_tokens")[0]
+    assert read == [(plaintext,)]
+    assert_sealed(stored, plaintext)
+
+
+def test_unicode_escape_update_and_copy_sealed(oauth_proxy: RunningProxy) -> None:
+    with psycopg.connect(oauth_proxy.dsn(), autocommit=True) as conn:
+        with conn.cursor().copy(
+            'COPY U&"oauth_t\\006Fkens" (user_id, access_token) FROM STDIN'
+        ) as copy:
+            copy.write_row((6, "leakUE5 copy"))
+        conn.execute(
+            "UPDATE U&\"oauth_t\\006Fkens\" SET refresh_token = 'leakUE4 update' "
+            "WHERE user_id = 6"
+        )
+        read = conn.execute(
+            "SELECT access_token, refresh_token FROM oauth_tokens"
+        ).fetchall()
+    ((access, refresh),) = oauth_proxy.direct(
+        "SELECT access_token, refresh_token FROM oauth_tokens"
+    )
+    assert read == [("leakUE5 copy", "leakUE4 update")]
+    assert_sealed(access, "leakUE5 copy")
+    assert_sealed(refresh, "leakUE4 update")
 
 
 def test_rejection_in_transaction_aborts_it(seeded: RunningProxy) -> None:

@@ -54,8 +54,24 @@ def test_unruled_statement_skips_parser(analyzer: Analyzer) -> None:
     assert plan.is_empty
 
 
-def test_syntax_error_left_to_server(analyzer: Analyzer) -> None:
-    assert analyzer.plan("SELEC token FROM accounts").is_empty
+def test_syntax_error_on_ruled_table_rejected(analyzer: Analyzer) -> None:
+    exc = _rejected(analyzer, "INSERT INTO accounts (token) VALUES ('s3cret'")
+    assert exc.sqlstate == "42601"
+    assert "syntax error at end of input" in exc.message
+    assert "public.accounts.token" in exc.message
+    assert "s3cret" not in exc.message
+    assert exc.hint
+    assert exc.position is None
+
+
+def test_syntax_error_position_given(analyzer: Analyzer) -> None:
+    exc = _rejected(analyzer, "SELEC token FROM accounts")
+    assert exc.sqlstate == "42601"
+    assert exc.position == 1
+
+
+def test_syntax_error_unruled_table_passes(analyzer: Analyzer) -> None:
+    assert analyzer.plan("SELEC id FROM orders").is_empty
 
 
 def test_insert_params_mapped(analyzer: Analyzer) -> None:
@@ -141,6 +157,77 @@ def test_deterministic_group_by_allowed(analyzer: Analyzer) -> None:
         ("SELECT id, email FROM accounts ORDER BY 2", "ORDER BY"),
         ("SELECT token AS t FROM accounts GROUP BY t", "GROUP BY"),
         ("SELECT email AS e FROM accounts ORDER BY e DESC", "ORDER BY"),
+        ("SELECT * FROM accounts WHERE id < 5 ORDER BY 3", "ORDER BY"),
+        ("SELECT a.* FROM accounts a ORDER BY 4", "ORDER BY"),
+        ("SELECT * FROM accounts a JOIN orders o USING (id) ORDER BY 2", "ORDER BY by position"),
+        ("SELECT coalesce(email, token) AS e FROM accounts ORDER BY e", "ORDER BY"),
+        ("SELECT email FROM accounts UNION ALL SELECT email FROM accounts ORDER BY 1", "ORDER BY"),
+        ("SELECT * FROM accounts GROUP BY 3", "GROUP BY"),
+        ("SELECT count(DISTINCT token) FROM accounts", "count(DISTINCT)"),
+        ("SELECT a FROM accounts a WHERE id = 1", "whole-row"),
+        ("SELECT row_to_json(a) FROM accounts a WHERE id = 1", "whole-row"),
+        ("SELECT row_to_json(accounts) FROM accounts", "whole-row"),
+        ("SELECT to_json(a.*) FROM accounts a", "whole-row"),
+        ("SELECT (a).token FROM accounts a", "whole-row"),
+        ("SELECT row_to_json(s) FROM (SELECT * FROM accounts) s", "whole-row"),
+        ("SELECT (SELECT email FROM accounts WHERE id = 1)", "subquery"),
+        (
+            "SELECT id, (SELECT b.token FROM accounts b WHERE b.id = a.id) FROM accounts a",
+            "subquery",
+        ),
+        ("SELECT ARRAY(SELECT token FROM accounts)", "subquery"),
+        ("SELECT id FROM accounts WHERE owner IN (SELECT email FROM accounts)", "subquery"),
+        (
+            (
+                "SELECT u.e FROM (SELECT email AS e FROM accounts UNION ALL "
+                "SELECT email FROM accounts) u"
+            ),
+            "subquery in FROM or WITH",
+        ),
+        (
+            "WITH u AS (SELECT coalesce(token, email) AS t FROM accounts) SELECT t FROM u",
+            "subquery in FROM or WITH",
+        ),
+        ("SELECT coalesce(token, owner) FROM accounts", "mixes"),
+        ("SELECT coalesce(email, upper(owner)) FROM accounts", "mixes"),
+        ("SELECT CASE WHEN id = 1 THEN email ELSE owner END FROM accounts", "mixes"),
+        ("SELECT token FROM accounts UNION ALL SELECT owner FROM accounts", "mixes"),
+        ("SELECT owner FROM accounts UNION ALL SELECT email FROM accounts", "mixes"),
+        (
+            (
+                "SELECT * FROM accounts a JOIN orders o USING (id) "
+                "UNION ALL SELECT * FROM accounts a JOIN orders o USING (id)"
+            ),
+            "UNION",
+        ),
+        (
+            (
+                "CREATE FUNCTION f(t text) RETURNS void LANGUAGE sql "
+                "AS $$ INSERT INTO accounts (owner, token) VALUES ('x', t) $$"
+            ),
+            "function body that names table public.accounts",
+        ),
+        (
+            (
+                "CREATE OR REPLACE FUNCTION f(t text) RETURNS void LANGUAGE sql "
+                "BEGIN ATOMIC INSERT INTO accounts (token) VALUES (t); END"
+            ),
+            "function body",
+        ),
+        (
+            (
+                "CREATE FUNCTION f() RETURNS text LANGUAGE sql "
+                "RETURN (SELECT token FROM accounts LIMIT 1)"
+            ),
+            "function body",
+        ),
+        (
+            (
+                "CREATE PROCEDURE p(t text) LANGUAGE plpgsql "
+                "AS 'BEGIN UPDATE Accounts SET token = t; END'"
+            ),
+            "procedure body",
+        ),
     ],
 )
 def test_rejections(analyzer: Analyzer, sql: str, reason: str) -> None:
@@ -321,3 +408,78 @@ def test_copy_maps_associated_field(bound: Analyzer) -> None:
     plan = bound.plan("COPY keys (secret, id, owner) FROM STDIN")
     assert plan.copy is not None
     assert plan.copy.associated == {0: (2,)}
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "INSERT INTO U&\"acc\\006Funts\" (owner, token) VALUES ('x', 's3cret')",
+        "INSERT INTO U&\"!0061ccounts\" UESCAPE '!' (owner, token) VALUES ('x', 's3cret')",
+        "INSERT INTO public.u&\"accounts\" (owner, token) VALUES ('x', 's3cret')",
+        "UPDATE U&\"acc\\+00006Funts\" SET token = 's3cret' WHERE id = 1",
+    ],
+)
+def test_unicode_escape_table_sealed(analyzer: Analyzer, sql: str) -> None:
+    plan = analyzer.plan(sql)
+    assert [slot.value for slot in plan.literals] == ["s3cret"]
+    assert plan.literals[0].column == TOKEN
+
+
+def test_unicode_escape_copy_sealed(analyzer: Analyzer) -> None:
+    plan = analyzer.plan('COPY U&"acc\\006Funts" (owner, token) FROM STDIN')
+    assert plan.copy is not None
+    assert plan.copy.fields == {1: (TOKEN,)}
+
+
+def test_unicode_escape_unruled_table_empty(analyzer: Analyzer) -> None:
+    assert analyzer.plan('INSERT INTO U&"ord\\0065rs" (note) VALUES (1)').is_empty
+
+
+def test_unicode_escape_syntax_error_rejected(analyzer: Analyzer) -> None:
+    exc = _rejected(analyzer, "INSERT INTO U&\"acc\\006Funts\" VALUES ('s3cret'")
+    assert exc.sqlstate == "42601"
+    assert "may name a table with encrypted columns" in exc.message
+    assert exc.hint
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "SELECT * FROM accounts ORDER BY 2",
+        "SELECT count(DISTINCT email) FROM accounts",
+        "SELECT count(a) FROM accounts a WHERE a IS NOT NULL",
+        "SELECT a.*, b.* FROM accounts a JOIN accounts b USING (id)",
+        "SELECT id FROM accounts a WHERE EXISTS (SELECT * FROM accounts b WHERE b.id = a.id)",
+        "SELECT id FROM accounts WHERE id IN (SELECT id FROM accounts)",
+        "SELECT token FROM accounts UNION ALL SELECT NULL",
+        "SELECT coalesce(token, NULL::text) FROM accounts",
+        "SELECT s.email FROM (SELECT email, id FROM accounts) s",
+        "SELECT * FROM orders o WHERE o.id IN (SELECT id FROM accounts) ORDER BY 1",
+        "WITH moved AS (UPDATE accounts SET owner = 'x' RETURNING id) SELECT * FROM moved",
+        "CREATE FUNCTION f() RETURNS int LANGUAGE sql AS $$ SELECT 1 FROM orders $$",
+    ],
+)
+def test_allowed_forms_not_rejected(analyzer: Analyzer, sql: str) -> None:
+    analyzer.plan(sql)
+
+
+def test_function_body_unicode_escape_rejected(analyzer: Analyzer) -> None:
+    sql = (
+        "CREATE FUNCTION f() RETURNS void LANGUAGE sql "
+        "AS $$ DELETE FROM U&\"\\0061ccounts\" $$"
+    )
+    exc = _rejected(analyzer, sql)
+    assert exc.sqlstate == "0A000"
+    assert "Unicode escape" in exc.message
+    assert exc.hint
+
+
+def test_do_block_names_used_column(analyzer: Analyzer) -> None:
+    exc = _rejected(analyzer, "DO $$ BEGIN UPDATE accounts SET email = 'x'; END $$")
+    assert "public.accounts.email" in exc.message
+
+
+def test_union_all_literal_sealed(analyzer: Analyzer) -> None:
+    plan = analyzer.plan("SELECT token FROM accounts UNION ALL SELECT 'none'")
+    assert plan.outputs == ((TOKEN,),)
+    assert [(slot.value, slot.column) for slot in plan.literals] == [("none", TOKEN)]
