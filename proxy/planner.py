@@ -194,8 +194,13 @@ class ColumnPlanner:
         self._analyzer = Analyzer(catalog)
         self._oids = frozenset(table.oid for table in catalog.tables)
 
-    def statement(self, sql: str, search_path: tuple[str, ...] | None = None) -> StatementPlan:
-        return self._analyzer.plan(sql, search_path)
+    def statement(
+        self,
+        sql: str,
+        search_path: tuple[str, ...] | None = None,
+        absent: frozenset[str] = frozenset(),
+    ) -> StatementPlan:
+        return self._analyzer.plan(sql, search_path, absent)
 
     def seal_literals(self, sql: str, plan: StatementPlan) -> str:
         return replace_literals(sql, plan.literals, self._seal_literal)
