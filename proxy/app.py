@@ -370,7 +370,7 @@ class Proxy:
         await self._server.serve_forever()
 
     async def stop(self) -> None:
-        for task in (self._refresher, self._watcher):
+        for task in (self._refresher, self._watcher, self._reloading):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):

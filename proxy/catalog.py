@@ -656,10 +656,19 @@ async def _add_snapshot(
             moved = oids.get(table.oid)
             if table.is_view or moved is None or moved in ruled or moved in broken:
                 continue
-            reason = (
-                f"table {moved[0]}.{moved[1]} was ruled table {table.qualified_name}, "
-                "renamed or moved since; rename it back or change its rule file"
-            )
+            if moved == (table.schema, table.name):
+                # An inheritance child or partition detached from its parent.
+                reason = (
+                    f"table {table.qualified_name} was ruled through its parent and "
+                    "has been detached, so it may hold sealed values; attach it "
+                    "again or write a rule file for it"
+                )
+            else:
+                reason = (
+                    f"table {moved[0]}.{moved[1]} was ruled table "
+                    f"{table.qualified_name}, renamed or moved since; rename it "
+                    "back or change its rule file"
+                )
             log.error("%s, so statements on it are rejected", reason)
             broken[moved] = reason
             broken_oids.append(table.oid)

@@ -310,3 +310,15 @@ def test_partition_is_sealed(events_proxy: RunningProxy) -> None:
     assert len(stored) == 2
     for value in stored:
         assert_sealed(value, SECRET)
+
+
+def test_detached_partition_fails_closed(events_proxy: RunningProxy) -> None:
+    with _connect(events_proxy) as conn:
+        conn.execute("CREATE TABLE events_eu PARTITION OF events FOR VALUES IN ('eu')")
+        conn.execute("INSERT INTO events_eu VALUES (1, 'eu', %s)", (SECRET,))
+        conn.execute("ALTER TABLE events DETACH PARTITION events_eu")
+        with pytest.raises(NOT_SUPPORTED) as raised:
+            conn.execute("INSERT INTO events_eu VALUES (2, 'eu', %s)", (SECRET,))
+    assert "detached" in str(raised.value)
+    ((count,),) = events_proxy.direct("SELECT count(*) FROM events_eu")
+    assert count == 1
