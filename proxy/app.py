@@ -334,6 +334,8 @@ class Proxy:
         """Read the catalog again in a reload that starts after this call."""
         if database not in self._catalogs:
             return
+        # NOTE: every write into a missing relation costs one catalog read,
+        # shared only by requests that arrive during the same read.
         self._start_reload()
         await self._catalog_ready(database)
 
