@@ -77,6 +77,10 @@ class ProxySettings:
     keyring_sets: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
 
 
+# Longest wait for a lock while reading the catalog, in PostgreSQL's units.
+_CATALOG_LOCK_TIMEOUT = "5s"
+
+
 class Proxy:
     """One proxy process: loads rules and keys, then serves clients."""
 
@@ -93,6 +97,10 @@ class Proxy:
         self._column_planners: dict[str, ColumnPlanner] = {}
         self._rules = RuleSet(())
         self._reloading: asyncio.Task[None] | None = None
+        # Catalog reloads started so far; a statement that needs a catalog
+        # read after some moment waits for a reload with a higher number.
+        self._reloads_started = 0
+        self._reload_number = 0
         self._server: Listener | None = None
         self._refresher: asyncio.Task[None] | None = None
         self._watcher: asyncio.Task[None] | None = None
@@ -145,6 +153,8 @@ class Proxy:
             startup_timeout=settings.startup_timeout,
         )
         self.relay.on_catalog_change = self._catalog_changed
+        self.relay.catalog_ready = self._catalog_ready
+        self.relay.refresh_catalog = self._refresh_catalog
         self.relay.fetch_keys = self._fetch_keys
         self._server = await Listener.start(
             self.relay.accept, settings.listen_host, settings.listen_port
@@ -173,7 +183,7 @@ class Proxy:
         try:
             rules = load_rules(self.settings.rules_dir)
             self.keyring_sets.for_rules(rules)
-            catalogs = await self._load_catalogs(rules)
+            catalogs = await self._load_catalogs(rules, strict=False)
         except (PgsealError, OSError, asyncpg.PostgresError) as exc:
             log.error("new rules rejected, the rules in force stay: %s", exc)
             return False
@@ -201,14 +211,30 @@ class Proxy:
                 log.info("rule files changed in %s", self.settings.rules_dir)
                 await self.reload_rules()
 
-    async def _load_catalogs(self, rules: RuleSet) -> dict[str, Catalog]:
+    async def _load_catalogs(
+        self, rules: RuleSet, strict: bool = True
+    ) -> dict[str, Catalog]:
+        """Read the catalog of every database that has rules.
+
+        With `strict`, a rule that does not match its table raises
+        RuleError; without it, that table is marked broken, and statements
+        on it are rejected until it matches again.
+        """
         upstream = self.settings.upstream
         catalogs = {}
         for database in sorted(rules.databases(upstream.database)):
-            conn = await asyncpg.connect(**upstream.connect_args(database))
+            # Client statements wait for this read, so it must not wait for
+            # a lock that one of those clients holds.
+            conn = await asyncpg.connect(
+                **upstream.connect_args(database),
+                server_settings={"lock_timeout": _CATALOG_LOCK_TIMEOUT},
+            )
             try:
                 table_rules = rules.for_database(database, upstream.database)
-                catalogs[database] = await load_catalog(conn, table_rules)
+                previous = self._catalogs.get(database)
+                catalogs[database] = await load_catalog(
+                    conn, table_rules, strict, previous
+                )
             finally:
                 await conn.close()
         _check_write_only(catalogs, self.keyrings)
@@ -258,27 +284,60 @@ class Proxy:
 
     async def reload_catalogs(self) -> None:
         """Read the ruled tables and their views again, and load keys for them."""
-        self._catalogs = await self._load_catalogs(self._rules)
+        self._catalogs = await self._load_catalogs(self._rules, strict=False)
         await self._load_keys()
         if self.relay is not None:
             self.relay.set_planners(self._planners())
         log.info("reloaded the catalog of %d databases", len(self._catalogs))
 
     def _catalog_changed(self, database: str) -> None:
-        """Schedule one catalog reload after DDL, however many sessions report it."""
-        if database not in self._catalogs or self._reloading is not None:
-            return
-        # NOTE: a statement that runs before the reload finishes sees the old
-        # catalog; reads of a new view then return ciphertext until it ends.
-        self._reloading = asyncio.create_task(self._reload_after_ddl())
+        """Start a catalog reload after DDL committed, unless one is about to start.
 
-    async def _reload_after_ddl(self) -> None:
+        Statements of every session on the database wait for it to finish.
+        """
+        if database not in self._catalogs:
+            return
+        self._start_reload()
+
+    def _start_reload(self) -> int:
+        """Start a catalog reload after the one in progress; return its number.
+
+        A reload in progress may have read the catalog before the latest
+        DDL committed, so one more runs after it. Requests that arrive while
+        that one still waits share it.
+        """
+        if self._reloads_started > self._reload_number:
+            return self._reloads_started
+        self._reloads_started += 1
+        number = self._reloads_started
+        previous = self._reloading
+        self._reloading = asyncio.create_task(self._reload_after(previous, number))
+        return number
+
+    async def _reload_after(self, previous: asyncio.Task[None] | None, number: int) -> None:
+        if previous is not None:
+            await asyncio.wait([previous])
+        self._reload_number = number
         try:
             await self.reload_catalogs()
         except (PgsealError, OSError, asyncpg.PostgresError) as exc:
-            log.warning("catalog reload after DDL failed, the old catalog stays: %s", exc)
-        finally:
-            self._reloading = None
+            log.warning("catalog reload failed, the old catalog stays: %s", exc)
+
+    async def _catalog_ready(self, database: str) -> None:
+        """Wait for the catalog reloads started so far."""
+        task = self._reloading
+        while task is not None and not task.done():
+            await asyncio.wait([task])
+            task = self._reloading
+
+    async def _refresh_catalog(self, database: str) -> None:
+        """Read the catalog again in a reload that starts after this call."""
+        if database not in self._catalogs:
+            return
+        # NOTE: every write into a missing relation costs one catalog read,
+        # shared only by requests that arrive during the same read.
+        self._start_reload()
+        await self._catalog_ready(database)
 
     async def _fetch_keys(self, requests: tuple[KeyRequest, ...]) -> None:
         """Load or create the data keys a session needs, into the cache.
@@ -313,7 +372,7 @@ class Proxy:
         await self._server.serve_forever()
 
     async def stop(self) -> None:
-        for task in (self._refresher, self._watcher):
+        for task in (self._refresher, self._watcher, self._reloading):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):

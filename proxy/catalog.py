@@ -10,7 +10,7 @@ from __future__ import annotations
 import enum
 import logging
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from proxy.crypto.subjects import SUBJECT_TYPE_NAMES
@@ -140,6 +140,17 @@ class Catalog:
     # Every schema holding a relation named like a ruled table, ruled or not,
     # to resolve unqualified names along a search_path.
     namesakes: dict[str, frozenset[str]] = field(default_factory=dict, repr=False)
+    # Every relation of the database when the catalog was read, as (schema,
+    # name); temporary ones also under the schema name pg_temp.
+    relations: frozenset[tuple[str, str]] = frozenset()
+    # Views over ruled tables whose encrypted columns could not be traced,
+    # and relations with a rewrite rule that reads or writes a ruled table.
+    untraced: frozenset[tuple[str, str]] = frozenset()
+    # Relations that no longer match their rules, with the reason.
+    broken: dict[tuple[str, str], str] = field(default_factory=dict, repr=False)
+    # False for a catalog built without reading the server's relations:
+    # then a name it has not seen counts as plain.
+    has_snapshot: bool = False
 
     @classmethod
     def build(
@@ -155,7 +166,53 @@ class Catalog:
     @property
     def table_names(self) -> frozenset[str]:
         """Lower-case table names, for the check that skips the parser."""
-        return frozenset(t.name.lower() for t in self.tables)
+        names = {t.name.lower() for t in self.tables}
+        names.update(name.lower() for _, name in self.broken)
+        return frozenset(names)
+
+    def classify(
+        self, schema: str | None, name: str, search_path: tuple[str, ...] | None = None
+    ) -> tuple[RelationKind, str]:
+        """Tell what a possibly unqualified relation name stands for.
+
+        Returns the kind and the qualified name, or for a broken relation
+        the reason it no longer matches its rule. An unqualified name with
+        an unknown search_path takes the most guarded kind among the
+        schemas that hold it.
+        """
+        if schema is not None:
+            return self._classify_in(schema, name)
+        if search_path is None:
+            found = [self._classify_in(s, n) for s, n in self._all_named(name)]
+            unseen = (self._unseen_kind, name)
+            return min(found, key=lambda item: _GUARD_ORDER.index(item[0]), default=unseen)
+        for candidate in _effective_path(search_path):
+            kind, detail = self._classify_in(candidate, name)
+            if kind is not self._unseen_kind:
+                return kind, detail
+        return self._unseen_kind, name
+
+    @property
+    def _unseen_kind(self) -> RelationKind:
+        return RelationKind.UNKNOWN if self.has_snapshot else RelationKind.PLAIN
+
+    def _all_named(self, name: str) -> set[tuple[str, str]]:
+        named = {key for key in self._by_name if key[1] == name}
+        named.update(key for key in self.broken if key[1] == name)
+        named.update(key for key in self.relations if key[1] == name)
+        return named
+
+    def _classify_in(self, schema: str, name: str) -> tuple[RelationKind, str]:
+        key = (schema, name)
+        if key in self.broken:
+            return RelationKind.BROKEN, self.broken[key]
+        if key in self._by_name:
+            return RelationKind.RULED, f"{schema}.{name}"
+        if key in self.untraced:
+            return RelationKind.UNTRACED, f"{schema}.{name}"
+        if key in self.relations:
+            return RelationKind.PLAIN, f"{schema}.{name}"
+        return self._unseen_kind, f"{schema}.{name}"
 
     def lookup(
         self, schema: str | None, name: str, search_path: tuple[str, ...] | None = None
@@ -192,6 +249,32 @@ class Catalog:
         return Catalog.build(self.tables, namesakes)
 
 
+class RelationKind(enum.Enum):
+    """The kind of relation a name resolves to, as far as sealing is concerned."""
+
+    # A ruled table, one of its inheritance children, or a traced view.
+    RULED = "ruled"
+    # A ruled table whose columns no longer match its rule.
+    BROKEN = "broken"
+    # A view over a ruled table whose encrypted columns could not be traced.
+    UNTRACED = "untraced"
+    # A relation that existed when the catalog was read and contains no
+    # encrypted column.
+    PLAIN = "plain"
+    # A name the catalog has not seen: created since, or not existing.
+    UNKNOWN = "unknown"
+
+
+# The first kind found wins when a name may resolve to several relations.
+_GUARD_ORDER = (
+    RelationKind.BROKEN,
+    RelationKind.RULED,
+    RelationKind.UNTRACED,
+    RelationKind.UNKNOWN,
+    RelationKind.PLAIN,
+)
+
+
 def _effective_path(search_path: tuple[str, ...]) -> list[str]:
     path = list(search_path)
     for implicit in ("pg_catalog", "pg_temp"):
@@ -213,10 +296,19 @@ ORDER BY c.oid, a.attnum
 """
 
 
-async def load_catalog(conn: Any, rules: Sequence[TableRule]) -> Catalog:
+async def load_catalog(
+    conn: Any,
+    rules: Sequence[TableRule],
+    strict: bool = True,
+    previous: Catalog | None = None,
+) -> Catalog:
     """Read the ruled tables from the server and check the rules against them.
 
     `conn` is an asyncpg connection to the database the rules apply to.
+    With `strict`, a rule that does not match its table raises RuleError.
+    Without it, the table is recorded as broken, so that statements on it
+    are rejected while the other tables keep working. `previous` is the
+    catalog in force: a ruled table that has been renamed since is broken.
     """
     schemas = [rule.schema for rule in rules]
     names = [rule.table for rule in rules]
@@ -224,9 +316,86 @@ async def load_catalog(conn: Any, rules: Sequence[TableRule]) -> Catalog:
     found: dict[tuple[str, str], list[Any]] = {}
     for row in rows:
         found.setdefault((row["nspname"], row["relname"]), []).append(row)
-    catalog = Catalog.build(_ruled_table(rule, found) for rule in rules)
+    tables: list[RuledTable] = []
+    broken: dict[tuple[str, str], str] = {}
+    broken_oids: list[int] = []
+    for rule in rules:
+        key = (rule.schema, rule.table)
+        try:
+            tables.append(_ruled_table(rule, found))
+        except RuleError as exc:
+            if strict:
+                raise
+            if key not in found:
+                log.warning("%s; its rule applies again once the table exists", exc)
+                continue
+            log.error(
+                "table %s no longer matches its rule, so statements on it are "
+                "rejected until it does: %s",
+                rule.qualified_name,
+                exc,
+            )
+            broken[key] = str(exc)
+            broken_oids.append(found[key][0]["oid"])
+    children, broken_children = await _children(conn, tables, rules)
+    broken.update(broken_children)
+    catalog = Catalog.build(tables + children)
     catalog = await _add_views(conn, catalog)
-    return catalog.with_namesakes(await _namesakes(conn, catalog))
+    catalog = catalog.with_namesakes(await _namesakes(conn, catalog))
+    from proxy.catalog_snapshot import add_snapshot
+
+    return await add_snapshot(conn, catalog, broken, broken_oids, previous)
+
+
+_CHILDREN_QUERY = """
+WITH RECURSIVE tree(child, root) AS (
+    SELECT i.inhrelid, i.inhparent FROM pg_catalog.pg_inherits i
+    WHERE i.inhparent = ANY($1::oid[])
+    UNION
+    SELECT i.inhrelid, tree.root FROM pg_catalog.pg_inherits i
+    JOIN tree ON i.inhparent = tree.child
+)
+SELECT tree.root, c.oid, n.nspname, c.relname, a.attnum, a.attname, a.atttypid,
+       a.atttypmod, a.atthasdef, a.attgenerated <> '' AS generated
+FROM tree
+JOIN pg_catalog.pg_class c ON c.oid = tree.child
+JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+JOIN pg_catalog.pg_attribute a ON a.attrelid = c.oid
+WHERE a.attnum > 0 AND NOT a.attisdropped
+ORDER BY c.oid, a.attnum
+"""
+
+
+async def _children(
+    conn: Any, tables: list[RuledTable], rules: Sequence[TableRule]
+) -> tuple[list[RuledTable], dict[tuple[str, str], str]]:
+    """Rule the inheritance children and partitions of ruled tables.
+
+    A child takes the column rules of its ruled ancestor, with the same
+    data keys, so rows read through the parent open like the parent's own.
+    """
+    rule_by_oid = {}
+    for table in tables:
+        rule = next(r for r in rules if (r.schema, r.table) == (table.schema, table.name))
+        rule_by_oid[table.oid] = rule
+    rows = await conn.fetch(_CHILDREN_QUERY, list(rule_by_oid))
+    found: dict[tuple[int, str, str], list[Any]] = {}
+    for row in rows:
+        found.setdefault((row["root"], row["nspname"], row["relname"]), []).append(row)
+    children = []
+    broken = {}
+    for (root, schema, name), child_rows in found.items():
+        rule = rule_by_oid[root]
+        child_rule = replace(rule, schema=schema, table=name)
+        try:
+            child = _ruled_table(child_rule, {(schema, name): child_rows})
+        except RuleError as exc:
+            reason = f"{exc} (it inherits the rules of {rule.qualified_name})"
+            log.error("table %s.%s no longer matches its rule: %s", schema, name, reason)
+            broken[(schema, name)] = reason
+            continue
+        children.append(child)
+    return children, broken
 
 
 _NAMESAKES_QUERY = """

@@ -242,8 +242,13 @@ class ColumnPlanner:
         self._analyzer = Analyzer(catalog)
         self._oids = frozenset(table.oid for table in catalog.tables)
 
-    def statement(self, sql: str, search_path: tuple[str, ...] | None = None) -> StatementPlan:
-        return self._analyzer.plan(sql, search_path)
+    def statement(
+        self,
+        sql: str,
+        search_path: tuple[str, ...] | None = None,
+        absent: frozenset[str] = frozenset(),
+    ) -> StatementPlan:
+        return self._analyzer.plan(sql, search_path, absent)
 
     def seal_statement(
         self, sql: str, plan: StatementPlan, encoding: str = "utf-8"

@@ -270,6 +270,10 @@ class Relay:
         self.active_connections = 0
         self.connections: dict[str, LiveConnection] = {}
         self.on_catalog_change: Callable[[str], None] = lambda database: None
+        self.catalog_ready: Callable[[str], Awaitable[None]] = _nothing_to_wait_for
+        """Waits until a catalog reload of the database in progress has finished."""
+        self.refresh_catalog: Callable[[str], Awaitable[None]] = _nothing_to_wait_for
+        """Reads the catalog of the database again, in a reload that starts now."""
         self.fetch_keys: Callable[[tuple[KeyRequest, ...]], Awaitable[None]] = _no_keys
         """Loads or creates the data keys a session asked for, into the cache."""
 
@@ -511,6 +515,8 @@ class Relay:
                 server.writer,
                 database,
                 forwards_unchanged,
+                # Statements after DDL wait for the catalog that DDL changed.
+                lambda: self.catalog_ready(database),
             )
         )
         downward = asyncio.create_task(
@@ -549,6 +555,7 @@ class Relay:
         destination: asyncio.StreamWriter,
         database: str,
         forwards_unchanged: Callable[[], bool],
+        before_step: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         """Read one side, pass its messages through the session, write the result.
 
@@ -573,9 +580,15 @@ class Relay:
                 destination.write(data)
                 await destination.drain()
                 continue
+            if before_step is not None:
+                await before_step()
             out = step(frames.feed(data))
             fetched: tuple[KeyRequest, ...] = ()
             while True:
+                if out.catalog_changed:
+                    # Before the client sees ReadyForQuery, so that its next
+                    # statement waits for the reload.
+                    self.on_catalog_change(database)
                 if out.to_client:
                     client_writer.write(b"".join(out.to_client))
                 if out.to_server:
@@ -585,10 +598,12 @@ class Relay:
                 # side has ended the session, until it reads again or its
                 # socket fails.
                 await destination.drain()
-                if out.catalog_changed:
-                    self.on_catalog_change(database)
                 if out.close:
                     return
+                if out.catalog_needed:
+                    await self.refresh_catalog(database)
+                    out = step(out.retry)
+                    continue
                 if not out.keys_needed:
                     break
                 # The session stopped at a message whose data keys are not
@@ -601,6 +616,10 @@ class Relay:
                 await self.fetch_keys(fetched)
                 out = step(out.retry)
             unchanged = frames.pending_bytes == 0 and forwards_unchanged()
+
+
+async def _nothing_to_wait_for(database: str) -> None:
+    return None
 
 
 async def _no_keys(requests: tuple[KeyRequest, ...]) -> None:

@@ -23,6 +23,7 @@ from proxy.rules import Encryption
 from proxy.sql import associated as assoc
 from proxy.sql.batch_insert import UnsealableSelect, plan_batch_insert
 from proxy.sql.bound_outputs import associate_outputs
+from proxy.sql.ddl import check_ddl
 from proxy.sql.literals import (
     LiteralSlot,
     column_ref_span,
@@ -32,6 +33,7 @@ from proxy.sql.literals import (
 from proxy.sql.outputs import Trace, passes_through, trace_expression, trace_select
 from proxy.sql.prefilter import UNICODE_IDENTIFIER, NameFilter, fold_case, syntax_error
 from proxy.sql.prepared import SqlDeallocate, SqlExecute, SqlPrepare
+from proxy.sql.relations import check_relations, write_needs_analysis
 from proxy.sql.subjects import (
     SubjectSource,
     missing_subject,
@@ -178,12 +180,24 @@ class Analyzer:
         self._cache: cachetools.LRUCache[CacheKey, StatementPlan | StatementRejected]
         self._cache = cachetools.LRUCache(maxsize=cache_size)
 
-    def plan(self, sql: str, search_path: tuple[str, ...] | None = None) -> StatementPlan:
+    def plan(
+        self,
+        sql: str,
+        search_path: tuple[str, ...] | None = None,
+        absent: frozenset[str] = frozenset(),
+    ) -> StatementPlan:
         """Return the seal plan of `sql`, or raise StatementRejected.
 
         `search_path` is the session's, with `$user` already replaced, or
-        None when it is not known.
+        None when it is not known. Raises CatalogStale when the statement
+        writes into a relation the catalog has not seen, unless its name is
+        in `absent`: names that a catalog read just now did not find.
         """
+        if absent:
+            result = self._analyse(sql, search_path, absent)
+            if isinstance(result, StatementRejected):
+                raise result
+            return result
         key = (search_path, sql)
         cached = self._cache.get(key)
         if cached is None:
@@ -194,11 +208,16 @@ class Analyzer:
         return cached
 
     def _analyse(
-        self, sql: str, search_path: tuple[str, ...] | None
+        self,
+        sql: str,
+        search_path: tuple[str, ...] | None,
+        absent: frozenset[str] = frozenset(),
     ) -> StatementPlan | StatementRejected:
         lowered = fold_case(sql)
         named = self._filter.named(lowered)
-        if not self._filter.should_parse(lowered, named):
+        if not self._filter.should_parse(lowered, named) and not write_needs_analysis(
+            lowered, self.catalog, search_path
+        ):
             return EMPTY_PLAN
         try:
             tree = json.loads(parser.parse_sql_json(sql))
@@ -206,7 +225,7 @@ class Analyzer:
             # Sent on, the text would reach the server's log with its values.
             return syntax_error(exc, named)
         try:
-            walker = _Walker(self.catalog, sql, search_path)
+            walker = _Walker(self.catalog, sql, search_path, absent)
             for raw in tree.get("stmts", []):
                 walker.statement(raw["stmt"])
             plan = walker.result()
@@ -230,9 +249,14 @@ class _Walker:
     """Walk one statement text's parse trees and collect its seal plan."""
 
     def __init__(
-        self, catalog: Catalog, sql: str, search_path: tuple[str, ...] | None = None
+        self,
+        catalog: Catalog,
+        sql: str,
+        search_path: tuple[str, ...] | None = None,
+        absent: frozenset[str] = frozenset(),
     ) -> None:
         self._catalog = catalog
+        self._absent = absent
         self._sql = sql
         self._search_path = search_path
         self._search_path_change: SearchPathChange | None = None
@@ -327,6 +351,8 @@ class _Walker:
         if kind == "VariableSetStmt" and body.get("name") == "search_path":
             self._set_search_path(body)
             return
+        check_relations(stmt, self._catalog, self._search_path, self._absent)
+        check_ddl(stmt, self._table_of)
         self._scope = dict(self._ruled_relations(stmt))
         if not self._scope:
             return
@@ -413,7 +439,7 @@ class _Walker:
     def _prepare(self, body: Node) -> None:
         # TODO: literals of an SQL-level PREPARE are sealed once, so each
         # EXECUTE stores the same ciphertext in a randomized column.
-        inner = _Walker(self._catalog, self._sql, self._search_path)
+        inner = _Walker(self._catalog, self._sql, self._search_path, self._absent)
         inner.statement(body["query"])
         if inner._bindings:
             # TODO: carry the bindings to EXECUTE, whose arguments give the

@@ -40,6 +40,7 @@ from proxy.sql.hidden_params import HiddenParams, hide_randomized_literals
 from proxy.sql.prepared import SqlDeallocate, SqlPrepare, SqlPreparedStatements
 from proxy.text_forms import DEFAULT_SETTINGS, TextSettings, UnconvertibleParameter
 from proxy.text_forms import type_name as binary_type_name
+from proxy.sql.relations import CatalogStale
 from proxy.wire import messages as m
 from proxy.wire.client_encoding import decode_statement, encode_statement, python_codec
 from proxy.wire.copy_relay import CopyFailure, CopyRelay
@@ -86,7 +87,20 @@ _DDL_TAGS = (
     b"ALTER VIEW",
     b"DROP VIEW",
     b"CREATE MATERIALIZED VIEW",
+    b"ALTER MATERIALIZED VIEW",
     b"DROP MATERIALIZED VIEW",
+    b"CREATE RULE",
+    b"ALTER SCHEMA",
+)
+# DDL after which a new relation name may be a view over a ruled table.
+_VIEW_DDL_TAGS = (
+    b"CREATE VIEW",
+    b"ALTER VIEW",
+    b"ALTER TABLE",
+    b"CREATE MATERIALIZED VIEW",
+    b"ALTER MATERIALIZED VIEW",
+    b"CREATE RULE",
+    b"ALTER SCHEMA",
 )
 
 
@@ -94,7 +108,10 @@ class Planner(Protocol):
     """The planning and sealing interface that the session calls."""
 
     def statement(
-        self, sql: str, search_path: tuple[str, ...] | None = None
+        self,
+        sql: str,
+        search_path: tuple[str, ...] | None = None,
+        absent: frozenset[str] = frozenset(),
     ) -> StatementPlan: ...
 
     def seal_statement(
@@ -205,8 +222,13 @@ class Output:
     to_server: list[bytes] = field(default_factory=list)
     to_client: list[bytes] = field(default_factory=list)
     close: bool = False
-    # Set when a statement changed tables or views, so the catalog is stale.
+    # Set when a transaction that changed tables or views ended, so the
+    # catalog is stale. The caller starts a reload before it sends on the
+    # messages, and holds the session's next messages until it finished.
     catalog_changed: bool = False
+    # Relations that a statement in `retry` writes and the catalog has not
+    # seen; the caller reads the catalog again, then passes `retry` back.
+    catalog_needed: tuple[str, ...] = ()
     # Data keys to fetch before the messages in `retry` can be handled; the
     # caller fetches them and passes `retry` to the same method again.
     keys_needed: tuple[KeyRequest, ...] = ()
@@ -241,6 +263,14 @@ class Session:
         # Set from a result value that failed to open until ReadyForQuery.
         self._failed: FailedStatement | None = None
         self.transaction_status = "I"
+        # DDL completed since the session was last idle, and whether any of
+        # it could have made a view over a ruled table.
+        self._ddl_open = False
+        self._view_ddl_open = False
+        # Relations a statement needed, and those that a catalog read after
+        # that request has not found either.
+        self._catalog_requested: tuple[str, ...] = ()
+        self._catalog_checked: frozenset[str] = frozenset()
         # Set while the rest of a result whose value could not be opened is
         # dropped: "ready" until the server's ReadyForQuery, "aborting" while
         # the proxy's own failing statement aborts the server's transaction.
@@ -291,6 +321,9 @@ class Session:
         if self._planner is None:
             out.to_server.extend(frame.raw for frame in frames)
             return out
+        # The caller retries right after the catalog read it was asked for.
+        self._catalog_checked = frozenset(self._catalog_requested)
+        self._catalog_requested = ()
         for position, frame in enumerate(frames):
             handler = self._client_handlers.get(frame.type)
             if handler is None:
@@ -309,6 +342,12 @@ class Session:
                     # the search_path, so the frame can be handled again.
                     self._search_path = search_path
                     out.keys_needed = exc.requests
+                    out.retry = frames[position:]
+                    return out
+                except CatalogStale as exc:
+                    self._search_path = search_path
+                    self._catalog_requested = exc.relations
+                    out.catalog_needed = exc.relations
                     out.retry = frames[position:]
                     return out
         return out
@@ -463,7 +502,7 @@ class Session:
         path = self._search_path
         if path is not None:
             path = tuple(self._user if name == "$user" else name for name in path)
-        plan = self._sql_prepared.apply(self._planner.statement(sql, path), sql)
+        plan = self._sql_prepared.apply(self._statement_plan(sql, path), sql)
         if plan.sql_executes:
             self._check_sql_executes(plan)
         if plan.sql_prepared:
@@ -499,6 +538,30 @@ class Session:
                     "encrypted literals and lookups would miss rows",
                     f"Run DEALLOCATE {execute.name} and PREPARE it again.",
                 )
+
+    def _statement_plan(self, sql: str, path: tuple[str, ...] | None) -> StatementPlan:
+        """Plan `sql`; raise CatalogStale when it writes a relation not yet looked up.
+
+        A relation that a fresh catalog read did not find either does not
+        exist, or DDL in this session's open transaction created it, which
+        the proxy's own connection cannot see yet.
+        """
+        assert self._planner is not None
+        try:
+            return self._planner.statement(sql, path)
+        except CatalogStale as exc:
+            if not set(exc.relations) <= self._catalog_checked:
+                raise
+            if self._view_ddl_open:
+                raise StatementRejected(
+                    "0A000",
+                    f"relation {exc.relations[0]} is not known to the proxy: DDL in "
+                    "the open transaction may have made it a view over an "
+                    "encrypted table, and the proxy sees DDL only once committed",
+                    "Commit the DDL, then write to the relation in a new "
+                    "transaction.",
+                ) from None
+            return self._planner.statement(sql, path, self._catalog_checked)
 
     def _define_statement(self, name: str, statement: Statement) -> Callable[[], None]:
         return _replace(self._statements, name, statement)
@@ -1207,7 +1270,8 @@ class Session:
     def _command_complete(self, frame: Frame, out: Output) -> None:
         tag = frame.raw[5:30]
         if tag.startswith(_DDL_TAGS):
-            out.catalog_changed = True
+            self._ddl_open = True
+            self._view_ddl_open |= tag.startswith(_VIEW_DDL_TAGS)
         front = self._front()
         if front is not None and front.sql_changes and tag.startswith(_PREPARE_TAGS):
             self._sql_prepared.commit(front.sql_changes.popleft())
@@ -1256,6 +1320,11 @@ class Session:
         self.transaction_status = chr(frame.raw[5])
         if self.transaction_status == "I":
             self._end_portals()
+            # The proxy reads the catalog on its own connection, which sees
+            # DDL only once its transaction has ended.
+            out.catalog_changed = self._ddl_open
+            self._ddl_open = False
+            self._view_ddl_open = False
         out.to_client.append(frame.raw)
 
     def _end_portals(self) -> None:
