@@ -825,12 +825,14 @@ class _Walker:
             self._unsupported("MergeStmt", table)
 
     def _unsupported(self, kind: str, table: RuledTable | None = None) -> None:
+        # The proxy cannot tell which columns such a statement touches, so the
+        # message names the statement kind and the table, not a column.
         table = table or next(iter(self._scope.values()))
-        column = next(iter(table.encrypted.values()))
         what = _UNSUPPORTED[kind]
-        raise reject(
-            column,
-            f"{what} on table {table.qualified_name} is not supported yet",
+        raise StatementRejected(
+            FEATURE_NOT_SUPPORTED,
+            f"{what} on table {table.qualified_name}, which has encrypted "
+            "columns, is not supported yet",
             "Use INSERT, UPDATE and SELECT with parameters for this table.",
         )
 

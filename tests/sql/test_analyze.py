@@ -147,7 +147,7 @@ def test_rejections(analyzer: Analyzer, sql: str, reason: str) -> None:
     exc = _rejected(analyzer, sql)
     assert exc.sqlstate == "0A000"
     assert reason in exc.message
-    assert "public.accounts." in exc.message
+    assert "public.accounts" in exc.message
     assert exc.hint
 
 
@@ -321,3 +321,24 @@ def test_copy_maps_associated_field(bound: Analyzer) -> None:
     plan = bound.plan("COPY keys (secret, id, owner) FROM STDIN")
     assert plan.copy is not None
     assert plan.copy.associated == {0: (2,)}
+
+
+@pytest.mark.parametrize(
+    ("sql", "kind"),
+    [
+        ("DO $$ BEGIN UPDATE accounts SET owner = 'x'; END $$", "a DO block"),
+        (
+            "MERGE INTO accounts a USING (VALUES (1)) v(x) ON a.id = v.x "
+            "WHEN MATCHED THEN UPDATE SET owner = 'x'",
+            "MERGE",
+        ),
+    ],
+)
+def test_unsupported_statement_names_no_column(
+    analyzer: Analyzer, sql: str, kind: str
+) -> None:
+    exc = _rejected(analyzer, sql)
+    assert exc.sqlstate == "0A000"
+    assert exc.message.startswith(f"{kind} on table public.accounts")
+    assert "column public.accounts." not in exc.message
+    assert exc.hint
