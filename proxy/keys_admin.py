@@ -285,12 +285,14 @@ async def open_key_store(
             min_size=1,
             max_size=4,
         )
-    except (OSError, asyncpg.PostgresError) as exc:
+    except OSError as exc:
         if audit is not None:
             audit.close()
-        raise KeyStoreError(
-            f"cannot connect to {upstream.host}:{upstream.port}: {exc}"
-        ) from exc
+        raise upstream.unreachable(exc) from exc
+    except asyncpg.PostgresError as exc:
+        if audit is not None:
+            audit.close()
+        raise KeyStoreError(f"cannot connect to {upstream.address}: {exc}") from exc
     try:
         store = KeyStore(pool, sets.keyrings, cache, audit)
         sets.assign(store, rules)
@@ -417,7 +419,7 @@ async def _retire(args: argparse.Namespace) -> int:
         versions = await describe_versions(store, [key_name])
         to_retire = _versions_to_retire(key_name, versions, args.below_version)
         if not to_retire:
-            print(f"{key_name}: no active version to retire")
+            print(_nothing_to_retire(key_name, versions, args.below_version))
             return 0
         key_id = versions[0].key_id
         in_use = await _values_in_use(
@@ -486,10 +488,10 @@ async def _shred_with_audit(
     with audit_operation(audit, "shred", details=details) as record:
         try:
             pool = await asyncpg.create_pool(**upstream.connect_args(), min_size=1, max_size=2)
-        except (OSError, asyncpg.PostgresError) as exc:
-            raise KeyStoreError(
-                f"cannot connect to {upstream.host}:{upstream.port}: {exc}"
-            ) from exc
+        except OSError as exc:
+            raise upstream.unreachable(exc) from exc
+        except asyncpg.PostgresError as exc:
+            raise KeyStoreError(f"cannot connect to {upstream.address}: {exc}") from exc
         try:
             digests = await _digests(pool, args)
             record.details["subject_hmac"] = sorted(digest.hex() for digest in digests)
@@ -670,6 +672,26 @@ def _versions_to_retire(
         )
     limit = below if below is not None else newest
     return [version for version in active if limit is not None and version < limit]
+
+
+def _nothing_to_retire(
+    key_name: str, versions: list[KeyVersion], below: int | None
+) -> str:
+    """Say why no version of key_name is retired, for a run that retires none."""
+    active = sorted(v.version for v in versions if v.state == "active")
+    retired = sorted(v.version for v in versions if v.state == "retired")
+    if below is not None:
+        reason = f"it has no active version below {below}"
+    elif len(active) == 1:
+        reason = (
+            f"version {active[0]} is its only active version and seals new "
+            "values, so there is no older version to retire"
+        )
+    else:
+        reason = "it has no active version"
+    if retired:
+        reason += f" (versions {', '.join(map(str, retired))} are retired already)"
+    return f"{key_name}: nothing retired: {reason}"
 
 
 async def _values_in_use(
