@@ -40,6 +40,7 @@ from proxy.server import (
     Listener,
     Relay,
     Upstream,
+    is_unreachable,
 )
 from proxy.tls import load_client_tls
 from proxy.wire.frames import DEFAULT_MAX_MESSAGE
@@ -138,7 +139,9 @@ class Proxy:
                 **settings.upstream.connect_args(), min_size=1, max_size=4
             )
         except OSError as exc:
-            raise settings.upstream.unreachable(exc) from exc
+            if is_unreachable(exc):
+                raise settings.upstream.unreachable(exc) from exc
+            raise
         if settings.audit_log is not None:
             self._audit = AuditLog(settings.audit_log, db_user=settings.upstream.user)
         self._keystore = KeyStore(self._pool, self.keyrings, self._cache, self._audit)

@@ -30,13 +30,13 @@ from proxy.crypto.keyversions import KeyVersion, describe_versions, retire_versi
 from proxy.crypto.rewrap import drop_keyrings, rewrap
 from proxy.crypto.shred import ShredResult, shred_subject, subject_digests
 from proxy.crypto.values import Algorithm
-from proxy.errors import ConfigError, KeyStoreError
+from proxy.errors import ConfigError, KeyStoreError, PgsealError
 from proxy.keyring_sets import KeyringSets, load_keyring_sets
 from proxy.planner import KeyView
 from proxy.progress import ProgressBar
 from proxy.reencrypt import ReencryptOptions, Reencryptor, count_key_versions
 from proxy.rules import ColumnRule, RuleSet, TableRule, load_rules
-from proxy.server import Upstream
+from proxy.server import Upstream, is_unreachable
 
 __all__ = ["add_key_commands", "add_reencrypt_command"]
 
@@ -285,14 +285,10 @@ async def open_key_store(
             min_size=1,
             max_size=4,
         )
-    except OSError as exc:
+    except (OSError, asyncpg.PostgresError) as exc:
         if audit is not None:
             audit.close()
-        raise upstream.unreachable(exc) from exc
-    except asyncpg.PostgresError as exc:
-        if audit is not None:
-            audit.close()
-        raise KeyStoreError(f"cannot connect to {upstream.address}: {exc}") from exc
+        raise _connect_error(upstream, exc) from exc
     try:
         store = KeyStore(pool, sets.keyrings, cache, audit)
         sets.assign(store, rules)
@@ -302,6 +298,12 @@ async def open_key_store(
         await pool.close()
         if audit is not None:
             audit.close()
+
+
+def _connect_error(upstream: Upstream, exc: Exception) -> PgsealError:
+    if isinstance(exc, OSError) and is_unreachable(exc):
+        return upstream.unreachable(exc)
+    return KeyStoreError(f"cannot connect to {upstream.address}: {exc}")
 
 
 async def _list(args: argparse.Namespace) -> int:
@@ -488,10 +490,8 @@ async def _shred_with_audit(
     with audit_operation(audit, "shred", details=details) as record:
         try:
             pool = await asyncpg.create_pool(**upstream.connect_args(), min_size=1, max_size=2)
-        except OSError as exc:
-            raise upstream.unreachable(exc) from exc
-        except asyncpg.PostgresError as exc:
-            raise KeyStoreError(f"cannot connect to {upstream.address}: {exc}") from exc
+        except (OSError, asyncpg.PostgresError) as exc:
+            raise _connect_error(upstream, exc) from exc
         try:
             digests = await _digests(pool, args)
             record.details["subject_hmac"] = sorted(digest.hex() for digest in digests)

@@ -159,6 +159,20 @@ class Upstream:
         }
 
 
+def is_unreachable(exc: OSError) -> bool:
+    """Tell whether a failed connect means that the server could not be reached.
+
+    A TLS failure, an ssl.SSLError or asyncpg's ConnectionError for a
+    rejected SSL upgrade, means that the server was reached, so it keeps its
+    own message.
+    """
+    if isinstance(exc, ssl.SSLError):
+        return False
+    if isinstance(exc, ConnectionError):
+        return isinstance(exc, ConnectionRefusedError)
+    return True
+
+
 def _uri_port(parts: SplitResult) -> int:
     """Return the URI's port, 5432 if it has none. Raises ConfigError if invalid."""
     # The port text comes after the last '@', so a password never reaches
