@@ -106,7 +106,9 @@ def _build_parser() -> argparse.ArgumentParser:
         "--upstream",
         required=True,
         help="postgresql://USER:PASSWORD@HOST:PORT/DBNAME of the server; the login "
-        "is the proxy's own, for its key store and catalog reads",
+        "is the proxy's own, for its key store and catalog reads. Without a "
+        "password in the URI, it comes from PGPASSWORD or the password file "
+        "(PGPASSFILE, else ~/.pgpass), as in libpq",
     )
     serve.add_argument("--rules", default="rules", type=Path, help="folder of *.yaml rule files")
     _add_keyring(serve, many=True, required=False)

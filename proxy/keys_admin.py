@@ -219,7 +219,8 @@ def _add_connection(
         "--upstream",
         required=True,
         help="postgresql://USER:PASSWORD@HOST:PORT/DBNAME of the database that "
-        "holds the key store",
+        "holds the key store; without a password, PGPASSWORD or the password "
+        "file gives it, as for pgseal serve",
     )
     parser.add_argument("--keyring", action="append", help=keyring_help)
     parser.add_argument(
