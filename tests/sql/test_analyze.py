@@ -328,8 +328,10 @@ def test_copy_maps_associated_field(bound: Analyzer) -> None:
     [
         ("DO $$ BEGIN UPDATE accounts SET owner = 'x'; END $$", "a DO block"),
         (
-            "MERGE INTO accounts a USING (VALUES (1)) v(x) ON a.id = v.x "
-            "WHEN MATCHED THEN UPDATE SET owner = 'x'",
+            (
+                "MERGE INTO accounts a USING (VALUES (1)) v(x) ON a.id = v.x "
+                "WHEN MATCHED THEN UPDATE SET owner = 'x'"
+            ),
             "MERGE",
         ),
     ],
