@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -33,7 +34,14 @@ from proxy.keyring_sets import KeyringSets, load_keyring_sets
 from proxy.planner import ColumnPlanner, KeyView, algorithm_of
 from proxy.rotation import KeyRotator
 from proxy.rules import RuleSet, load_rules
-from proxy.server import DEFAULT_STARTUP_TIMEOUT, Listener, Relay, Upstream
+from proxy.server import (
+    DEFAULT_STARTUP_TIMEOUT,
+    ConnectionHandler,
+    Listener,
+    Relay,
+    Upstream,
+    is_unreachable,
+)
 from proxy.tls import load_client_tls
 from proxy.wire.frames import DEFAULT_MAX_MESSAGE
 from proxy.wire.session import Planner
@@ -104,6 +112,8 @@ class Proxy:
         self._server: Listener | None = None
         self._refresher: asyncio.Task[None] | None = None
         self._watcher: asyncio.Task[None] | None = None
+        # Set once the listener is up, so that a failed start logs no stop.
+        self._started = False
         self.relay: Relay | None = None
         self.port = settings.listen_port
         self.keyrings: tuple[Keyring, ...] = ()
@@ -132,9 +142,14 @@ class Proxy:
         self.keyrings = self.keyring_sets.keyrings
         rules = load_rules(settings.rules_dir)
         self.keyring_sets.for_rules(rules)
-        self._pool = await asyncpg.create_pool(
-            **settings.upstream.connect_args(), min_size=1, max_size=4
-        )
+        try:
+            self._pool = await asyncpg.create_pool(
+                **settings.upstream.connect_args(), min_size=1, max_size=4
+            )
+        except OSError as exc:
+            if is_unreachable(exc):
+                raise settings.upstream.unreachable(exc) from exc
+            raise
         if settings.audit_log is not None:
             self._audit = AuditLog(settings.audit_log, db_user=settings.upstream.user)
         self._keystore = KeyStore(self._pool, self.keyrings, self._cache, self._audit)
@@ -156,23 +171,25 @@ class Proxy:
         self.relay.catalog_ready = self._catalog_ready
         self.relay.refresh_catalog = self._refresh_catalog
         self.relay.fetch_keys = self._fetch_keys
-        self._server = await Listener.start(
+        self._server = await _listen(
             self.relay.accept, settings.listen_host, settings.listen_port
         )
+        self._started = True
         self.port = self._server.sockets[0].getsockname()[1]
         self._refresher = asyncio.create_task(self._refresh_keys())
         if settings.rules_poll_seconds > 0:
             self._watcher = asyncio.create_task(self._watch_rules())
+        tables, views = _count_relations(self._catalogs)
         log.info(
-            "pgseal listening on %s:%d (client TLS %s), upstream %s:%d "
-            "(sslmode %s), %d ruled tables",
+            "pgseal listening on %s:%d (client TLS %s), upstream %s "
+            "(sslmode %s), %d ruled tables and %d views over them",
             settings.listen_host,
             self.port,
             "on" if client_tls else "off",
-            settings.upstream.host,
-            settings.upstream.port,
+            settings.upstream.address,
             settings.upstream.sslmode.value,
-            sum(len(c.tables) for c in self._catalogs.values()),
+            tables,
+            views,
         )
 
     async def reload_rules(self) -> bool:
@@ -193,10 +210,12 @@ class Proxy:
         await self._load_keys()
         if self.relay is not None:
             self.relay.set_planners(self._planners())
+        tables, views = _count_relations(catalogs)
         log.info(
-            "reloaded rules from %s: %d ruled tables",
+            "reloaded rules from %s: %d ruled tables and %d views over them",
             self.settings.rules_dir,
-            sum(len(c.tables) for c in catalogs.values()),
+            tables,
+            views,
         )
         return True
 
@@ -389,7 +408,8 @@ class Proxy:
         if self._audit is not None:
             self._audit.close()
         self._log_keyring_calls()
-        log.info("pgseal stopped")
+        if self._started:
+            log.info("pgseal stopped")
 
     def _log_keyring_calls(self) -> None:
         if self._keystore is None:
@@ -410,6 +430,27 @@ class Proxy:
                 keyring.service,
                 ", ".join(f"{name} {count}" for name, count in operations) or "none",
             )
+
+
+async def _listen(handler: ConnectionHandler, host: str, port: int) -> Listener:
+    """Start the listener. Raises ConfigError naming the address if that fails."""
+    try:
+        return await Listener.start(handler, host, port)
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            advice = "stop the process that uses it, or choose another --listen port"
+        else:
+            advice = "check the host and port in --listen"
+        raise ConfigError(
+            f"cannot listen on {host}:{port}: {exc.strerror or exc}; {advice}"
+        ) from exc
+
+
+def _count_relations(catalogs: Mapping[str, Catalog]) -> tuple[int, int]:
+    """Count the ruled tables, and the views over them, of every database."""
+    relations = [table for catalog in catalogs.values() for table in catalog.tables]
+    views = sum(1 for table in relations if table.is_view)
+    return len(relations) - views, views
 
 
 def _unavailable_reason(exc: PgsealError) -> str:

@@ -9,7 +9,7 @@ import math
 import signal
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import asyncpg
 
@@ -23,6 +23,9 @@ from proxy.rules import load_rules
 from proxy.server import DEFAULT_STARTUP_TIMEOUT, Upstream
 from proxy.tls import SslMode
 from proxy.wire.frames import DEFAULT_MAX_MESSAGE
+
+if TYPE_CHECKING:
+    from proxy.crypto.backup import RestoreSummary
 
 log = logging.getLogger("pgseal")
 
@@ -46,19 +49,44 @@ def main(argv: list[str] | None = None) -> int:
     except PgsealError as exc:
         print(f"pgseal: error: {exc}", file=sys.stderr)
         return 1
-    except (asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+    except asyncpg.InsufficientPrivilegeError as exc:
         print(
-            f"pgseal: error: the upstream server rejected the proxy's own "
-            f"connection: {exc}; check the login and sslmode in --upstream",
+            f"pgseal: error: the login in --upstream lacks a privilege: {exc}; "
+            "README.md, section 'Privileges of the proxy's login', lists what "
+            "each command needs",
             file=sys.stderr,
         )
         return 1
+    except (asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        print(f"pgseal: error: {_describe_server_error(exc)}", file=sys.stderr)
+        return 1
     except OSError as exc:
-        # An unreachable upstream server, or a listen address already in use.
+        # Commands name the address for the usual cases: an unreachable
+        # server and a listen address in use. This catches the rest.
         print(f"pgseal: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
+
+
+# SQLSTATE classes of a server that refused the login itself: connection
+# exception, invalid authorization specification, invalid catalog name.
+_LOGIN_FAILURE_CLASSES = ("08", "28", "3D")
+
+
+def _describe_server_error(exc: Exception) -> str:
+    """Say whether the server refused the proxy's login or failed a statement."""
+    sqlstate = str(getattr(exc, "sqlstate", None) or "")
+    if not sqlstate or sqlstate[:2] in _LOGIN_FAILURE_CLASSES:
+        return (
+            f"the upstream server rejected the proxy's own connection: {exc}; "
+            "check the login and sslmode in --upstream"
+        )
+    return f"the upstream server failed a statement (SQLSTATE {sqlstate}): {exc}"
+
+
+def _plural(count: int, noun: str) -> str:
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -78,7 +106,9 @@ def _build_parser() -> argparse.ArgumentParser:
         "--upstream",
         required=True,
         help="postgresql://USER:PASSWORD@HOST:PORT/DBNAME of the server; the login "
-        "is the proxy's own, for its key store and catalog reads",
+        "is the proxy's own, for its key store and catalog reads. Without a "
+        "password in the URI, it comes from PGPASSWORD or the password file "
+        "(PGPASSFILE, else ~/.pgpass), as in libpq",
     )
     serve.add_argument("--rules", default="rules", type=Path, help="folder of *.yaml rule files")
     _add_keyring(serve, many=True, required=False)
@@ -215,8 +245,11 @@ def _add_keyring(
 
 def _serve(args: argparse.Namespace) -> int:
     host, _, port = args.listen.rpartition(":")
-    if not host or not port.isdigit():
-        raise ConfigError(f"--listen must be HOST:PORT, got {args.listen!r}")
+    if not host or not port.isdigit() or int(port) > 65535:
+        raise ConfigError(
+            f"--listen must be HOST:PORT with a port from 0 to 65535, "
+            f"got {args.listen!r}"
+        )
     if args.max_values_per_key is not None and args.max_values_per_key < 1:
         raise ConfigError(
             f"--max-values-per-key must be at least 1, got {args.max_values_per_key}"
@@ -287,9 +320,12 @@ def _rules_check(args: argparse.Namespace) -> int:
     for problem in problems:
         print(f"error: {problem}")
     if problems:
-        print(f"{len(problems)} problems found in {args.rules}")
+        print(f"{_plural(len(problems), 'problem')} found in {args.rules}")
         return 1
-    print(f"ok: {report.tables} tables and {report.columns} encrypted columns checked")
+    print(
+        f"ok: {_plural(report.tables, 'table')} and "
+        f"{_plural(report.columns, 'encrypted column')} checked"
+    )
     return 0
 
 
@@ -405,10 +441,20 @@ def _keys_restore(args: argparse.Namespace) -> int:
             upstream.connect_args(), args.source, args.share, args.keydir, passphrase
         )
     )
-    print(
-        f"restored key store {summary.store_id} with {summary.data_keys} data keys; "
-        f"{summary.keyring} in {args.keydir} unwrapped {summary.unwrapped} of them"
-    )
+    if summary.store_present and summary.pair_present:
+        print(
+            f"nothing to restore: the database already contains key store "
+            f"{summary.store_id} with the backup's {summary.data_keys} data keys, "
+            f"and {args.keydir} contains its key pair; {summary.keyring} unwrapped "
+            f"{summary.unwrapped} of them"
+        )
+    else:
+        print(_restore_summary(summary, args.keydir))
+    if summary.retired:
+        print(
+            f"{_plural(summary.retired, 'data key version')} of them "
+            f"{'is' if summary.retired == 1 else 'are'} retired, and stay retired"
+        )
     missing = summary.data_keys - summary.unwrapped
     if missing:
         print(
@@ -416,6 +462,24 @@ def _keys_restore(args: argparse.Namespace) -> int:
             "configure one of their other keyrings to read their values"
         )
     return 0
+
+
+def _restore_summary(summary: RestoreSummary, keydir: Path) -> str:
+    if summary.store_present:
+        store = (
+            f"the database already contains key store {summary.store_id} with the "
+            f"backup's {summary.data_keys} data keys, so no row was written"
+        )
+    else:
+        store = (
+            f"restored key store {summary.store_id} with {summary.data_keys} "
+            "data keys"
+        )
+    pair = "found" if summary.pair_present else "wrote"
+    return (
+        f"{store}; {pair} the key pair {summary.keyring} in {keydir}, which "
+        f"unwrapped {summary.unwrapped} of them"
+    )
 
 
 def _sodium_spec(args: argparse.Namespace) -> str:

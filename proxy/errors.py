@@ -15,6 +15,10 @@ class RuleError(ConfigError):
     """A rule file that cannot be loaded or does not match the database."""
 
 
+class UpstreamError(PgsealError):
+    """The upstream server that cannot be reached, or that refused a command's work."""
+
+
 class ClusterError(PgsealError):
     """A throwaway PostgreSQL cluster that failed to initialise, start or stop."""
 

@@ -30,13 +30,13 @@ from proxy.crypto.keyversions import KeyVersion, describe_versions, retire_versi
 from proxy.crypto.rewrap import drop_keyrings, rewrap
 from proxy.crypto.shred import ShredResult, shred_subject, subject_digests
 from proxy.crypto.values import Algorithm
-from proxy.errors import ConfigError, KeyStoreError
+from proxy.errors import ConfigError, KeyStoreError, PgsealError
 from proxy.keyring_sets import KeyringSets, load_keyring_sets
 from proxy.planner import KeyView
 from proxy.progress import ProgressBar
 from proxy.reencrypt import ReencryptOptions, Reencryptor, count_key_versions
 from proxy.rules import ColumnRule, RuleSet, TableRule, load_rules
-from proxy.server import Upstream
+from proxy.server import Upstream, is_unreachable
 
 __all__ = ["add_key_commands", "add_reencrypt_command"]
 
@@ -219,7 +219,8 @@ def _add_connection(
         "--upstream",
         required=True,
         help="postgresql://USER:PASSWORD@HOST:PORT/DBNAME of the database that "
-        "holds the key store",
+        "holds the key store; without a password, PGPASSWORD or the password "
+        "file gives it, as for pgseal serve",
     )
     parser.add_argument("--keyring", action="append", help=keyring_help)
     parser.add_argument(
@@ -288,9 +289,7 @@ async def open_key_store(
     except (OSError, asyncpg.PostgresError) as exc:
         if audit is not None:
             audit.close()
-        raise KeyStoreError(
-            f"cannot connect to {upstream.host}:{upstream.port}: {exc}"
-        ) from exc
+        raise _connect_error(upstream, exc) from exc
     try:
         store = KeyStore(pool, sets.keyrings, cache, audit)
         sets.assign(store, rules)
@@ -300,6 +299,12 @@ async def open_key_store(
         await pool.close()
         if audit is not None:
             audit.close()
+
+
+def _connect_error(upstream: Upstream, exc: Exception) -> PgsealError:
+    if isinstance(exc, OSError) and is_unreachable(exc):
+        return upstream.unreachable(exc)
+    return KeyStoreError(f"cannot connect to {upstream.address}: {exc}")
 
 
 async def _list(args: argparse.Namespace) -> int:
@@ -418,7 +423,7 @@ async def _retire(args: argparse.Namespace) -> int:
         versions = await describe_versions(store, [key_name])
         to_retire = _versions_to_retire(key_name, versions, args.below_version)
         if not to_retire:
-            print(f"{key_name}: no active version to retire")
+            print(_nothing_to_retire(key_name, versions, args.below_version))
             return 0
         key_id = versions[0].key_id
         in_use = await _values_in_use(
@@ -488,9 +493,7 @@ async def _shred_with_audit(
         try:
             pool = await asyncpg.create_pool(**upstream.connect_args(), min_size=1, max_size=2)
         except (OSError, asyncpg.PostgresError) as exc:
-            raise KeyStoreError(
-                f"cannot connect to {upstream.host}:{upstream.port}: {exc}"
-            ) from exc
+            raise _connect_error(upstream, exc) from exc
         try:
             digests = await _digests(pool, args)
             record.details["subject_hmac"] = sorted(digest.hex() for digest in digests)
@@ -671,6 +674,26 @@ def _versions_to_retire(
         )
     limit = below if below is not None else newest
     return [version for version in active if limit is not None and version < limit]
+
+
+def _nothing_to_retire(
+    key_name: str, versions: list[KeyVersion], below: int | None
+) -> str:
+    """Say why no version of key_name is retired, for a run that retires none."""
+    active = sorted(v.version for v in versions if v.state == "active")
+    retired = sorted(v.version for v in versions if v.state == "retired")
+    if below is not None:
+        reason = f"it has no active version below {below}"
+    elif len(active) == 1:
+        reason = (
+            f"version {active[0]} is its only active version and seals new "
+            "values, so there is no older version to retire"
+        )
+    else:
+        reason = "it has no active version"
+    if retired:
+        reason += f" (versions {', '.join(map(str, retired))} are retired already)"
+    return f"{key_name}: nothing retired: {reason}"
 
 
 async def _values_in_use(

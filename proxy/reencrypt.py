@@ -38,7 +38,7 @@ from proxy.crypto.values import (
     read_key_ref,
     seal,
 )
-from proxy.errors import ConfigError, DecryptionError, KeyringError
+from proxy.errors import ConfigError, DecryptionError, KeyringError, UpstreamError
 from proxy.planner import ColumnPlanner, KeyView, algorithm_of
 from proxy.progress import ProgressBar
 from proxy.wire.messages import BINARY_FORMAT, TEXT_FORMAT
@@ -76,6 +76,15 @@ FROM pg_catalog.pg_index i
 JOIN pg_catalog.pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey)
 WHERE i.indrelid = $1 AND i.indisprimary
 ORDER BY array_position(i.indkey::int2[], a.attnum)
+"""
+
+_MISSING_PRIVILEGES_SQL = """
+SELECT quote_ident(current_user) AS login,
+       format('%I.%I', $4::text, $5::text) AS relation,
+       needed.name, needed.privilege
+FROM unnest($2::text[], $3::text[]) WITH ORDINALITY AS needed(name, privilege, n)
+WHERE NOT pg_catalog.has_column_privilege($1::oid, needed.name, needed.privilege)
+ORDER BY needed.n
 """
 
 
@@ -206,15 +215,6 @@ class Reencryptor:
         """Read the primary key and the progress row; return where to resume."""
         conn = self._conn
         table_name = self._table.qualified_name
-        locked = await conn.fetchval(
-            "SELECT pg_try_advisory_lock($1, hashtext($2))", _RUN_LOCK_CLASS, table_name
-        )
-        if not locked:
-            raise ConfigError(
-                f"another pgseal reencrypt is running on {table_name}; wait for it "
-                "to finish, or stop it first"
-            )
-        await conn.execute(_PROGRESS_SQL)
         self._pk = [
             (row["attname"], row["type"])
             for row in await conn.fetch(_PRIMARY_KEY_SQL, self._table.oid)
@@ -224,6 +224,16 @@ class Reencryptor:
                 f"table {self._table.qualified_name} has no primary key, which "
                 "reencrypt needs to walk the table in batches and to resume"
             )
+        await self._check_privileges()
+        locked = await conn.fetchval(
+            "SELECT pg_try_advisory_lock($1, hashtext($2))", _RUN_LOCK_CLASS, table_name
+        )
+        if not locked:
+            raise ConfigError(
+                f"another pgseal reencrypt is running on {table_name}; wait for it "
+                "to finish, or stop it first"
+            )
+        await conn.execute(_PROGRESS_SQL)
         row = await conn.fetchrow(
             "SELECT last_key, rows_done, finished_at FROM pgseal.reencrypt_progress "
             "WHERE table_name = $1",
@@ -254,6 +264,41 @@ class Reencryptor:
             self._table.qualified_name,
         )
         return None
+
+    async def _check_privileges(self) -> None:
+        """Raise UpstreamError naming each privilege the login lacks on the table.
+
+        Checked per column, so that column-level grants are enough.
+        """
+        read = [name for name, _ in self._pk]
+        read += [column.name for column in self._columns]
+        read += [o.name for column in self._columns for o in column.associated]
+        needed = [(name, "SELECT") for name in dict.fromkeys(read)]
+        needed += [(column.name, "UPDATE") for column in self._columns]
+        rows = await self._conn.fetch(
+            _MISSING_PRIVILEGES_SQL,
+            self._table.oid,
+            [name for name, _ in needed],
+            [privilege for _, privilege in needed],
+            self._table.schema,
+            self._table.name,
+        )
+        if not rows:
+            return
+        missing: dict[str, list[str]] = {}
+        for row in rows:
+            missing.setdefault(row["privilege"], []).append(row["name"])
+        details = "; ".join(
+            f"{privilege} on columns {', '.join(names)}"
+            for privilege, names in missing.items()
+        )
+        login = rows[0]["login"]
+        raise UpstreamError(
+            f"the login {login} in --upstream lacks privileges on table "
+            f"{self._table.qualified_name}: {details}. pgseal reencrypt reads and "
+            "rewrites the rows, so grant them, for example: GRANT SELECT, UPDATE "
+            f"ON {rows[0]['relation']} TO {login}"
+        )
 
     async def _batches(self, last_key: list[str] | None) -> None:
         options = self._options

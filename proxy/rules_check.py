@@ -6,7 +6,7 @@ every problem it finds, so an operator can fix a rules folder in one pass.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +14,7 @@ import asyncpg
 
 from proxy.catalog import RuledTable, load_catalog
 from proxy.errors import RuleError
-from proxy.rules import Encryption, TableRule, load_rules
+from proxy.rules import ColumnRule, Encryption, TableRule, load_rules
 from proxy.server import Upstream
 
 _CHECK_CONSTRAINTS = """
@@ -50,7 +50,9 @@ async def check_rules(upstream: Upstream, rules_dir: Path) -> CheckReport:
         try:
             conn = await asyncpg.connect(**upstream.connect_args(database))
         except (OSError, asyncpg.PostgresError) as exc:
-            report.problems.append(f"database {database}: cannot connect: {exc}")
+            report.problems.append(
+                f"database {database}: cannot connect to {upstream.address}: {exc}"
+            )
             continue
         try:
             for rule in table_rules:
@@ -63,9 +65,17 @@ async def check_rules(upstream: Upstream, rules_dir: Path) -> CheckReport:
 async def _check_table(conn: Any, rule: TableRule, report: CheckReport) -> None:
     try:
         catalog = await load_catalog(conn, [rule])
-    except RuleError as exc:
-        report.problems.append(str(exc))
-        return
+    except RuleError:
+        # Loading stops at the first problem, so check column by column to
+        # list them all, then go on with the columns that passed.
+        passed = await _check_columns(conn, rule, report)
+        if not passed:
+            return
+        try:
+            catalog = await load_catalog(conn, [replace(rule, columns=passed)])
+        except RuleError as exc:
+            report.problems.append(str(exc))
+            return
     table = next(t for t in catalog.tables if not t.is_view)
     report.tables += 1
     report.columns += len(table.encrypted)
@@ -78,6 +88,27 @@ async def _check_table(conn: Any, rule: TableRule, report: CheckReport) -> None:
             f"{row['definition']}; drop it or check the value in the application"
         )
     _check_unique(table, await conn.fetch(_UNIQUE_INDEXES, table.oid, list(attnums)), report)
+
+
+async def _check_columns(
+    conn: Any, rule: TableRule, report: CheckReport
+) -> tuple[ColumnRule, ...]:
+    """Report the problem of each column of a rule; return the columns without one."""
+    try:
+        await load_catalog(conn, [replace(rule, columns=())])
+    except RuleError as exc:
+        # The table itself is missing, so no column can be checked.
+        report.problems.append(str(exc))
+        return ()
+    passed = []
+    for column in rule.columns:
+        try:
+            await load_catalog(conn, [replace(rule, columns=(column,))])
+        except RuleError as exc:
+            report.problems.append(str(exc))
+        else:
+            passed.append(column)
+    return tuple(passed)
 
 
 def _check_unique(table: RuledTable, rows: list[Any], report: CheckReport) -> None:

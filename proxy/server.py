@@ -20,10 +20,17 @@ import struct
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import SplitResult, parse_qs, unquote, urlsplit
 
 from proxy.crypto.subjects import KeyRequest
-from proxy.errors import ConfigError, KeyStoreError, MessageTooLarge, ProtocolError
+from proxy.errors import (
+    ConfigError,
+    KeyStoreError,
+    MessageTooLarge,
+    ProtocolError,
+    UpstreamError,
+)
+from proxy.pgpass import lookup_password
 from proxy.tls import (
     ChannelBindingGuard,
     ClientLeg,
@@ -104,16 +111,36 @@ class Upstream:
                 "postgresql://USER:PASSWORD@HOST:PORT/DBNAME"
             )
         query = _parse_query(parts.query)
+        port = _uri_port(parts)
         user = unquote(parts.username or "postgres")
         database = unquote(parts.path.lstrip("/")) or user
+        # As libpq: a password in the URI wins, then PGPASSWORD, then the
+        # password file, so that the password need not be on the command line.
+        password = unquote(parts.password or "") or lookup_password(
+            parts.hostname, port, database, user
+        )
         return cls(
             host=parts.hostname,
-            port=parts.port or 5432,
+            port=port,
             user=user,
             database=database,
-            password=unquote(parts.password or ""),
+            password=password or "",
             sslmode=SslMode.parse(sslmode or query.get("sslmode", "prefer")),
             sslrootcert=sslrootcert or query.get("sslrootcert"),
+        )
+
+    @property
+    def address(self) -> str:
+        """HOST:PORT of the server, with an IPv6 host in brackets."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+    def unreachable(self, exc: OSError) -> UpstreamError:
+        """Describe a failed connection to the server, naming its address."""
+        return UpstreamError(
+            f"cannot connect to the upstream server at {self.address}: "
+            f"{exc.strerror or exc}; check that PostgreSQL is running there and "
+            "that --upstream names its host and port"
         )
 
     def tls_context(self) -> ssl.SSLContext | None:
@@ -130,6 +157,38 @@ class Upstream:
             "database": database or self.database,
             "ssl": asyncpg_ssl(self.sslmode, self.tls_context()),
         }
+
+
+def is_unreachable(exc: OSError) -> bool:
+    """Tell whether a failed connect means that the server could not be reached.
+
+    A TLS failure, an ssl.SSLError or asyncpg's ConnectionError for a
+    rejected SSL upgrade, means that the server was reached, so it keeps its
+    own message.
+    """
+    if isinstance(exc, ssl.SSLError):
+        return False
+    if isinstance(exc, ConnectionError):
+        return isinstance(exc, ConnectionRefusedError)
+    return True
+
+
+def _uri_port(parts: SplitResult) -> int:
+    """Return the URI's port, 5432 if it has none. Raises ConfigError if invalid."""
+    # The port text comes after the last '@', so a password never reaches
+    # the message.
+    text = parts.netloc.rpartition("@")[2].rpartition("]")[2].rpartition(":")[2]
+    try:
+        port = parts.port
+    except ValueError:
+        port = -1
+    if port is None:
+        return 5432
+    if not 1 <= port <= 65535:
+        raise ConfigError(
+            f"upstream port must be a number from 1 to 65535, got {text!r}"
+        )
+    return port
 
 
 def _parse_query(query: str) -> dict[str, str]:
@@ -648,7 +707,8 @@ async def _read_startup(client: ClientLeg) -> StartupPacket:
     each may come once, and neither after TLS is established.
     """
     head = client.prefix or await client.reader.readexactly(8)
-    length, code = struct.unpack("!II", head)
+    # The length is an Int32, so a negative one shows as negative.
+    length, code = struct.unpack("!iI", head)
     if length < 8 or length > _MAX_STARTUP:
         raise ProtocolError(f"invalid startup packet length {length}")
     raw = head + await client.reader.readexactly(length - 8)

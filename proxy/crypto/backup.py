@@ -43,7 +43,13 @@ from nacl.bindings import (
 from nacl.exceptions import CryptoError
 from nacl.public import PrivateKey
 
-from proxy.crypto.keyfile import KEY_FILES, make_keydir, write_new_file
+from proxy.crypto.keyfile import (
+    KEY_FILES,
+    PUBLIC_KEY_FILE,
+    make_keydir,
+    read_key_file,
+    write_new_file,
+)
 from proxy.crypto.keyring import SodiumKeyring
 from proxy.crypto.keystore import KeyCache, KeyStore
 from proxy.errors import ConfigError, KeyringError, KeyStoreError
@@ -138,6 +144,12 @@ class RestoreSummary:
     data_keys: int
     unwrapped: int
     """Data keys that the restored sodium key pair unwrapped in the new store."""
+    retired: int = 0
+    """Retired data key versions, restored as retired; part of `data_keys`."""
+    store_present: bool = False
+    """The database contained this backup's key store already, so no row was written."""
+    pair_present: bool = False
+    """The key directory contained this backup's key pair already, so no file was written."""
 
 
 def split_key(key: bytes, threshold: int, count: int) -> list[tuple[int, bytes]]:
@@ -240,37 +252,47 @@ async def restore_key_store(
 ) -> RestoreSummary:
     """Rebuild the key store in an empty database and the key pair in keydir.
 
-    With a passphrase, the private key is written as private.key.enc. Raises
-    KeyringError "not enough valid shares" when the shares do not open the
-    backup, and KeyStoreError if the database already has data keys.
+    With a passphrase, the private key is written as private.key.enc. A
+    database that contains the backup's key store already, with the same data
+    key versions, and a keydir that contains its key pair already are left as
+    they are, so that a second run changes nothing. Raises KeyringError "not
+    enough valid shares" when the shares do not open the backup or keydir
+    contains another key pair, and KeyStoreError if the database has other data
+    keys.
     """
     header, sealed = _read_backup(Path(source) / BACKUP_FILE)
     shares = _read_shares(share_files, header)
     payload = _open_with_shares(header, sealed, shares)
     private_key = _private_key(payload)
     keydir = Path(keydir)
-    for name in KEY_FILES:
-        if (keydir / name).exists():
-            raise KeyringError(
-                f"key file {keydir / name} already exists, and pgseal never "
-                "overwrites a key pair: restore into a new key directory"
-            )
+    has_pair = _contains_key_pair(keydir, private_key)
 
     tables: dict[str, list[dict[str, Any]]] = payload["tables"]
     try:
         pool = await asyncpg.create_pool(**connect_args, min_size=1, max_size=2)
     except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
-        raise KeyStoreError(f"connecting to the new database failed: {exc}") from exc
+        raise KeyStoreError(
+            f"connecting to the new database at {_address(connect_args)} failed: {exc}"
+        ) from exc
     try:
         keyring = SodiumKeyring(keydir, private_key.public_key, private_key)
         await KeyStore(pool, [keyring]).setup()
-        await _load_tables(pool, tables, keydir, bytes(private_key), passphrase)
-        unwrapped = await _unwrap_all(pool, keyring, tables)
+        pair = None if has_pair else (bytes(private_key), passphrase)
+        present = await _load_tables(pool, tables, keydir, pair)
+        unwrapped, retired = await _unwrap_all(pool, keyring, tables)
     finally:
         await pool.close()
     store_id = str(tables["key_store"][0]["store_id"])
     logger.info("restored key store %s into %s", store_id, connect_args.get("database"))
-    return RestoreSummary(store_id, keyring.name, len(tables["data_keys"]), unwrapped)
+    return RestoreSummary(
+        store_id,
+        keyring.name,
+        len(tables["data_keys"]),
+        unwrapped,
+        retired=retired,
+        store_present=present,
+        pair_present=has_pair,
+    )
 
 
 def _check_shares(threshold: int, count: int) -> None:
@@ -290,7 +312,9 @@ async def _dump_tables(connect_args: Mapping[str, Any]) -> dict[str, list[Any]]:
     try:
         conn = await asyncpg.connect(**connect_args)
     except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
-        raise KeyStoreError(f"connecting to the key store failed: {exc}") from exc
+        raise KeyStoreError(
+            f"connecting to the key store at {_address(connect_args)} failed: {exc}"
+        ) from exc
     try:
         found = await conn.fetchval("SELECT to_regclass('pgseal.wrapped_keys')")
         if found is None:
@@ -417,55 +441,107 @@ def _private_key(payload: Mapping[str, Any]) -> PrivateKey:
     return private_key
 
 
+def _contains_key_pair(keydir: Path, private_key: PrivateKey) -> bool:
+    """Tell whether keydir contains the backup's key pair; False if it has no key file.
+
+    Raises KeyringError if it contains another key pair, because pgseal never
+    overwrites one.
+    """
+    present = [name for name in KEY_FILES if (keydir / name).exists()]
+    if not present:
+        return False
+    public_file = keydir / PUBLIC_KEY_FILE
+    if public_file.exists() and read_key_file(public_file) == bytes(
+        private_key.public_key
+    ):
+        return True
+    raise KeyringError(
+        f"key file {keydir / present[0]} already exists and is not the backup's "
+        "key pair, and pgseal never overwrites a key pair: restore into a new "
+        "key directory"
+    )
+
+
 async def _load_tables(
     pool: asyncpg.Pool[asyncpg.Record],
     tables: Mapping[str, list[dict[str, Any]]],
     keydir: Path,
-    private_key: bytes,
-    passphrase: str | None,
-) -> None:
+    pair: tuple[bytes, str | None] | None,
+) -> bool:
     """Insert the backed-up rows and write the key pair, all or nothing.
 
-    The key files are written inside the transaction, so a failed write rolls
-    the rows back, and a failed commit removes the files.
+    `pair` is the private key and passphrase to write, or None to write no
+    key file. The key files are written inside the transaction, so a failed
+    write rolls the rows back, and a failed commit removes the files. Returns
+    True if the database contained the backup's key store already, so that no row
+    was inserted.
     """
     written = False
     try:
         async with pool.acquire() as conn, conn.transaction():
             tables_sql = ", ".join(f"pgseal.{table}" for table in TABLES)
             await conn.execute(f"LOCK TABLE {tables_sql} IN ACCESS EXCLUSIVE MODE")
-            await _check_empty(conn)
-            await conn.execute("DELETE FROM pgseal.key_store")
-            for table in TABLES:
-                # Backups made before subject keys existed lack subject_keys.
-                await _insert_rows(conn, table, tables.get(table, []))
-            await conn.execute(
-                "SELECT setval(pg_get_serial_sequence('pgseal.key_names', 'key_id'), "
-                "coalesce(max(key_id), 1), max(key_id) IS NOT NULL) "
-                "FROM pgseal.key_names"
-            )
-            # The Argon2id derivation for a passphrase takes seconds.
-            await asyncio.to_thread(
-                SodiumKeyring.create,
-                keydir,
-                private_key=private_key,
-                passphrase=passphrase,
-            )
-            written = True
+            present = await _contains_backup(conn, tables)
+            if not present:
+                await _insert_backup(conn, tables)
+            if pair is not None:
+                private_key, passphrase = pair
+                # The Argon2id derivation for a passphrase takes seconds.
+                await asyncio.to_thread(
+                    SodiumKeyring.create,
+                    keydir,
+                    private_key=private_key,
+                    passphrase=passphrase,
+                )
+                written = True
     except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
         if written:
             for name in KEY_FILES:
                 (keydir / name).unlink(missing_ok=True)
         raise KeyStoreError(f"restoring the key store failed: {exc}") from exc
+    return present
 
 
-async def _check_empty(conn: Any) -> None:
-    for table in ("key_names", "data_keys", "wrapped_keys"):
-        if await conn.fetchval(f"SELECT EXISTS (SELECT FROM pgseal.{table})"):
-            raise KeyStoreError(
-                f"the database already has a key store with rows in pgseal.{table}; "
-                "restore into a database without one"
-            )
+async def _insert_backup(conn: Any, tables: Mapping[str, list[dict[str, Any]]]) -> None:
+    await conn.execute("DELETE FROM pgseal.key_store")
+    for table in TABLES:
+        # Backups made before subject keys existed lack subject_keys.
+        await _insert_rows(conn, table, tables.get(table, []))
+    await conn.execute(
+        "SELECT setval(pg_get_serial_sequence('pgseal.key_names', 'key_id'), "
+        "coalesce(max(key_id), 1), max(key_id) IS NOT NULL) "
+        "FROM pgseal.key_names"
+    )
+
+
+async def _contains_backup(conn: Any, tables: Mapping[str, list[dict[str, Any]]]) -> bool:
+    """Tell whether the key store contains exactly the backup's data key versions.
+
+    Returns False for a key store without data keys. Raises KeyStoreError
+    for one with other data keys, which a restore must not mix with the
+    backup's.
+    """
+    store_id = str(await conn.fetchval("SELECT store_id FROM pgseal.key_store"))
+    rows = await conn.fetch("SELECT key_id, version FROM pgseal.data_keys")
+    if not rows and not await conn.fetchval("SELECT EXISTS (SELECT FROM pgseal.key_names)"):
+        return False
+    stored = {(row["key_id"], row["version"]) for row in rows}
+    backed_up = {(row["key_id"], row["version"]) for row in tables["data_keys"]}
+    backup_store = str(tables["key_store"][0]["store_id"])
+    if store_id == backup_store and stored == backed_up:
+        return True
+    if store_id == backup_store:
+        raise KeyStoreError(
+            f"the database already has a key store: {store_id}, the store this "
+            f"backup was taken from, but with other data keys ({len(stored)} "
+            f"versions in the database, {len(backed_up)} in the backup); nothing "
+            "was changed. Restore into a database without a key store"
+        )
+    raise KeyStoreError(
+        f"the database already has a key store ({store_id}, with {len(stored)} "
+        f"data key versions), not the backup's store {backup_store}; nothing was "
+        "changed. Restore into a database without a key store"
+    )
 
 
 async def _insert_rows(conn: Any, table: str, rows: list[dict[str, Any]]) -> None:
@@ -497,16 +573,35 @@ async def _unwrap_all(
     pool: asyncpg.Pool[asyncpg.Record],
     keyring: SodiumKeyring,
     tables: Mapping[str, list[dict[str, Any]]],
-) -> int:
-    """Unwrap every data key that has a copy for keyring, from the new store."""
+) -> tuple[int, int]:
+    """Unwrap every data key that has a copy for keyring, from the new store.
+
+    Retired versions stay retired. Each is unwrapped once, outside the
+    cache, to check its copy. Returns the count of data keys unwrapped and
+    the count of retired versions in the backup.
+    """
+    retired = {
+        (row["key_id"], row["version"])
+        for row in tables["data_keys"]
+        if row.get("state") == "retired"
+    }
     store = KeyStore(pool, [keyring], KeyCache())
     await store.setup()
     unwrapped = 0
     for row in tables["wrapped_keys"]:
-        if row["keyring"] == keyring.name:
-            await store.get_key(row["key_id"], row["version"])
-            unwrapped += 1
-    return unwrapped
+        if row["keyring"] != keyring.name:
+            continue
+        ref = (row["key_id"], row["version"])
+        if ref in retired:
+            await store.unwrap_stored(*ref)
+        else:
+            await store.get_key(*ref)
+        unwrapped += 1
+    return unwrapped, len(retired)
+
+
+def _address(connect_args: Mapping[str, Any]) -> str:
+    return f"{connect_args.get('host')}:{connect_args.get('port')}"
 
 
 def _quote_identifier(name: str) -> str:

@@ -1229,13 +1229,18 @@ class _Walker:
         table: RuledTable | None = None,
         column: EncryptedColumn | None = None,
     ) -> None:
+        # Unless the check found the encrypted column that such a statement
+        # uses, the message names the statement kind and the table only.
         table = table or next(iter(self._scope.values()))
-        column = column or next(iter(table.encrypted.values()))
         what = _UNSUPPORTED[kind]
         relation = "that names" if kind.startswith("Create") else "on"
-        raise reject(
-            column,
-            f"{what} {relation} table {table.qualified_name} is not supported yet",
+        uses = "which has encrypted columns"
+        if column is not None:
+            uses = f"which uses encrypted column {column.identity}"
+        raise StatementRejected(
+            FEATURE_NOT_SUPPORTED,
+            f"{what} {relation} table {table.qualified_name}, {uses}, is not "
+            "supported yet",
             "Use INSERT, UPDATE and SELECT with parameters for this table, sent "
             "by the application through the proxy.",
         )

@@ -19,11 +19,12 @@ from proxy.cli import main
 from proxy.embedded import Cluster, find_bin_dir
 from proxy.errors import ClusterError
 from tests.fixtures.postgres import PgServer
-from tests.fixtures.proxy import OAUTH_TABLE, RunningProxy
+from tests.fixtures.proxy import OAUTH_TABLE, SHIPPED_RULES, RunningProxy
 from tests.integration.sealing import assert_sealed
 
 StartProxy = Callable[..., RunningProxy]
 
+ACCESS = "public.oauth_tokens.access_token"
 TOKENS = [(n, f"gho_access_{n:05d}", f"ghr_refresh_{n:05d}") for n in range(1, 6)]
 SHARES, THRESHOLD = 5, 3
 
@@ -288,19 +289,100 @@ def test_share_of_other_backup_rejected(
     assert "belongs to backup" in capsys.readouterr().err
 
 
+def restore_args(upstream: str, backup: Path, keydir: Path) -> list[str]:
+    args = ["keys", "restore", "--upstream", upstream, "--from", str(backup)]
+    args += ["--keydir", str(keydir)]
+    for index in (1, 2, 3):
+        args += ["--share", str(backup / f"share-{index}.txt")]
+    return args
+
+
+def keys_cli(source: RunningProxy, *args: str) -> None:
+    """Run a `pgseal` key command on the source database; it must succeed."""
+    upstream = ["--upstream", source.direct_dsn(), "--keyring", f"sodium:{source.keydir}"]
+    assert main([*args, *upstream]) == 0
+
+
 def test_restore_into_used_store_rejected(
     source: RunningProxy,
     backup_dir: Path,
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    args = ["keys", "restore", "--upstream", source.direct_dsn(), "--from"]
-    args += [str(backup_dir), "--keydir", str(tmp_path / "k")]
-    for index in (1, 2, 3):
-        args += ["--share", str(backup_dir / f"share-{index}.txt")]
-    assert main(args) == 1
-    assert "already has a key store" in capsys.readouterr().err
+    # A version created after the backup makes the store differ from it.
+    keys_cli(source, "keys", "rotate", "--column", ACCESS)
+    before = source.direct("SELECT key_id, version FROM pgseal.data_keys ORDER BY 1, 2")
+    capsys.readouterr()
+
+    assert main(restore_args(source.direct_dsn(), backup_dir, tmp_path / "k")) == 1
+    err = capsys.readouterr().err
+    assert "already has a key store" in err
+    assert "the store this backup was taken from, but with other data keys" in err
+    assert "nothing was changed" in err
     assert not (tmp_path / "k" / "private.key").exists()
+    after = source.direct("SELECT key_id, version FROM pgseal.data_keys ORDER BY 1, 2")
+    assert after == before
+
+
+def test_restore_key_pair_into_same_store(
+    source: RunningProxy,
+    backup_dir: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    before = source.direct("SELECT * FROM pgseal.wrapped_keys ORDER BY 1, 2, 3")
+    keydir = tmp_path / "k"
+    assert main(restore_args(source.direct_dsn(), backup_dir, keydir)) == 0
+    out = capsys.readouterr().out
+    assert "already contains key store" in out
+    assert "no row was written" in out
+    assert "wrote the key pair sodium:" in out
+    assert (keydir / "private.key").read_text() == (
+        source.keydir / "private.key"
+    ).read_text()
+    assert source.direct("SELECT * FROM pgseal.wrapped_keys ORDER BY 1, 2, 3") == before
+
+
+def test_restore_keeps_retired_versions(
+    source: RunningProxy,
+    second_cluster: Cluster,
+    new_db: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    start_proxy: StartProxy,
+) -> None:
+    rules = ["--rules", str(SHIPPED_RULES)]
+    keys_cli(source, "keys", "rotate", "--column", ACCESS)
+    keys_cli(source, "reencrypt", "--table", "public.oauth_tokens", *rules, "--no-progress")
+    keys_cli(source, "keys", "retire", "--column", ACCESS, *rules)
+    backup = tmp_path / "backup"
+    keys_cli(
+        source, "keys", "backup", "--shares", "3", "--threshold", "2", "--out", str(backup)
+    )
+    copy_table(source, second_cluster, new_db)
+    keydir = tmp_path / "restored-keys"
+    capsys.readouterr()
+
+    assert main(restore_args(second_cluster.dsn(new_db), backup, keydir)) == 0
+    out = capsys.readouterr().out
+    assert "restored key store" in out
+    assert "1 data key version of them is retired, and stay retired" in out
+    with psycopg.connect(second_cluster.dsn(new_db), autocommit=True) as conn:
+        states = conn.execute(
+            "SELECT d.version, d.state FROM pgseal.data_keys d "
+            "JOIN pgseal.key_names n USING (key_id) WHERE n.key_name = %s "
+            "ORDER BY d.version",
+            (ACCESS,),
+        ).fetchall()
+    assert states == [(1, "retired"), (2, "active")]
+    restored = start_proxy(new_db, keyrings=[f"sodium:{keydir}"], server=second_cluster)
+    assert read_tokens(restored) == TOKENS
+
+    # A second run finds everything in place and reports it.
+    assert main(restore_args(second_cluster.dsn(new_db), backup, keydir)) == 0
+    out = capsys.readouterr().out
+    assert "nothing to restore: the database already contains key store" in out
+    assert f"{keydir} contains its key pair" in out
 
 
 def test_backup_refuses_overwrite(

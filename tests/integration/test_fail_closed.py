@@ -114,7 +114,7 @@ def test_rejected_statement(seeded: RunningProxy, sql: str, reason: str, protoco
         (count,) = conn.execute("SELECT count(*) FROM oauth_tokens").fetchone() or ()
     assert info.value.sqlstate == "0A000"
     assert reason in info.value.diag.message_primary
-    assert "oauth_tokens." in info.value.diag.message_primary
+    assert "oauth_tokens" in info.value.diag.message_primary
     assert info.value.diag.message_hint
     assert count == 1
     assert _table(seeded) == before

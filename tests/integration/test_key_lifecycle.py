@@ -9,19 +9,22 @@ from __future__ import annotations
 
 import base64
 import json
+import secrets
 import stat
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import asyncpg
 import psycopg
 import pytest
+from psycopg import sql
 
 from proxy.cli import main
 from proxy.crypto.keyring import SodiumKeyring
 from proxy.crypto.keystore import KeyStore
 from proxy.crypto.values import dearmour, read_key_ref
+from proxy.embedded import make_dsn
 from proxy.errors import KeyringError
 from tests.fixtures.kms import KmsKey
 from tests.fixtures.postgres import PgServer
@@ -730,3 +733,118 @@ def test_unloaded_version_fetched_on_read(
 
     assert stored_versions(slow) == {1: 1, 2: 2}
     assert read_bodies(slow) == {1: "note 1", 2: "note 2"}
+
+
+@pytest.fixture
+def limited_login(
+    notes: RunningProxy, pg_cluster: PgServer
+) -> Iterator[tuple[str, str]]:
+    """A login that owns the key store but has no privilege on public.notes.
+
+    Yields the role name and its --upstream URI.
+    """
+    role = f"sealer_{secrets.token_hex(4)}"
+    password = secrets.token_urlsafe(16)
+    owner = sql.Identifier(role)
+    with psycopg.connect(notes.direct_dsn(), autocommit=True) as conn:
+        conn.execute(
+            sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(
+                owner, sql.Literal(password)
+            )
+        )
+        conn.execute(
+            sql.SQL("GRANT CREATE ON DATABASE {} TO {}").format(
+                sql.Identifier(notes.database), owner
+            )
+        )
+        conn.execute(sql.SQL("ALTER SCHEMA pgseal OWNER TO {}").format(owner))
+        tables = conn.execute(
+            "SELECT tablename FROM pg_tables WHERE schemaname = 'pgseal'"
+        ).fetchall()
+        for (table,) in tables:
+            conn.execute(
+                sql.SQL("ALTER TABLE {} OWNER TO {}").format(
+                    sql.Identifier("pgseal", table), owner
+                )
+            )
+    upstream = make_dsn(
+        pg_cluster.host, pg_cluster.port, role, password, notes.database
+    )
+    yield role, upstream
+    with psycopg.connect(notes.direct_dsn(), autocommit=True) as conn:
+        conn.execute(
+            sql.SQL("REASSIGN OWNED BY {} TO CURRENT_USER").format(owner)
+        )
+        conn.execute(sql.SQL("DROP OWNED BY {}").format(owner))
+        conn.execute(sql.SQL("DROP ROLE {}").format(owner))
+
+
+def test_reencrypt_names_missing_privileges(
+    notes: RunningProxy,
+    capsys: pytest.CaptureFixture[str],
+    rules_dir: Path,
+    limited_login: tuple[str, str],
+) -> None:
+    role, upstream = limited_login
+    insert(notes, 1, 3)
+    rotate(capsys, notes, BODY)
+    args = [
+        "reencrypt", "--upstream", upstream, "--keyring", f"sodium:{notes.keydir}",
+        "--table", "public.notes", "--rules", str(rules_dir), "--no-progress",
+    ]
+
+    code, _, err = cli(capsys, *args)
+    assert code == 1
+    assert f"the login {role} in --upstream lacks privileges on table public.notes" in err
+    assert "SELECT on columns id, body, secret, email" in err
+    assert "UPDATE on columns body, secret, email" in err
+    assert f"GRANT SELECT, UPDATE ON public.notes TO {role}" in err
+    assert "rejected the proxy's own connection" not in err
+
+    notes.direct(sql.SQL("GRANT SELECT ON notes TO {}").format(sql.Identifier(role)))
+    code, _, err = cli(capsys, *args)
+    assert code == 1
+    assert "SELECT on columns" not in err
+    assert "UPDATE on columns body, secret, email" in err
+    assert set(stored_versions(notes).values()) == {1}
+
+    notes.direct(sql.SQL("GRANT UPDATE ON notes TO {}").format(sql.Identifier(role)))
+    code, _, err = cli(capsys, *args)
+    assert code == 0, err
+    assert set(stored_versions(notes).values()) == {2}
+
+
+def test_retire_single_version_nothing_older(
+    notes: RunningProxy, capsys: pytest.CaptureFixture[str], rules_dir: Path
+) -> None:
+    insert(notes, 1, 1)
+    code, out, err = cli(
+        capsys, "keys", "retire", *connection(notes), "--rules", str(rules_dir),
+        "--column", BODY,
+    )
+    assert code == 0, err
+    assert "version 1 is its only active version" in out
+    assert "no older version to retire" in out
+    assert "no active version" not in out
+    assert key_versions(notes, BODY) == [(1, "active")]
+
+
+def test_retire_names_missing_privilege(
+    notes: RunningProxy,
+    capsys: pytest.CaptureFixture[str],
+    rules_dir: Path,
+    limited_login: tuple[str, str],
+) -> None:
+    _, upstream = limited_login
+    insert(notes, 1, 1)
+    rotate(capsys, notes, BODY)
+    code, _, err = cli(
+        capsys, "keys", "retire", "--upstream", upstream,
+        "--keyring", f"sodium:{notes.keydir}", "--rules", str(rules_dir),
+        "--column", BODY,
+    )
+    assert code == 1
+    assert "the login in --upstream lacks a privilege: permission denied" in err
+    assert "Privileges of the proxy's login" in err
+    assert "rejected the proxy's own connection" not in err
+    assert key_versions(notes, BODY) == [(1, "active"), (2, "active")]

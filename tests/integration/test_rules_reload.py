@@ -55,7 +55,7 @@ def test_rules_check_passes(fresh_db: str, pg_cluster: PgServer) -> None:
         "rules", "check", "--upstream", pg_cluster.dsn(fresh_db), "--rules", str(SHIPPED_RULES)
     )
     assert result.returncode == 0, result.stdout
-    assert "ok: 1 tables and 2 encrypted columns" in result.stdout
+    assert "ok: 1 table and 2 encrypted columns checked" in result.stdout
 
 
 def test_rules_check_missing_table(fresh_db: str, pg_cluster: PgServer) -> None:
@@ -67,6 +67,43 @@ def test_rules_check_missing_table(fresh_db: str, pg_cluster: PgServer) -> None:
     assert result.returncode == 1
     expected = f"oauth_tokens.yaml line {line}: table public.oauth_tokens does not exist"
     assert expected in result.stdout
+    assert "\n1 problem found in " in result.stdout
+    assert result.stdout.count("does not exist") == 1
+
+
+MANY_PROBLEMS_RULE = """\
+tables:
+  - name: public.many
+    columns:
+      - name: v
+      - name: s
+      - name: r
+      - name: gone
+"""
+
+
+def test_rules_check_lists_every_problem(
+    fresh_db: str, pg_cluster: PgServer, tmp_path: Path
+) -> None:
+    with psycopg.connect(pg_cluster.dsn(fresh_db), autocommit=True) as conn:
+        conn.execute(
+            "CREATE TABLE many (id int PRIMARY KEY, v varchar(20), "
+            "s text CHECK (s <> ''), r text UNIQUE)"
+        )
+    rules = tmp_path / "rules"
+    rules.mkdir()
+    (rules / "many.yaml").write_text(MANY_PROBLEMS_RULE)
+    result = _pgseal(
+        "rules", "check", "--upstream", pg_cluster.dsn(fresh_db), "--rules", str(rules)
+    )
+    assert result.returncode == 1
+    assert "many.yaml line 4: column public.many.v cannot hold sealed values" in result.stdout
+    assert "many.yaml line 7: unknown column 'gone' in public.many" in result.stdout
+    assert "check constraint many_s_check" in result.stdout
+    assert "unique index many_r_key includes randomized column public.many.r" in (
+        result.stdout
+    )
+    assert "3 problems found in " in result.stdout
 
 
 @pytest.fixture

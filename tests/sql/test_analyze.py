@@ -234,7 +234,7 @@ def test_rejections(analyzer: Analyzer, sql: str, reason: str) -> None:
     exc = _rejected(analyzer, sql)
     assert exc.sqlstate == "0A000"
     assert reason in exc.message
-    assert "public.accounts." in exc.message
+    assert "public.accounts" in exc.message
     assert exc.hint
 
 
@@ -483,3 +483,26 @@ def test_union_all_literal_sealed(analyzer: Analyzer) -> None:
     plan = analyzer.plan("SELECT token FROM accounts UNION ALL SELECT 'none'")
     assert plan.outputs == ((TOKEN,),)
     assert [(slot.value, slot.column) for slot in plan.literals] == [("none", TOKEN)]
+
+
+@pytest.mark.parametrize(
+    ("sql", "kind"),
+    [
+        ("DO $$ BEGIN UPDATE accounts SET owner = 'x'; END $$", "a DO block"),
+        (
+            (
+                "MERGE INTO accounts a USING (VALUES (1)) v(x) ON a.id = v.x "
+                "WHEN MATCHED THEN UPDATE SET owner = 'x'"
+            ),
+            "MERGE",
+        ),
+    ],
+)
+def test_unsupported_statement_names_no_column(
+    analyzer: Analyzer, sql: str, kind: str
+) -> None:
+    exc = _rejected(analyzer, sql)
+    assert exc.sqlstate == "0A000"
+    assert exc.message.startswith(f"{kind} on table public.accounts")
+    assert "column public.accounts." not in exc.message
+    assert exc.hint
