@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import struct
 from dataclasses import dataclass
+from typing import NoReturn
 
 from proxy.catalog import Catalog, EncryptedColumn, Storage
 from proxy.crypto.keystore import KeyCache, KeyRef
@@ -164,14 +165,7 @@ class KeyView:
             raise KeyringError("no configured keyring can unwrap, so no value opens")
         cipher = self.cache.opener(blob, context, self.store_id)
         if cipher is None:
-            key_id, version = read_key_ref(blob)
-            if self.unavailable is None:
-                raise KeyUnavailableError(
-                    f"data key {key_id} version {version} is not loaded"
-                )
-            request = StoredKeyRequest(key_id, version)
-            _raise_if_failed(self.unavailable, request, f"data key {key_id} version {version}")
-            raise KeysNeeded((request,))
+            self._missing_stored_key(*read_key_ref(blob))
         return cipher
 
     def subject_key(self, column: EncryptedColumn, canonical: str) -> DataKey:
@@ -204,14 +198,17 @@ class KeyView:
         key_id, version = read_key_ref(blob)
         key = self.cache.get(key_id, version)
         if key is None:
-            if self.unavailable is None:
-                raise KeyUnavailableError(
-                    f"data key {key_id} version {version} is not loaded"
-                )
-            request = StoredKeyRequest(key_id, version)
-            _raise_if_failed(self.unavailable, request, f"data key {key_id} version {version}")
-            raise KeysNeeded((request,))
+            self._missing_stored_key(key_id, version)
         return key
+
+    def _missing_stored_key(self, key_id: int, version: int) -> NoReturn:
+        """Raise KeysNeeded for a data key to fetch, or why it cannot be had."""
+        what = f"data key {key_id} version {version}"
+        if self.unavailable is None:
+            raise KeyUnavailableError(f"{what} is not loaded")
+        request = StoredKeyRequest(key_id, version)
+        _raise_if_failed(self.unavailable, request, what)
+        raise KeysNeeded((request,))
 
 
 def _raise_if_failed(unavailable: UnavailableKeys, request: KeyRequest, what: str) -> None:
