@@ -176,7 +176,7 @@ class Analyzer:
 
     def __init__(self, catalog: Catalog, cache_size: int = 4096) -> None:
         self.catalog = catalog
-        self._filter = NameFilter(catalog.tables)
+        self._filter = NameFilter(catalog.tables, (name for _, name in catalog.broken))
         self._cache: cachetools.LRUCache[CacheKey, StatementPlan | StatementRejected]
         self._cache = cachetools.LRUCache(maxsize=cache_size)
 

@@ -48,8 +48,11 @@ class NameFilter:
     escape identifier can spell the name with other characters.
     """
 
-    def __init__(self, tables: Iterable[RuledTable]) -> None:
+    def __init__(self, tables: Iterable[RuledTable], broken: Iterable[str] = ()) -> None:
         self._names = {fold_case(table.name): table for table in tables}
+        # Tables that no longer match their rule: statements on them are
+        # parsed so that the analysis can reject them.
+        self._broken = frozenset(fold_case(name) for name in broken)
 
     def named(self, folded: str) -> list[RuledTable]:
         """Return the ruled relations whose names occur in the folded text."""
@@ -58,6 +61,7 @@ class NameFilter:
     def should_parse(self, folded: str, named: list[RuledTable]) -> bool:
         return (
             bool(named)
+            or any(name in folded for name in self._broken)
             or UNICODE_IDENTIFIER in folded
             or any(word in folded for word in _PARSE_ANYWAY)
         )

@@ -200,6 +200,22 @@ def test_rename_on_server_fails_closed(oauth_proxy: RunningProxy) -> None:
     assert _count(oauth_proxy) == 0
 
 
+@pytest.mark.parametrize(
+    "statement",
+    [
+        "SELECT id FROM oauth_tokens WHERE token = %s",
+        "DELETE FROM oauth_tokens WHERE token = %s",
+    ],
+)
+def test_broken_table_reads_rejected(oauth_proxy: RunningProxy, statement: str) -> None:
+    # A search value for a broken table must not reach the server either.
+    oauth_proxy.direct("ALTER TABLE oauth_tokens RENAME COLUMN access_token TO token")
+    oauth_proxy.run(oauth_proxy.proxy.reload_catalogs())
+    with _connect(oauth_proxy) as conn, pytest.raises(NOT_SUPPORTED) as raised:
+        conn.execute(statement, (SECRET,))
+    assert "no longer matches" in str(raised.value)
+
+
 def test_table_rename_on_server_fails_closed(oauth_proxy: RunningProxy) -> None:
     oauth_proxy.direct("ALTER TABLE oauth_tokens RENAME TO tokens_moved")
     oauth_proxy.run(oauth_proxy.proxy.reload_catalogs())
