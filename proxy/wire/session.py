@@ -38,6 +38,7 @@ from proxy.sql.arrays import STORAGE_ARRAY_OIDS, storage_array_type
 from proxy.sql.escape_strings import as_escape_strings
 from proxy.sql.hidden_params import HiddenParams, hide_randomized_literals
 from proxy.sql.prepared import SqlDeallocate, SqlPrepare, SqlPreparedStatements
+from proxy.sql.prefilter import SYNTAX_ERROR
 from proxy.text_forms import DEFAULT_SETTINGS, TextSettings, UnconvertibleParameter
 from proxy.text_forms import type_name as binary_type_name
 from proxy.sql.relations import CatalogStale
@@ -883,7 +884,12 @@ class Session:
         out: Output,
         replacement: m.Parse | m.Bind | None,
     ) -> None:
-        log.info("[%s] rejected statement: %s", self._conn_id, exc.message)
+        if exc.sqlstate == SYNTAX_ERROR:
+            # pglast's message quotes the text near the error, which may be
+            # a value to seal, so the log gets only the fact.
+            log.info("[%s] rejected a statement that does not parse", self._conn_id)
+        else:
+            log.info("[%s] rejected statement: %s", self._conn_id, exc.message)
         pending.rejection = exc
         self._pending.append(pending)
         if replacement is None:

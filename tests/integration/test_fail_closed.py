@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import psycopg
 import pytest
 
@@ -172,6 +174,21 @@ def test_syntax_error_kept_from_server(
     log_path = getattr(seeded.server, "log_path", None)
     if log_path is not None:
         assert secret not in log_path.read_text(errors="replace")
+
+
+def test_syntax_error_value_kept_from_proxy_log(
+    seeded: RunningProxy, caplog: pytest.LogCaptureFixture
+) -> None:
+    # pglast names the token where parsing failed, here the secret itself.
+    sql = "INSERT INTO oauth_tokens (user_id, access_token) VALUES (3, 'x' 'synerrSECRET4')"
+    with (
+        caplog.at_level(logging.DEBUG),
+        psycopg.connect(seeded.dsn(), autocommit=True) as conn,
+        pytest.raises(psycopg.errors.SyntaxError),
+    ):
+        conn.execute(sql)
+    assert "rejected a statement that does not parse" in caplog.text
+    assert "synerrSECRET4" not in caplog.text
 
 
 def test_syntax_error_named_table_names_column(seeded: RunningProxy) -> None:
