@@ -35,10 +35,24 @@ from proxy.keyring_sets import KeyringSets, load_keyring_sets
 from proxy.planner import KeyView
 from proxy.progress import ProgressBar
 from proxy.reencrypt import ReencryptOptions, Reencryptor, count_key_versions
-from proxy.rules import ColumnRule, RuleSet, TableRule, load_rules
+from proxy.rules import ColumnRule, Encryption, RuleSet, TableRule, load_rules
 from proxy.server import Upstream, is_unreachable
 
 __all__ = ["add_key_commands", "add_reencrypt_command"]
+
+# How long reencrypt waits after a rotation of a deterministic key: two key
+# refreshes at the proxy's default interval of 20 s.
+_SETTLE_SECONDS = 40.0
+# Per key name: the number of live versions and the age in seconds of the
+# newest, by the server's clock.
+_NEWEST_VERSION_AGE_SQL = """
+SELECT n.key_name,
+       count(*) AS live,
+       extract(epoch FROM now() - max(d.created_at))::float8 AS age
+FROM pgseal.key_names n JOIN pgseal.data_keys d USING (key_id)
+WHERE n.key_name = ANY($1::text[]) AND d.state <> 'retired'
+GROUP BY n.key_name
+"""
 
 # Re-encryption keeps every key it loaded for the whole run, however long.
 _RUN_LONG_TTL = 7 * 86400.0
@@ -207,6 +221,14 @@ def add_reencrypt_command(commands: Any) -> None:
     )
     parser.add_argument(
         "--no-progress", action="store_true", help="do not draw the progress bar"
+    )
+    parser.add_argument(
+        "--settle-seconds",
+        type=float,
+        default=_SETTLE_SECONDS,
+        help="wait until a deterministic column's newest key version is this old "
+        "before moving rows to it, so that running proxies search under it too "
+        f"(default {_SETTLE_SECONDS:g}: two key refreshes of 20 s)",
     )
     parser.set_defaults(run=_sync(_reencrypt))
 
@@ -561,6 +583,7 @@ async def _reencrypt(args: argparse.Namespace) -> int:
             catalog = await load_catalog(conn, [table_rule])
             table = _base_table(catalog.tables, table_rule)
             _check_no_subject_keys(table)
+            await _settle(conn, table, args.settle_seconds)
             view = KeyView(cache, session.store.store_id)
             progress = None if args.no_progress else ProgressBar(table.qualified_name)
             reencryptor = Reencryptor(
@@ -584,6 +607,36 @@ async def _reencrypt(args: argparse.Namespace) -> int:
         f"{report.current} already current, {report.skipped_count} skipped"
     )
     return 1 if report.skipped_count else 0
+
+
+async def _settle(conn: asyncpg.Connection, table: RuledTable, seconds: float) -> None:
+    """Wait until each rotated deterministic key's newest version is `seconds` old.
+
+    A proxy searches a deterministic column under the versions it has
+    loaded. Rows moved to a version it has not loaded yet would drop out of
+    its lookups without an error, so reencrypt lets every proxy's key refresh
+    see the new version first.
+    """
+    names = sorted(
+        {
+            column.key_name
+            for column in table.encrypted.values()
+            if column.rule.encryption is Encryption.DETERMINISTIC
+        }
+    )
+    if not names or seconds <= 0:
+        return
+    rows = await conn.fetch(_NEWEST_VERSION_AGE_SQL, names)
+    wait = max((seconds - row["age"] for row in rows if row["live"] > 1), default=0.0)
+    if wait <= 0:
+        return
+    print(
+        f"waiting {wait:.0f} s until running proxies have loaded the newest key "
+        f"version of {', '.join(row['key_name'] for row in rows if row['live'] > 1)} "
+        "(--settle-seconds)",
+        file=sys.stderr,
+    )
+    await asyncio.sleep(wait)
 
 
 def _check_no_subject_keys(table: RuledTable) -> None:

@@ -132,7 +132,7 @@ def finish_rotation(
     """Run reencrypt and retire, then wait until the proxy has one live version."""
     code, _, err = cli(
         capsys, "reencrypt", *connection(running), "--rules", str(rules_dir),
-        "--table", "public.customers", "--no-progress",
+        "--table", "public.customers", "--no-progress", "--settle-seconds", "0",
     )
     assert code == 0, err
     code, _, err = cli(
@@ -621,3 +621,34 @@ def test_lookups_after_reencrypt_and_retire(
     assert ids(literal) == [2, 3]
     assert sorted(groups) == sorted((email, 1) for email in (OLD | NEW).values())
     assert [stored_version(rotated, row_id) for row_id in (1, 2, 3, 4)] == [2, 2, 2, 2]
+
+
+def test_reencrypt_waits_for_new_version(
+    rotated: RunningProxy, capsys: pytest.CaptureFixture[str], rules_dir: Path
+) -> None:
+    # Proxies that have not loaded the new version yet would miss the rows
+    # moved to it, so reencrypt waits until the version is old enough.
+    started = time.monotonic()
+    code, _, err = cli(
+        capsys, "reencrypt", *connection(rotated), "--rules", str(rules_dir),
+        "--table", "public.customers", "--no-progress", "--settle-seconds", "3",
+    )
+    elapsed = time.monotonic() - started
+    assert code == 0, err
+    assert "waiting" in err
+    assert "--settle-seconds" in err
+    assert EMAIL in err
+    assert elapsed >= 2.0
+    assert [stored_version(rotated, row_id) for row_id in (1, 2, 3, 4)] == [2, 2, 2, 2]
+
+
+def test_reencrypt_without_rotation_does_not_wait(
+    customers: RunningProxy, capsys: pytest.CaptureFixture[str], rules_dir: Path
+) -> None:
+    insert_rows(customers, OLD)
+    code, _, err = cli(
+        capsys, "reencrypt", *connection(customers), "--rules", str(rules_dir),
+        "--table", "public.customers", "--no-progress", "--settle-seconds", "600",
+    )
+    assert code == 0, err
+    assert "waiting" not in err
