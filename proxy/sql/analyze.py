@@ -57,6 +57,10 @@ _UNSUPPORTED = {
     "MergeStmt": "MERGE",
     "CreateFunction": "a function body",
     "CreateProcedure": "a procedure body",
+    # A trigger function or a rule's actions run on the server, where they
+    # could store plaintext, such as a trigger that sets NEW.col.
+    "CreateTrigStmt": "a trigger",
+    "RuleStmt": "a rewrite rule",
 }
 
 

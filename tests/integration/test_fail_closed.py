@@ -42,6 +42,15 @@ REJECTED = [
     ("COPY oauth_tokens FROM '/tmp/pgseal-never.csv'", "server file"),
     ("DO $$ BEGIN UPDATE oauth_tokens SET access_token = 'plain'; END $$", "DO block"),
     (
+        "CREATE TRIGGER plain_token BEFORE INSERT ON oauth_tokens "
+        "FOR EACH ROW EXECUTE FUNCTION suppress_redundant_updates_trigger()",
+        "a trigger",
+    ),
+    (
+        "CREATE RULE keep_plain AS ON INSERT TO oauth_tokens DO ALSO NOTIFY tokens",
+        "a rewrite rule",
+    ),
+    (
         "MERGE INTO oauth_tokens t USING (VALUES (1)) v(x) ON t.user_id = v.x "
         "WHEN MATCHED THEN UPDATE SET access_token = 'plain'",
         "MERGE",
