@@ -51,6 +51,22 @@ class DecryptionError(PgsealError):
         super().__init__("sealed value could not be opened")
 
 
+class ValueNotOpened(DecryptionError):
+    """A result value of a named column that failed to open.
+
+    The column comes from the analysis, not from the value, and the failing
+    check is still not told.
+    """
+
+    def __init__(self, column: str) -> None:
+        PgsealError.__init__(
+            self,
+            f"a value of encrypted column {column} could not be opened: it was "
+            "not sealed for this column, row and key store, or it was changed",
+        )
+        self.column = column
+
+
 class AssociatedValuesMissing(DecryptionError):
     """A value of a bound column in a result row that lacks its associated columns.
 

@@ -17,7 +17,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from proxy.errors import AssociatedValuesMissing, KeyringError, PgsealError
+from proxy.errors import (
+    AssociatedValuesMissing,
+    KeyringError,
+    PgsealError,
+    ValueNotOpened,
+)
 
 SQLSTATE = "XX001"
 # Tags of commands that change nothing, so an error in their place is exact.
@@ -51,6 +56,8 @@ class FailedStatement:
                 f"a value of encrypted column {self.error.column} could not be "
                 f"opened: {self.error}"
             )
+        if isinstance(self.error, ValueNotOpened):
+            return str(self.error)
         text = "an encrypted value in the result could not be opened"
         # A KeyringError names the data key and why it is missing, as after
         # a shred. A DecryptionError stays without detail.
@@ -60,6 +67,12 @@ class FailedStatement:
 
     @property
     def hint(self) -> str:
+        if isinstance(self.error, ValueNotOpened):
+            return (
+                "A value copied from another row or column, or changed in the "
+                "table, never opens; restore it, or set on_decrypt_error to null "
+                "on the column to read it as NULL."
+            )
         if isinstance(self.error, AssociatedValuesMissing):
             return (
                 "Select its associated columns beside it from the table itself, "

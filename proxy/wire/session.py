@@ -23,6 +23,7 @@ from proxy.errors import (
     DecryptionError,
     KeyringError,
     KeyUnavailableError,
+    ValueNotOpened,
     PgsealError,
     ProtocolError,
     StatementRejected,
@@ -1130,6 +1131,10 @@ class Session:
                 raise KeyUnavailableError(
                     f"{exc}, so a value of column {column[0].identity} cannot be opened"
                 ) from exc
+            except DecryptionError as exc:
+                if type(exc) is not DecryptionError:
+                    raise
+                raise ValueNotOpened(column[0].identity) from exc
         return m.encode_data_row(values)
 
     def _fail_row(self, exc: PgsealError, out: Output) -> None:

@@ -196,10 +196,14 @@ def test_moved_value_fails_to_open(bound: RunningProxy) -> None:
     assert_sealed(moved, _token(1))
 
     with psycopg.connect(bound.dsn(), autocommit=True) as conn:
-        with pytest.raises(psycopg.errors.DataCorrupted):
+        with pytest.raises(psycopg.errors.DataCorrupted) as info:
             conn.execute("SELECT user_id, access_token FROM tokens WHERE id = 2").fetchall()
         # Only the statement fails; the session goes on.
         assert conn.execute("SELECT 1").fetchall() == [(1,)]
+    assert "public.tokens.access_token" in str(info.value)
+    hint = info.value.diag.message_hint or ""
+    assert "copied from another row" in hint
+    assert "keyring" not in hint
     # The value in its own row still opens.
     assert _read(bound, "WHERE id = 1") == [(1, 1, _token(1), "spare-1")]
 
