@@ -372,8 +372,11 @@ class Proxy:
                 elif isinstance(request, StoredKeyRequest):
                     await keystore.get_key(request.key_id, request.version)
             except (KeyStoreError, KeyringError) as exc:
-                log.warning("data key unavailable for %gs: %s", self._unavailable.ttl, exc)
                 gone = isinstance(exc, KeyNotFoundError)
+                # A key the store no longer has, as after a shred, is expected
+                # to stay away, so it is no cause for a warning.
+                level = logging.INFO if gone else logging.WARNING
+                log.log(level, "data key unavailable for %gs: %s", self._unavailable.ttl, exc)
                 self._unavailable.add(request, _unavailable_reason(exc), gone)
 
     async def _refresh_keys(self) -> None:

@@ -591,7 +591,9 @@ class _Walker:
                     bound,
                     "INSERT ... SELECT cannot give the proxy each row's associated "
                     "values or subject",
-                    "Insert the values with VALUES so that the proxy can seal them.",
+                    "Insert the values with VALUES so that the proxy can seal them: "
+                    "with SQLAlchemy set use_insertmanyvalues=False on the engine, "
+                    "with Django call bulk_create with batch_size=1.",
                 )
             self._insert_select(select, targets, handled)
         rows = [_only(row)[1]["items"] for row in select.get("valuesLists", [])]
