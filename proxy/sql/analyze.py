@@ -138,11 +138,16 @@ class StatementPlan:
     # under every live version, unlike those of arrays a batch INSERT stores.
     lookup_arrays: frozenset[int] = frozenset()
     version_checks: tuple[VersionCheck, ...] = ()
+    # CREATE TABLE AS or CREATE MATERIALIZED VIEW over a ruled table. Its
+    # command tag is SELECT, not a DDL tag, so the session cannot tell it
+    # from the tag that the catalog changed.
+    creates_relation: bool = False
 
     @property
     def is_empty(self) -> bool:
         return not (
-            self.params
+            self.creates_relation
+            or self.params
             or self.literals
             or self.outputs
             or self.sql_prepared
@@ -279,6 +284,7 @@ class _Walker:
         self._searches: list[SearchValue] = []
         self._lookup_arrays: set[int] = set()
         self._version_checks: list[VersionCheck] = []
+        self._creates_relation = False
         # Parameters stored in a column, which a lookup rewrite cannot turn
         # into arrays.
         self._written: set[int] = set()
@@ -302,6 +308,7 @@ class _Walker:
             searches=tuple(self._searches),
             lookup_arrays=frozenset(self._lookup_arrays),
             version_checks=tuple(self._version_checks) + self._mixed_parameters(),
+            creates_relation=self._creates_relation,
         )
         assoc.check_bindings(self._bindings, self._params)
         assoc.check_single_bound_result(self._associations, self._outputs)
@@ -360,6 +367,8 @@ class _Walker:
         self._scope = dict(self._ruled_relations(stmt))
         if not self._scope:
             return
+        if kind == "CreateTableAsStmt":
+            self._creates_relation = True
         handled = self._handled = set()
         kind, body = _only(stmt)
         if kind in _UNSUPPORTED:

@@ -1283,6 +1283,11 @@ class Session:
         if tag.startswith(_DDL_TAGS):
             self._ddl_open = True
             self._view_ddl_open |= tag.startswith(_VIEW_DDL_TAGS)
+        elif tag.startswith(b"SELECT"):
+            plan = self._front_plan()
+            if plan is not None and plan.creates_relation:
+                self._ddl_open = True
+                self._view_ddl_open = True
         front = self._front()
         if front is not None and front.sql_changes and tag.startswith(_PREPARE_TAGS):
             self._sql_prepared.commit(front.sql_changes.popleft())

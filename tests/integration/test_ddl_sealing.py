@@ -34,6 +34,22 @@ def _count(proxy: RunningProxy, table: str = "oauth_tokens") -> int:
 # Writes through views
 
 
+def test_materialized_view_read_same_session(oauth_proxy: RunningProxy) -> None:
+    # CREATE MATERIALIZED VIEW completes with a SELECT tag, not a DDL one.
+    with _connect(oauth_proxy) as conn:
+        conn.execute(
+            "INSERT INTO oauth_tokens (user_id, access_token) VALUES (1, %s)", (SECRET,)
+        )
+        conn.execute(
+            "CREATE MATERIALIZED VIEW token_copies AS "
+            "SELECT id, access_token FROM oauth_tokens"
+        )
+        rows = conn.execute("SELECT access_token FROM token_copies").fetchall()
+    assert rows == [(SECRET,)]
+    ((stored,),) = oauth_proxy.direct("SELECT access_token FROM token_copies")
+    assert_sealed(stored, SECRET)
+
+
 def test_view_write_same_session(oauth_proxy: RunningProxy) -> None:
     with _connect(oauth_proxy) as conn:
         conn.execute(VIEW)
