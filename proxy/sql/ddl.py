@@ -89,6 +89,10 @@ def _alter_ruled(table: RuledTable, cmd: Node, subtype: str) -> None:
         raise _reject(f"giving encrypted column {where}.{name} {what}")
     if subtype == "AT_DropColumn" and not table.is_view and name in _rule_columns(table):
         raise _reject(f"dropping column {where}.{name}, which a rule names")
+    if subtype == "AT_AlterColumnType" and name in _rule_columns(table):
+        # An associated or subject column's values are bound into sealed
+        # values in their canonical text, which a new type may change.
+        raise _reject(f"giving column {where}.{name}, which a rule names, a new type")
     if subtype in ("AT_AddConstraint", "AT_AddColumn"):
         _check_constraints(table, [cmd.get("def", {})])
 

@@ -843,3 +843,18 @@ def test_reencrypt_reports_moved_value(
     assert "public.tokens.access_token" in err
     assert "does not open" in err
     assert _stored(bound) == before
+
+
+def test_associated_column_type_change_rejected(bound: RunningProxy) -> None:
+    with (
+        psycopg.connect(bound.dsn(), autocommit=True) as conn,
+        pytest.raises(psycopg.errors.FeatureNotSupported) as info,
+    ):
+        conn.execute("ALTER TABLE tokens ALTER COLUMN user_id TYPE numeric(10, 2)")
+    assert "public.tokens.user_id" in str(info.value)
+    assert info.value.diag.message_hint
+    ((type_name,),) = bound.direct(
+        "SELECT format_type(atttypid, atttypmod) FROM pg_attribute "
+        "WHERE attrelid = 'tokens'::regclass AND attname = 'user_id'"
+    )
+    assert type_name == "integer"
