@@ -481,16 +481,8 @@ class Session:
             return SealedStatement(sql)
         try:
             return self._planner.seal_statement(sql, plan, self._codec or "utf-8")
-        except KeyUnavailableError as exc:
-            raise StatementRejected(
-                KEY_UNAVAILABLE,
-                f"a literal could not be sealed: {exc}",
-                _KEY_UNAVAILABLE_HINT,
-            ) from exc
         except KeyringError as exc:
-            raise StatementRejected(
-                "22023", f"a literal could not be sealed: {exc}", _SEAL_HINT
-            ) from exc
+            raise _unsealable("a literal", exc) from exc
         except ValueError as exc:
             # The error's text may quote part of the value, so it stays out.
             raise StatementRejected(
@@ -700,18 +692,8 @@ class Session:
                         subject,
                         settings=settings,
                     )
-            except KeyUnavailableError as exc:
-                raise StatementRejected(
-                    KEY_UNAVAILABLE,
-                    f"parameter ${number} could not be sealed: {exc}",
-                    _KEY_UNAVAILABLE_HINT,
-                ) from exc
             except KeyringError as exc:
-                raise StatementRejected(
-                    "22023",
-                    f"parameter ${number} could not be sealed: {exc}",
-                    _SEAL_HINT,
-                ) from exc
+                raise _unsealable(f"parameter ${number}", exc) from exc
             except UnconvertibleParameter as exc:
                 raise StatementRejected(
                     "0A000",
@@ -753,16 +735,8 @@ class Session:
                 else:
                     sealed = planner.seal_param(slot.column, literal, m.TEXT_FORMAT)
                 values.append(sealed)
-            except KeyUnavailableError as exc:
-                raise StatementRejected(
-                    KEY_UNAVAILABLE,
-                    f"a literal could not be sealed: {exc}",
-                    _KEY_UNAVAILABLE_HINT,
-                ) from exc
             except KeyringError as exc:
-                raise StatementRejected(
-                    "22023", f"a literal could not be sealed: {exc}", _SEAL_HINT
-                ) from exc
+                raise _unsealable("a literal", exc) from exc
             except ValueError as exc:
                 # Parse checked the literal already. The error's text may
                 # quote part of the value, so it stays out.
@@ -1377,6 +1351,19 @@ def _replace(table: dict[str, _T], name: str, value: _T | None) -> Callable[[], 
 
     return undo
 
+
+
+def _unsealable(what: str, exc: KeyringError) -> StatementRejected:
+    """Build the rejection of a value whose data key is missing.
+
+    A key that may load later, as while the KMS is unreachable, gets 58000;
+    any other keyring failure gets 22023.
+    """
+    if isinstance(exc, KeyUnavailableError):
+        return StatementRejected(
+            KEY_UNAVAILABLE, f"{what} could not be sealed: {exc}", _KEY_UNAVAILABLE_HINT
+        )
+    return StatementRejected("22023", f"{what} could not be sealed: {exc}", _SEAL_HINT)
 
 def _subject_value(source: Any, msg: m.Bind, codec: str | None) -> SubjectValue | None:
     """Return a row's subject value from a Bind, or None when it is NULL or absent."""
