@@ -85,7 +85,7 @@ class ProxySettings:
     keyring_sets: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
 
 
-# Longest wait for a lock while reading the catalog, in PostgreSQL's units.
+# Maximum wait for a lock while reading the catalog, in PostgreSQL's units.
 _CATALOG_LOCK_TIMEOUT = "5s"
 
 

@@ -55,7 +55,7 @@ class ValueNotOpened(DecryptionError):
     """A result value of a named column that failed to open.
 
     The column comes from the analysis, not from the value, and the failing
-    check is still not told.
+    check is still not reported.
     """
 
     def __init__(self, column: str) -> None:

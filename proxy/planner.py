@@ -93,7 +93,7 @@ class KeyView:
     # cannot seal columns keyed per subject.
     subject_secret: bytes = dataclasses.field(default=b"", repr=False)
     # Keys that failed to load. Without it, a key missing from the cache is
-    # an error at once. With it, KeysNeeded tells the caller to fetch the key.
+    # an error at once. With it, KeysNeeded asks the caller to fetch the key.
     unavailable: UnavailableKeys | None = None
 
     def active(self, column: EncryptedColumn) -> DataKey:

@@ -35,7 +35,7 @@ class Encryption(enum.Enum):
 
 
 class KeyScope(enum.Enum):
-    """Which values of a column share a data key."""
+    """The scope of a column's data keys: the whole column, or each subject."""
 
     COLUMN = "column"
     """One data key (and its versions) for every value of the column."""

@@ -4,7 +4,7 @@ A client may send a parameter in binary format under its own type, as
 psycopg 3 does for int, float, Decimal, bool, date, datetime and UUID. Sent
 directly, the server casts such a value to the text column's type, which
 stores the type's output function's text. The proxy seals that same text,
-so the column holds what a plain column would. A type without a converter
+so the column contains what a plain column would. A type without a converter
 here is rejected, so no raw binary form is ever sealed as text.
 
 The text forms follow PostgreSQL 15's output functions: `bool::text`, the

@@ -94,7 +94,7 @@ class _Rewriter:
         return self._plain_string(end, end, " E")
 
     def _plain_string(self, quote: int, at: int, insert: str, replaces: int = 0) -> int:
-        """Scan a plain constant and, if it holds a backslash, put `insert` at `at`."""
+        """Scan a plain constant and, if it contains a backslash, put `insert` at `at`."""
         end, backslash = _scan_string(self.sql, quote, escapes=True)
         if backslash:
             self.pieces.append(self.sql[self.copied : at] + insert)
@@ -105,7 +105,7 @@ class _Rewriter:
 def _scan_string(sql: str, quote: int, escapes: bool) -> tuple[int, bool]:
     """Return the end of the string constant whose quote is at `quote`.
 
-    Also return whether it holds a backslash. With `escapes`, a backslash
+    Also return whether it contains a backslash. With `escapes`, a backslash
     escapes the next character, as the server reads it.
     """
     i = quote + 1

@@ -25,7 +25,7 @@ FEATURE_NOT_SUPPORTED = "0A000"
 
 @dataclass(frozen=True, slots=True)
 class SubjectSource:
-    """The parameter number or the literal text that holds a row's subject value."""
+    """The parameter number or the literal text that contains a row's subject value."""
 
     param: int | None = None
     literal: str | None = None

@@ -6,7 +6,7 @@ error for it when nothing else depends on the outcome: the session drops
 the rest of the result and every message up to ReadyForQuery, then sends an
 ErrorResponse in place of the command's completion. That is exact when the
 statement only read (its tag is SELECT, FETCH or SHOW) and no other message
-of the client was answered in between. Inside a transaction block the proxy
+of the client got a reply in between. Inside a transaction block the proxy
 also sends the server a statement that fails, so that the server's
 transaction is aborted as the client now expects. In every other case the
 session ends the connection instead, because the client would otherwise

@@ -226,7 +226,7 @@ class Output:
     close: bool = False
     # Set when a transaction that changed tables or views ended, so the
     # catalog is stale. The caller starts a reload before it sends on the
-    # messages, and holds the session's next messages until it finished.
+    # messages, and delays the session's next messages until it finished.
     catalog_changed: bool = False
     # Relations that a statement in `retry` writes and the catalog has not
     # seen; the caller reads the catalog again, then passes `retry` back.

@@ -37,7 +37,7 @@ def _direct_dsn(proxy: RunningProxy) -> str:
 def test_client_copy_fail_writes_nothing(oauth_proxy: RunningProxy, path: str) -> None:
     dsn = oauth_proxy.dsn() if path == "proxy" else _direct_dsn(oauth_proxy)
     with psycopg.connect(dsn, autocommit=True) as conn:
-        # psycopg answers the exception with CopyFail, takes the server's
+        # psycopg sends CopyFail for the exception, takes the server's
         # error for it, and raises the exception again.
         with pytest.raises(_Abort), conn.cursor().copy(COPY_IN) as copy:
             copy.write_row((1, "copy-fail-secret"))
@@ -76,7 +76,7 @@ def raw_client(oauth_proxy: RunningProxy) -> Iterator[RawClient]:
 
 def test_copy_in_extended_protocol(oauth_proxy: RunningProxy, raw_client: RawClient) -> None:
     raw_client.send(parse("", COPY_IN), bind("", ""), execute())
-    # The server answers Execute with CopyInResponse before it reads rows.
+    # The server replies to Execute with CopyInResponse before it reads rows.
     assert [raw_client.read().kind for _ in range(3)] == ["1", "2", "G"]
     rows = b"7\textended-copy-secret\n8\t\\N\n"
     raw_client.send(_message(b"d", rows), _message(b"c", b""), SYNC)
@@ -111,8 +111,8 @@ def test_copy_out_extended_protocol(
 
 def test_large_copy_in_streams_bounded(oauth_proxy: RunningProxy) -> None:
     # About 40 MB of rows pass through the proxy while a sampler reads how
-    # many bytes it holds; a proxy that gathered the whole COPY would hold
-    # tens of megabytes at once.
+    # many bytes it buffers. A proxy that gathered the whole COPY would
+    # buffer tens of megabytes at once.
     token = "t" * 2000
     rows = 20_000
     peak = 0
